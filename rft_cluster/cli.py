@@ -1,0 +1,130 @@
+"""`rft-cluster` command line: validate, train, demo, sft, make-tiny-model."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+DEFAULT_JOB = Path(__file__).resolve().parents[1] / "cluster_configs" / "local.yaml"
+
+
+def _validate(args: argparse.Namespace) -> int:
+    from rft_cluster.dataset import validate_job_and_data
+
+    problems = validate_job_and_data(Path(args.job))
+    for p in problems:
+        print(p, file=sys.stderr)
+    if problems:
+        print(f"{len(problems)} problem(s) found; nothing was started.", file=sys.stderr)
+        return 1
+    print(f"{args.job}: job and datasets are valid.")
+    return 0
+
+
+def _load_or_exit(job_path: Path):
+    from rft_cluster.config import SpecError, load_job
+    from rft_cluster.dataset import validate_job_and_data
+
+    problems = validate_job_and_data(job_path)
+    if problems:
+        for p in problems:
+            print(p, file=sys.stderr)
+        sys.exit(f"{len(problems)} problem(s) in {job_path}; fix them first (see `rft-cluster validate`).")
+    try:
+        return load_job(job_path)
+    except SpecError as e:  # validated above; kept for a file changed in between
+        sys.exit(str(e))
+
+
+def _train(args: argparse.Namespace) -> int:
+    from rft_cluster.driver import train
+
+    job = _load_or_exit(Path(args.job))
+    result = train(job, Path(args.output), max_steps=args.max_steps)
+    print(f"done: {result['steps']} steps; outputs in {args.output}")
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    """The embedded default: tiny model, ledger tool server + grader on 127.0.0.1, local Ray."""
+    from rft_cluster.envs.ledger import LedgerServers, write_datasets, write_demonstrations
+    from rft_cluster.sft import sft
+    from rft_cluster.tiny_model import make_tiny_model
+
+    # Each stage is skipped when its output exists, so a second run goes straight to training.
+    out = Path(args.output).resolve()
+    model_dir, data_dir, warm_dir = out / "tiny-model", out / "data", out / "warm-model"
+    if not (model_dir / "config.json").exists():
+        print(f"[demo] building the tiny model in {model_dir}")
+        make_tiny_model(model_dir)
+    if not (data_dir / "sft.jsonl").exists():
+        write_datasets(data_dir, seed=0)
+        write_demonstrations(data_dir / "sft.jsonl", seed=0)
+    if not (warm_dir / "config.json").exists():
+        print("[demo] warm start: supervised fine-tuning on scripted demonstrations")
+        sft(str(model_dir), data_dir / "sft.jsonl", warm_dir, epochs=8, learning_rate=2e-3)
+    with LedgerServers(seed=0) as env:
+        print(f"[demo] ledger tool server and grader on {env.base_url}")
+        os.environ.update(RFT_DEMO_DIR=str(out), RFT_DEMO_URL=env.base_url, RFT_DEMO_TOKEN=env.token)
+        args.output = str(out / "run")
+        return _train(args)
+
+
+def _sft(args: argparse.Namespace) -> int:
+    from rft_cluster.sft import sft
+
+    result = sft(args.model, Path(args.demonstrations), Path(args.output), epochs=args.epochs, learning_rate=args.learning_rate)
+    print(f"loss {result['first_epoch_loss']:.4f} -> {result['last_epoch_loss']:.4f}")
+    return 0
+
+
+def _make_tiny_model(args: argparse.Namespace) -> int:
+    from rft_cluster.tiny_model import make_tiny_model
+
+    path = make_tiny_model(args.dir, seed=args.seed)
+    print(f"tiny model written to {path}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="rft-cluster", description="Agent reinforcement fine-tuning on Ray.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("validate", help="check a job file and its datasets; start nothing")
+    p.add_argument("job")
+    p.set_defaults(fn=_validate)
+
+    for name, fn, helptext in (
+        ("train", _train, "run agent RFT for a job"),
+        ("demo", _demo, "run the embedded default (tiny model, ledger tools) end to end"),
+    ):
+        p = sub.add_parser(name, help=helptext)
+        if name == "train":
+            p.add_argument("job")
+        else:
+            p.add_argument("job", nargs="?", default=str(DEFAULT_JOB))
+        p.add_argument("--output", default=f"runs/{'local' if name == 'demo' else 'train'}", help="where everything is written")
+        p.add_argument("--max-steps", type=int, default=None, help="stop after this many steps")
+        p.set_defaults(fn=fn)
+
+    p = sub.add_parser("sft", help="supervised warm start on demonstration conversations (JSONL)")
+    p.add_argument("model", help="HF model directory or hub name")
+    p.add_argument("demonstrations", help="JSONL of OpenAI-format conversations with tool calls")
+    p.add_argument("--output", required=True, help="where the fine-tuned HF model directory goes")
+    p.add_argument("--epochs", type=int, default=3)
+    p.add_argument("--learning-rate", type=float, default=1e-4)
+    p.set_defaults(fn=_sft)
+
+    p = sub.add_parser("make-tiny-model", help="build a small Qwen2-style model + tokenizer offline")
+    p.add_argument("dir")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(fn=_make_tiny_model)
+
+    args = parser.parse_args(argv)
+    return args.fn(args)
+
+
+if __name__ == "__main__":  # vLLM spawns processes: keep entry points importable without side effects
+    sys.exit(main())

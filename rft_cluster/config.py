@@ -1,0 +1,275 @@
+"""The job spec: OpenAI Agent RFT's shape (DESIGN §3) plus our explicit extensions.
+
+OpenAI fields keep OpenAI's names and `"auto"` defaults. Our additions sit beside them under
+their own names (`hyperparameters.group_size`, `tool_settings`, `cluster`, ...). Every model
+forbids unknown keys so a typo is reported with its path instead of silently ignored.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+Auto = Literal["auto"]
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ToolSpec(Strict):
+    """A user's tool endpoint. Several tools may share one URL (the server dispatches on name)."""
+
+    name: str = Field(min_length=1)
+    server_url: str
+    headers: dict[str, str] = Field(default_factory=dict)
+
+
+class StringCheckGrader(Strict):
+    type: Literal["string_check"]
+    name: str = "string_check"
+    input: str  # template, e.g. "{{sample.output_text}}"
+    reference: str  # template, e.g. "{{item.answer}}"
+    operation: Literal["eq", "ne", "like", "ilike"] = "eq"
+
+
+class EndpointGrader(Strict):
+    type: Literal["endpoint"]
+    name: str = "endpoint"
+    url: str
+    headers: dict[str, str] = Field(default_factory=dict)
+    rate_limit: int | None = Field(default=None, gt=0, description="requests per minute")
+    pass_threshold: float | None = None
+
+
+Grader = Annotated[Union[StringCheckGrader, EndpointGrader], Field(discriminator="type")]
+
+
+class Hyperparameters(Strict):
+    """OpenAI's hyperparameters (each `"auto"` by default) and our explicit extensions."""
+
+    batch_size: int | Auto = "auto"  # prompts per step
+    compute_multiplier: float | Auto = "auto"  # scales rollouts per prompt
+    n_epochs: int | Auto = "auto"
+    learning_rate_multiplier: float | Auto = "auto"
+    eval_interval: int | Auto = "auto"
+    eval_samples: int | Auto = "auto"
+    reasoning_effort: Literal["default", "low", "medium", "high"] = "default"
+    # --- rft-cluster extensions ---
+    group_size: int | Auto = "auto"  # rollouts per prompt (GRPO group)
+    base_learning_rate: float = Field(default=1e-5, gt=0)
+    clip_epsilon: float = Field(default=0.2, gt=0)
+    temperature: float = Field(default=1.0, gt=0)
+    max_tokens_per_turn: int = Field(default=256, gt=0)
+
+    def resolved(self, n_train_rows: int) -> "ResolvedHyperparameters":
+        """Turns every "auto" into a number (documented in README: "auto" values)."""
+        cm = 1.0 if self.compute_multiplier == "auto" else float(self.compute_multiplier)
+        batch = min(8, n_train_rows) if self.batch_size == "auto" else self.batch_size
+        group = max(2, round(4 * cm)) if self.group_size == "auto" else self.group_size
+        epochs = 1 if self.n_epochs == "auto" else self.n_epochs
+        lrm = 1.0 if self.learning_rate_multiplier == "auto" else self.learning_rate_multiplier
+        steps = epochs * math.ceil(n_train_rows / batch)
+        return ResolvedHyperparameters(
+            batch_size=batch,
+            group_size=group,
+            n_epochs=epochs,
+            learning_rate=self.base_learning_rate * lrm,
+            total_steps=steps,
+            eval_interval=max(1, steps // 4) if self.eval_interval == "auto" else self.eval_interval,
+            eval_samples=1 if self.eval_samples == "auto" else self.eval_samples,
+            clip_epsilon=self.clip_epsilon,
+            temperature=self.temperature,
+            max_tokens_per_turn=self.max_tokens_per_turn,
+        )
+
+
+class ResolvedHyperparameters(Strict):
+    batch_size: int
+    group_size: int
+    n_epochs: int
+    learning_rate: float
+    total_steps: int
+    eval_interval: int
+    eval_samples: int
+    clip_epsilon: float
+    temperature: float
+    max_tokens_per_turn: int
+
+
+class ToolSettings(Strict):
+    """How the tool proxy treats endpoints. Defaults follow OpenAI's stated behaviour."""
+
+    timeout_s: float = Field(default=30.0, gt=0)
+    max_retries: int = Field(default=3, ge=0)  # for 5xx and connection errors
+    backoff_s: float = Field(default=0.5, ge=0)
+    max_concurrency: int = Field(default=64, gt=0)  # per proxy actor
+    max_request_bytes: int = Field(default=1_000_000, gt=0)
+    max_response_bytes: int = Field(default=1_000_000, gt=0)
+    rollout_timeout_s: float = Field(default=900.0, gt=0, description="wall time of one whole rollout")
+
+
+class Reinforcement(Strict):
+    grader: Grader
+    tools: list[ToolSpec] = Field(default_factory=list)
+    max_episode_steps: int = Field(default=10, gt=0, description="tool calls per rollout")
+    response_format: dict[str, Any] | None = None
+    hyperparameters: Hyperparameters = Field(default_factory=Hyperparameters)
+    tool_settings: ToolSettings = Field(default_factory=ToolSettings)
+
+
+class Method(Strict):
+    type: Literal["reinforcement"]
+    reinforcement: Reinforcement
+
+
+class EngineSpec(Strict):
+    """vLLM engine settings for each rollout worker."""
+
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    max_model_len: int = Field(default=4096, gt=0)
+    gpu_memory_utilization: float = Field(default=0.85, gt=0, le=1)
+    cpu_kv_cache_gb: float = Field(default=1.0, gt=0, description="VLLM_CPU_KVCACHE_SPACE")
+    max_num_seqs: int = Field(default=64, gt=0)
+    enforce_eager: bool = True
+    num_gpus: float = Field(default=0, ge=0, description="per rollout worker")
+
+
+class LearnerSpec(Strict):
+    zero_stage: Literal[0, 1, 2, 3] = 2
+    dtype: Literal["float32", "bfloat16"] = "float32"
+    micro_batch_size: int = Field(default=4, gt=0)
+    num_gpus: float = Field(default=0, ge=0)
+    weight_bucket_mb: int = Field(default=64, gt=0, description="size of each weight-sync bucket")
+    gradient_checkpointing: bool = False
+
+
+class ClusterSpec(Strict):
+    ray_address: str | None = None  # None: start a local Ray cluster
+    rollout_workers: int = Field(default=1, gt=0)
+    rollout_worker_cpus: float = Field(default=1, ge=0, description="Ray CPUs reserved per rollout worker")
+    learner_cpus: float = Field(default=1, ge=0)
+    tool_proxies: int = Field(default=1, gt=0)
+    graders: int = Field(default=1, gt=0)
+    engine: EngineSpec = Field(default_factory=EngineSpec)
+    learner: LearnerSpec = Field(default_factory=LearnerSpec)
+
+
+class WandbSpec(Strict):
+    project: str = "rft-cluster"
+    mode: Literal["offline", "online", "disabled"] = "offline"
+
+
+class JobSpec(Strict):
+    model: str  # HF hub name or local HF directory
+    training_file: str
+    validation_file: str | None = None
+    seed: int = 42
+    suffix: str | None = None
+    method: Method
+    cluster: ClusterSpec = Field(default_factory=ClusterSpec)
+    wandb: WandbSpec = Field(default_factory=WandbSpec)
+    # Where the job file lives; relative paths in it resolve against this directory.
+    source_path: Path | None = Field(default=None, exclude=True)
+
+    @property
+    def rl(self) -> Reinforcement:
+        return self.method.reinforcement
+
+    def resolve_path(self, p: str) -> Path:
+        path = Path(p).expanduser()
+        if not path.is_absolute() and self.source_path is not None:
+            path = self.source_path.parent / path
+        return path
+
+
+class SpecError(Exception):
+    """A problem with a job file; `problems` are "file:line: field: message" strings."""
+
+    def __init__(self, problems: list[str]):
+        super().__init__("\n".join(problems))
+        self.problems = problems
+
+
+def _yaml_lines(text: str) -> dict[tuple[str, ...], int]:
+    """Maps each key path of a YAML/JSON document to its 1-based line, for error messages."""
+    lines: dict[tuple[str, ...], int] = {}
+
+    def walk(node: yaml.Node, path: tuple[str, ...]) -> None:
+        lines.setdefault(path, node.start_mark.line + 1)
+        if isinstance(node, yaml.MappingNode):
+            for k, v in node.value:
+                walk(v, path + (str(k.value),))
+                lines[path + (str(k.value),)] = k.start_mark.line + 1
+        elif isinstance(node, yaml.SequenceNode):
+            for i, v in enumerate(node.value):
+                walk(v, path + (str(i),))
+
+    root = yaml.compose(text)
+    if root is not None:
+        walk(root, ())
+    return lines
+
+
+_ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+
+
+def _expand_env(node: Any, path: tuple[str, ...], missing: list[tuple[tuple[str, ...], str]]) -> Any:
+    """Replaces `${VAR}` in every string with the environment's value (secrets stay out of files)."""
+    if isinstance(node, dict):
+        return {k: _expand_env(v, path + (str(k),), missing) for k, v in node.items()}
+    if isinstance(node, list):
+        return [_expand_env(v, path + (str(i),), missing) for i, v in enumerate(node)]
+    if isinstance(node, str):
+
+        def sub(m: re.Match[str]) -> str:
+            if m.group(1) not in os.environ:
+                missing.append((path, m.group(1)))
+                return m.group(0)
+            return os.environ[m.group(1)]
+
+        return _ENV_REF.sub(sub, node)
+    return node
+
+
+def load_job(path: str | Path) -> JobSpec:
+    """Parses and validates a job file (YAML or JSON); raises SpecError naming file:line:field."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as e:
+        raise SpecError([f"{path}: cannot read: {e.strerror}"]) from None
+    try:
+        data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+    except (json.JSONDecodeError, yaml.YAMLError) as e:
+        line = getattr(e, "lineno", None) or getattr(getattr(e, "problem_mark", None), "line", -1) + 1
+        raise SpecError([f"{path}:{line}: not valid {'JSON' if path.suffix == '.json' else 'YAML'}: {e}"]) from None
+    if not isinstance(data, dict):
+        raise SpecError([f"{path}:1: the job must be a mapping, got {type(data).__name__}"])
+    lines = _yaml_lines(text)
+    missing: list[tuple[tuple[str, ...], str]] = []
+    data = _expand_env(data, (), missing)
+    if missing:
+        raise SpecError(
+            [f"{path}:{lines.get(p, 1)}: {'.'.join(p)}: environment variable ${{{var}}} is not set" for p, var in missing]
+        )
+    try:
+        job = JobSpec.model_validate(data)
+    except ValidationError as e:
+        problems = []
+        for err in e.errors():
+            loc = tuple(str(x) for x in err["loc"])
+            # Discriminated unions add the tag to the path; drop it so the path matches the file.
+            keyed = tuple(x for x in loc if x not in ("string_check", "endpoint"))
+            line = next((lines[keyed[:i]] for i in range(len(keyed), -1, -1) if keyed[:i] in lines), 1)
+            problems.append(f"{path}:{line}: {'.'.join(keyed) or '<root>'}: {err['msg']}")
+        raise SpecError(problems) from None
+    job.source_path = path.resolve()
+    return job

@@ -1,0 +1,250 @@
+"""The driver: wires the actors and runs the synchronous RL loop.
+
+    for each step:  sample (rollout workers, tool proxies)  ->  grade (grader actors)
+                    ->  train (learner)  ->  publish weights (learner -> rollout workers)
+
+Everything a run writes goes under its output directory: `trajectories/` (Parquet),
+`metrics.jsonl`, `wandb/` (offline run), `final/` (HF model directory).
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import ray
+
+from rft_cluster.config import JobSpec, ResolvedHyperparameters
+from rft_cluster.dataset import load_rows
+from rft_cluster.grader import GraderActor
+from rft_cluster.grpo import group_advantages
+from rft_cluster.learner import Learner
+from rft_cluster.metrics import RunLogger, StepPrinter, rollout_metrics
+from rft_cluster.rollout_worker import RolloutRequest, RolloutWorker, SamplingSettings
+from rft_cluster.store import TrajectoryStore
+from rft_cluster.tool_proxy import ToolProxy
+from rft_cluster.types import RolloutStatus, TrainSample, Trajectory
+
+# Rollouts in these states are graded and trained on; the rest are discarded (DESIGN §3).
+# A rollout that ran out of budget still teaches: its (usually low) reward is the budget pressure.
+GRADED = (RolloutStatus.OK, RolloutStatus.BUDGET_EXHAUSTED)
+_ROW_KEYS = ("messages", "tools")
+
+
+@dataclass
+class Cluster:
+    """Handles of every actor of a run."""
+
+    workers: list[Any]
+    proxies: list[Any]
+    graders: list[Any]
+    learner: Any
+    startup: dict[str, float] = field(default_factory=dict)
+
+    def roles(self) -> dict[str, int]:
+        return {"rollout_worker": len(self.workers), "tool_proxy": len(self.proxies), "grader": len(self.graders), "learner": 1}
+
+
+def start_cluster(job: JobSpec, hp: ResolvedHyperparameters) -> Cluster:
+    """Starts every actor; engines and learner start in parallel."""
+    c = job.cluster
+    rl = job.rl
+    # Tool proxies and graders wait on the network: they need no CPU reservation.
+    proxies = [ray.remote(num_cpus=0)(ToolProxy).remote(rl.tools, rl.tool_settings) for _ in range(c.tool_proxies)]
+    graders = [ray.remote(num_cpus=0)(GraderActor).remote(rl.grader, rl.tool_settings) for _ in range(c.graders)]
+    model = str(_model_path(job))
+    workers = [
+        ray.remote(num_cpus=c.rollout_worker_cpus, num_gpus=c.engine.num_gpus)(RolloutWorker).remote(
+            model, c.engine, job.seed + i, proxies
+        )
+        for i in range(c.rollout_workers)
+    ]
+    learner = ray.remote(num_cpus=c.learner_cpus, num_gpus=c.learner.num_gpus)(Learner).remote(
+        model, c.learner, hp.learning_rate, hp.clip_epsilon, job.seed
+    )
+    t0 = time.perf_counter()
+    ray.get([w.start.remote() for w in workers] + [learner.__ray_ready__.remote()])
+    return Cluster(workers, proxies, graders, learner, {"startup_s": time.perf_counter() - t0})
+
+
+def _model_path(job: JobSpec) -> str | Path:
+    """A local directory (relative to the job file) or a hub name, passed on unchanged."""
+    local = job.resolve_path(job.model)
+    return local if local.exists() else job.model
+
+
+def _request(row: dict, index: int, group: int, step: int, split: str) -> RolloutRequest:
+    item = {k: v for k, v in row.items() if k not in _ROW_KEYS}
+    prompt_id = str(row.get("id", f"{split}-{index}"))
+    return RolloutRequest(
+        trace_id=f"trace_{uuid.uuid4().hex}",
+        prompt_id=prompt_id,
+        group_id=f"{step}-{prompt_id}-{group}",
+        step=step,
+        messages=row["messages"],
+        tools=row.get("tools", []),
+        item=item,
+    )
+
+
+def batches(n_rows: int, batch_size: int, seed: int) -> Iterator[list[int]]:
+    """Row indices per step: each epoch is a fresh seeded shuffle; a step is a pure function of
+    (seed, step), so a resumed run draws the same prompts."""
+    epoch = 0
+    while True:
+        order = list(range(n_rows))
+        random.Random(seed * 1_000_003 + epoch).shuffle(order)
+        for i in range(0, n_rows - batch_size + 1, batch_size):
+            yield order[i : i + batch_size]
+        epoch += 1
+
+
+class Trainer:
+    """One run: actors, data, outputs. `run()` executes the configured steps."""
+
+    def __init__(self, job: JobSpec, output: Path, max_steps: int | None = None, printer: StepPrinter | None = None):
+        self.job = job
+        self.output = output
+        self.train_rows = load_rows(job.resolve_path(job.training_file))
+        self.valid_rows = load_rows(job.resolve_path(job.validation_file)) if job.validation_file else []
+        self.hp = job.rl.hyperparameters.resolved(len(self.train_rows))
+        self.steps = min(self.hp.total_steps, max_steps) if max_steps else self.hp.total_steps
+        self.settings = SamplingSettings(
+            temperature=self.hp.temperature,
+            max_tokens_per_turn=self.hp.max_tokens_per_turn,
+            max_episode_steps=job.rl.max_episode_steps,
+            rollout_timeout_s=job.rl.tool_settings.rollout_timeout_s,
+        )
+        self.store = TrajectoryStore(output)
+        self.printer = printer or StepPrinter()
+        self.cluster: Cluster | None = None
+
+    # ------------------------------------------------------------------ phases
+
+    def sample(self, requests: list[RolloutRequest]) -> list[Trajectory]:
+        """Spreads the requests over the rollout workers; each runs its share concurrently."""
+        workers = self.cluster.workers
+        shares = [requests[i :: len(workers)] for i in range(len(workers))]
+        refs = [w.rollout.remote(share, self.settings) for w, share in zip(workers, shares) if share]
+        return [t for part in ray.get(refs) for t in part]
+
+    def grade(self, trajs: list[Trajectory], items: dict[str, dict]) -> None:
+        """Scores every gradable rollout in place; a grader failure becomes `grader_failed`."""
+        graders = self.cluster.graders
+        todo = [t for t in trajs if t.status in GRADED]
+        refs = [graders[i % len(graders)].grade.remote(t.sample, items[t.trace_id], t.trace_id) for i, t in enumerate(todo)]
+        for t, g in zip(todo, ray.get(refs)):
+            t.grader_latency_s = g.latency_s
+            if g.score is None:
+                t.status, t.grader_error = RolloutStatus.GRADER_FAILED, g.error
+            else:
+                t.reward = g.score
+
+    @staticmethod
+    def train_samples(trajs: list[Trajectory]) -> list[TrainSample]:
+        """Group-relative advantages over the rollouts that were graded; discarded rollouts
+        take no part in their group's statistics."""
+        kept = [t for t in trajs if t.status in GRADED and t.reward is not None]
+        adv = group_advantages([t.reward for t in kept], [t.group_id for t in kept])
+        return [TrainSample(t.token_ids, t.loss_mask, t.logprobs, a) for t, a in zip(kept, adv)]
+
+    def rollouts(self, rows: list[dict], indices: list[int], group: int, step: int, split: str) -> tuple[list[Trajectory], float, float]:
+        """Samples `group` rollouts per row and grades them; returns (trajectories, sampling
+        seconds, grading seconds)."""
+        requests = [_request(rows[i], i, g, step, split) for i in indices for g in range(group)]
+        t0 = time.perf_counter()
+        trajs = self.sample(requests)
+        t1 = time.perf_counter()
+        self.grade(trajs, {r.trace_id: r.item for r in requests})
+        return trajs, t1 - t0, time.perf_counter() - t1
+
+    def evaluate(self, step: int) -> dict[str, float]:
+        """Validation rollouts on the current weights, stored as kind=eval."""
+        trajs, sampling, grading = self.rollouts(self.valid_rows, list(range(len(self.valid_rows))), self.hp.eval_samples, step, "valid")
+        self.store.append(trajs, kind="eval")
+        return {**rollout_metrics(trajs, prefix="valid"), "timing.step.eval": sampling + grading}
+
+    # ------------------------------------------------------------------ loop
+
+    def run(self, on_step: Callable[[int, dict[str, float]], None] | None = None) -> dict[str, Any]:
+        self.output.mkdir(parents=True, exist_ok=True)
+        logger = RunLogger(
+            self.output,
+            self.job.suffix or "rft",
+            {"job": self.job.model_dump(mode="json"), "resolved": self.hp.model_dump()},
+            wandb_mode=self.job.wandb.mode,
+            project=self.job.wandb.project,
+        )
+        self.cluster = start_cluster(self.job, self.hp)
+        self.printer.console.print(
+            f"[rft] actors up in {self.cluster.startup['startup_s']:.1f} s: {self.cluster.roles()}; "
+            f"{self.steps} steps × {self.hp.batch_size} prompts × {self.hp.group_size} rollouts"
+        )
+        try:
+            if self.valid_rows:
+                logger.log(0, self.evaluate(0))
+            order = batches(len(self.train_rows), self.hp.batch_size, self.job.seed)
+            for step in range(1, self.steps + 1):
+                metrics = self.step(step, next(order))
+                if self.valid_rows and (step % self.hp.eval_interval == 0 or step == self.steps):
+                    metrics.update(self.evaluate(step))
+                logger.log(step, metrics)
+                self.printer.print_step(step, metrics)
+                if on_step:
+                    on_step(step, metrics)
+            final = self.output / "final"
+            ray.get(self.cluster.learner.save_hf.remote(str(final)))
+            self.printer.console.print(f"[rft] final policy saved to {final}")
+            return {"final": final, "steps": self.steps, "roles": self.cluster.roles()}
+        finally:
+            logger.finish()
+
+    def step(self, step: int, indices: list[int]) -> dict[str, float]:
+        c = self.cluster
+        trajs, sampling, grading = self.rollouts(self.train_rows, indices, self.hp.group_size, step, "train")
+        t2 = time.perf_counter()
+        samples = self.train_samples(trajs)
+        learner_stats = ray.get(c.learner.train_step.remote(samples)) if samples else {}
+        t3 = time.perf_counter()
+        sync = ray.get(c.learner.publish.remote(c.workers, step))
+        t4 = time.perf_counter()
+        self.store.append(trajs, kind="train")
+        return {
+            **rollout_metrics(trajs, prefix="train"),
+            **{f"train/{k}": float(v) for k, v in learner_stats.items()},
+            **{f"train/{k}": float(v) for k, v in sync.items()},
+            "timing.step.sampling": sampling,
+            "timing.step.grading": grading,
+            "timing.step.training": t3 - t2,
+            "timing.step.weight_sync": t4 - t3,
+            "timing.step.full_iteration": sampling + grading + t4 - t2,
+        }
+
+    def shutdown(self) -> None:
+        if self.cluster is not None:
+            ray.get([w.shutdown.remote() for w in self.cluster.workers])
+            self.cluster = None
+
+
+def init_ray(job: JobSpec) -> None:
+    """Connects to the job's Ray cluster, or starts a local one."""
+    if ray.is_initialized():
+        return
+    # Workers must import rft_cluster from the same source tree as the driver.
+    env = {"env_vars": {"PYTHONPATH": os.pathsep.join(filter(None, [str(Path(__file__).parents[1]), os.environ.get("PYTHONPATH")]))}}
+    ray.init(address=job.cluster.ray_address, include_dashboard=False, runtime_env=env, log_to_driver=True)
+
+
+def train(job: JobSpec, output: Path, max_steps: int | None = None) -> dict[str, Any]:
+    init_ray(job)
+    trainer = Trainer(job, output, max_steps)
+    try:
+        return trainer.run()
+    finally:
+        trainer.shutdown()

@@ -1,0 +1,98 @@
+"""GRPO maths: group-relative advantages and the clipped, importance-weighted policy loss.
+
+Pure functions over lists and tensors, so they can be checked by hand; the learner
+(`learner.py`) batches trajectories into these shapes.
+"""
+
+from __future__ import annotations
+
+import statistics
+from collections import defaultdict
+
+import torch
+
+# exp() of a log-ratio beyond this overflows fp32 (exp(89) = inf), and inf * a negative
+# advantage would make the loss infinite; a ratio of e^20 is already fully clipped anyway.
+_MAX_LOG_RATIO = 20.0
+
+
+def group_advantages(rewards: list[float], group_ids: list[str], eps: float = 1e-6) -> list[float]:
+    """GRPO advantage of each rollout: (r - mean of its group) / (std of its group + eps).
+
+    The std is the sample std (Bessel-corrected), as TRL and veRL compute it. A group whose
+    rewards are all equal, or of size 1, carries no learning signal and gets 0 for every
+    member (tested for equality exactly: float round-off in the mean must not become a
+    huge advantage once divided by eps).
+    """
+    if len(rewards) != len(group_ids):
+        raise ValueError(f"{len(rewards)} rewards but {len(group_ids)} group ids")
+    groups: dict[str, list[float]] = defaultdict(list)
+    for r, g in zip(rewards, group_ids):
+        groups[g].append(r)
+    stats: dict[str, tuple[float, float] | None] = {
+        g: None if len(set(rs)) == 1 else (statistics.fmean(rs), statistics.stdev(rs)) for g, rs in groups.items()
+    }
+    out = []
+    for r, g in zip(rewards, group_ids):
+        s = stats[g]
+        out.append(0.0 if s is None else (r - s[0]) / (s[1] + eps))
+    return out
+
+
+def token_logprobs(logits: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
+    """Logprob of each next token: out[b, t] = log p(token_ids[b, t+1] | token_ids[b, :t+1]).
+
+    logits: [B, T, V] from a causal LM over token_ids [B, T]; returns [B, T-1]. The softmax
+    runs in fp32 because bf16 logprobs are too coarse for the importance ratio.
+    """
+    logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)
+    return logp.gather(-1, token_ids[:, 1:].unsqueeze(-1)).squeeze(-1)
+
+
+def policy_loss(
+    logprobs: torch.Tensor,
+    old_logprobs: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    clip_eps: float,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """PPO/GRPO clipped surrogate, averaged over the masked tokens of the whole batch.
+
+    logprobs: [B, T] the trainer's, with grad. old_logprobs: [B, T] the rollout engine's
+    sampling logprobs, so ratio = exp(logprobs - old_logprobs) is both the PPO ratio and the
+    importance weight that corrects for the trainer/rollout mismatch (different kernels,
+    stale weights in async mode). advantages: broadcastable to [B, T] ([B, 1] per sequence).
+    mask: [B, T], true on tokens the policy sampled; all others are ignored entirely.
+
+    The mean is over tokens, not per sequence then over sequences: every generated token
+    weighs the same, so long trajectories are not down-weighted per token (DAPO's argument)
+    and the loss does not depend on how the batch is split into micro-batches.
+
+    stats (over masked tokens): clip_fraction (share whose gradient the clip removes),
+    approx_kl (k3 estimator: mean of (ratio - 1) - log ratio), logprob_gap (mean
+    |logprob - old_logprob|, the rollout/trainer gap) and ratio_mean.
+    """
+    mask = mask.bool()
+    # Masked positions may hold arbitrary old logprobs (0.0 for prompt tokens): zero their
+    # log-ratio so nothing non-finite can leak into the sums through them.
+    diff = torch.where(mask, logprobs - old_logprobs, 0.0)
+    log_ratio = diff.clamp(-_MAX_LOG_RATIO, _MAX_LOG_RATIO)
+    ratio = torch.exp(log_ratio)
+    advantages = advantages.to(ratio.dtype)
+    unclipped = ratio * advantages
+    clipped = ratio.clamp(1.0 - clip_eps, 1.0 + clip_eps) * advantages
+    per_token = -torch.minimum(unclipped, clipped)
+    n = mask.sum().clamp(min=1)
+
+    def masked_mean(x: torch.Tensor) -> torch.Tensor:
+        return torch.where(mask, x, 0.0).sum() / n
+
+    loss = masked_mean(per_token)
+    with torch.no_grad():
+        stats = {
+            "clip_fraction": masked_mean((clipped < unclipped).float()).item(),
+            "approx_kl": masked_mean((ratio - 1.0) - log_ratio).item(),
+            "logprob_gap": masked_mean(diff.abs()).item(),
+            "ratio_mean": masked_mean(ratio).item(),
+        }
+    return loss, stats

@@ -1,0 +1,159 @@
+"""POSTing JSON to users' endpoints with the discipline of DESIGN §2: one session, bounded
+concurrency, per-attempt timeout, exponential backoff on 5xx/connection errors/timeouts, an
+optional rate limit, and size caps both ways. Shared by the tool proxy and the grader actor,
+which only differ in how they turn an `HttpOutcome` into a result.
+
+Header values are never logged: they carry users' secrets.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from dataclasses import dataclass
+from enum import Enum
+from typing import Any
+
+import aiohttp
+
+from rft_cluster.config import ToolSettings
+
+log = logging.getLogger(__name__)
+
+
+class Failure(str, Enum):
+    """Why a POST produced no usable response (after retries, where retrying applies)."""
+
+    REQUEST_TOO_LARGE = "request_too_large"  # not sent
+    RESPONSE_TOO_LARGE = "response_too_large"  # 2xx body over the cap; not retried
+    SERVER = "server"  # 5xx on every attempt
+    CONNECTION = "connection"
+    TIMEOUT = "timeout"
+
+
+@dataclass
+class HttpOutcome:
+    """The last response (or failure) of one logical POST, with its accounting."""
+
+    status: int | None  # HTTP status of the last response; None if none arrived
+    body: bytes  # body of the last response, at most max_response_bytes + 1 bytes
+    failure: Failure | None
+    detail: str  # why it failed, for humans; "" on success
+    attempts: int  # HTTP requests actually sent
+    latency_s: float  # wall time including retries, backoff and rate-limit waits
+
+    def text(self, limit: int) -> str:
+        """The body as text, cut to `limit` characters."""
+        text = self.body.decode("utf-8", errors="replace")
+        return text if len(text) <= limit else text[:limit] + "…"
+
+
+class RateLimiter:
+    """Spaces requests evenly at `per_minute` (a reservation clock, so waiters never block
+    each other while sleeping)."""
+
+    def __init__(self, per_minute: int):
+        self._interval = 60.0 / per_minute
+        self._next = 0.0
+
+    async def wait(self) -> None:
+        now = time.monotonic()
+        start = max(now, self._next)
+        self._next = start + self._interval
+        if start > now:
+            await asyncio.sleep(start - now)
+
+
+class _Retryable(Exception):
+    def __init__(self, failure: Failure, detail: str, status: int | None = None, body: bytes = b""):
+        super().__init__(detail)
+        self.failure, self.detail, self.status, self.body = failure, detail, status, body
+
+
+class JsonPoster:
+    """POSTs JSON payloads; owns one aiohttp session, created lazily in the running loop so the
+    object can be built outside it (e.g. in a Ray actor's constructor)."""
+
+    def __init__(self, settings: ToolSettings, rate_limit_per_minute: int | None = None):
+        self._settings = settings
+        self._semaphore = asyncio.Semaphore(settings.max_concurrency)
+        self._limiter = RateLimiter(rate_limit_per_minute) if rate_limit_per_minute else None
+        self._session: aiohttp.ClientSession | None = None
+
+    def _get_session(self) -> aiohttp.ClientSession:
+        if self._session is None or self._session.closed:
+            # The semaphore bounds concurrency; per-attempt timeouts are ours (asyncio.timeout),
+            # so the session itself has neither limit.
+            self._session = aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(limit=0),
+                timeout=aiohttp.ClientTimeout(total=None),
+            )
+        return self._session
+
+    async def post(self, url: str, payload: dict[str, Any], headers: dict[str, str]) -> HttpOutcome:
+        started = time.monotonic()
+        data = json.dumps(payload).encode()
+        cap = self._settings.max_request_bytes
+        if len(data) > cap:
+            detail = f"request body is {len(data)} bytes, over the limit of {cap} bytes"
+            return HttpOutcome(None, b"", Failure.REQUEST_TOO_LARGE, detail, 0, 0.0)
+        send_headers = {"Content-Type": "application/json", **headers}
+        async with self._semaphore:
+            attempt = 0
+            while True:
+                if self._limiter is not None:
+                    await self._limiter.wait()
+                try:
+                    status, body = await self._attempt(url, data, send_headers)
+                except _Retryable as e:
+                    if attempt >= self._settings.max_retries:
+                        return HttpOutcome(e.status, e.body, e.failure, e.detail, attempt + 1, time.monotonic() - started)
+                    delay = self._settings.backoff_s * 2**attempt
+                    # The query string is left out of logs like the headers: it may carry a key.
+                    where = url.split("?", 1)[0]
+                    log.warning("POST %s attempt %d failed (%s); retrying in %.2fs", where, attempt + 1, e.detail, delay)
+                    await asyncio.sleep(delay)
+                    attempt += 1
+                    continue
+                elapsed = time.monotonic() - started
+                cap = self._settings.max_response_bytes
+                if 200 <= status < 300 and len(body) > cap:
+                    # Deterministic, so not retried; 4xx bodies are merely cut by the reader.
+                    detail = f"response exceeds {cap} bytes"
+                    return HttpOutcome(status, body, Failure.RESPONSE_TOO_LARGE, detail, attempt + 1, elapsed)
+                return HttpOutcome(status, body, None, "", attempt + 1, elapsed)
+
+    async def _attempt(self, url: str, data: bytes, headers: dict[str, str]) -> tuple[int, bytes]:
+        """One request → (status, capped body); raises `_Retryable` for what a retry may fix."""
+        timeout_s = self._settings.timeout_s
+        try:
+            async with asyncio.timeout(timeout_s):
+                async with self._get_session().post(url, data=data, headers=headers, allow_redirects=False) as resp:
+                    body = await _read_capped(resp, self._settings.max_response_bytes)
+        except TimeoutError:
+            raise _Retryable(Failure.TIMEOUT, f"no complete response within {timeout_s}s") from None
+        except aiohttp.ClientError as e:
+            raise _Retryable(Failure.CONNECTION, f"{type(e).__name__}: {e}") from None
+        if resp.status >= 500:
+            raise _Retryable(Failure.SERVER, f"HTTP {resp.status}", resp.status, body)
+        return resp.status, body
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+
+async def _read_capped(resp: aiohttp.ClientResponse, cap: int) -> bytes:
+    """Reads at most cap + 1 bytes, so an oversized body is detected without buffering it."""
+    chunks: list[bytes] = []
+    size = 0
+    while size <= cap:
+        chunk = await resp.content.read(cap + 1 - size)
+        if not chunk:
+            break
+        chunks.append(chunk)
+        size += len(chunk)
+    return b"".join(chunks)

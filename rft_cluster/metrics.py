@@ -1,0 +1,198 @@
+"""Step metrics: computed from trajectories, written to metrics.jsonl and W&B, printed per step.
+
+Names follow OpenAI's Agent RFT metrics where they exist (`train_reward_mean`,
+`valid_reward_mean`, `timing.step.*`); use prefix "train" for training rollouts and "valid" for
+evaluation rollouts. A mean over an empty set (e.g. tool latency when no tool was called) is
+left out rather than reported as 0 or NaN, so charts show a gap instead of a false value.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections import Counter
+from pathlib import Path
+from statistics import fmean
+from typing import Any, Literal
+
+from rich.console import Console
+from rich.text import Text
+
+from rft_cluster.types import RolloutStatus, ToolCallStatus, Trajectory
+
+REDACTED = "<redacted>"
+# A malformed call may name no declared tool, its name being arbitrary model text; all such calls
+# share one key instead of minting a new W&B metric per typo.
+MALFORMED_TOOL_KEY = "_malformed"
+
+
+def rollout_metrics(trajs: list[Trajectory], prefix: str = "train") -> dict[str, float]:
+    """Aggregates one step's rollouts into `{prefix}_...` metrics.
+
+    - `reward_mean`: over rollouts with a reward (failed ones have none).
+    - `tool_calls_per_rollout[/<tool>]`: calls (of that tool; `_malformed` for unparseable calls)
+      divided by all rollouts.
+    - `tool_latency_mean_s`: over all calls; `tool_errors`: calls whose status is not `ok`.
+    - `repeated_tool_bigram_fraction`: of all consecutive call pairs within rollouts, the
+      fraction naming the same tool twice in a row.
+    - `rollout_latency_mean_s`, `generated_tokens_mean`, `turns_mean`: over all rollouts.
+    - `grader_latency_mean_s`: over rollouts the grader ran on (scored or `grader_failed`).
+    - `status/<status>`: count per RolloutStatus, zeros included; `rollouts`: the total.
+    """
+    p = prefix
+    calls = [c for t in trajs for c in t.tool_calls]
+    out: dict[str, float] = {f"{p}_rollouts": float(len(trajs))}
+
+    def put_mean(name: str, values: list[float]) -> None:
+        if values:
+            out[f"{p}_{name}"] = fmean(values)
+
+    put_mean("reward_mean", [t.reward for t in trajs if t.reward is not None])
+    # Graded = the grader ran: it returned a score or failed; other rollouts never reached it.
+    graded = [t for t in trajs if t.reward is not None or t.status == RolloutStatus.GRADER_FAILED]
+    put_mean("grader_latency_mean_s", [t.grader_latency_s for t in graded])
+    put_mean("rollout_latency_mean_s", [t.latency_s for t in trajs])
+    put_mean("generated_tokens_mean", [float(t.generated_tokens) for t in trajs])
+    put_mean("turns_mean", [float(t.num_turns) for t in trajs])
+    put_mean("tool_latency_mean_s", [c.latency_s for c in calls])
+
+    if trajs:
+        out[f"{p}_tool_calls_per_rollout"] = len(calls) / len(trajs)
+        per_tool = Counter(
+            MALFORMED_TOOL_KEY if c.status == ToolCallStatus.MALFORMED else c.name for c in calls
+        )
+        for tool, n in sorted(per_tool.items()):
+            out[f"{p}_tool_calls_per_rollout/{tool}"] = n / len(trajs)
+    out[f"{p}_tool_errors"] = float(sum(c.status != ToolCallStatus.OK for c in calls))
+
+    # Pooled over all consecutive pairs of the step, so long rollouts weigh by their pair count.
+    pairs = [(a.name, b.name) for t in trajs for a, b in zip(t.tool_calls, t.tool_calls[1:])]
+    if pairs:
+        out[f"{p}_repeated_tool_bigram_fraction"] = sum(a == b for a, b in pairs) / len(pairs)
+
+    statuses = Counter(t.status for t in trajs)
+    for status in RolloutStatus:
+        out[f"{p}_status/{status.value}"] = float(statuses[status])
+    return out
+
+
+def redact(obj: Any) -> Any:
+    """A copy of `obj` with every value under a `headers` key (at any depth) replaced.
+
+    Header names stay visible (useful to see which were set); their values (tokens) do not.
+    """
+    if isinstance(obj, dict):
+        return {k: _redact_headers(v) if k == "headers" else redact(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [redact(v) for v in obj]
+    return obj
+
+
+def _redact_headers(headers: Any) -> Any:
+    if isinstance(headers, dict):
+        return {name: REDACTED for name in headers}
+    return REDACTED
+
+
+class RunLogger:
+    """Writes each step's metrics to `out_dir/metrics.jsonl` and to W&B (offline by default)."""
+
+    def __init__(
+        self,
+        out_dir: Path,
+        job_name: str,
+        config: dict[str, Any],
+        wandb_mode: Literal["offline", "online", "disabled"] = "offline",
+        project: str = "rft-cluster",
+    ):
+        self.out_dir = Path(out_dir)
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        self.jsonl_path = self.out_dir / "metrics.jsonl"
+        self._run = None
+        self.wandb_run_dir: Path | None = None  # holds files/wandb-summary.json; `wandb sync` it
+        if wandb_mode != "disabled":
+            import wandb  # imported only when used: it is slow to import
+
+            self._run = wandb.init(
+                mode=wandb_mode,
+                dir=self.out_dir,
+                project=project,
+                name=job_name,
+                config=redact(config),
+            )
+            self.wandb_run_dir = Path(self._run.dir).parent
+
+    def log(self, step: int, metrics: dict[str, float]) -> None:
+        # Strict JSON has no NaN/Infinity; write null so every JSON reader accepts the file.
+        record = {"step": step, **{k: v if math.isfinite(v) else None for k, v in metrics.items()}}
+        with self.jsonl_path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self._run is not None:
+            self._run.log(metrics, step=step)
+
+    def finish(self) -> None:
+        if self._run is not None:
+            self._run.finish()
+            self._run = None
+
+
+# Short labels keep the status column narrow; statuses that did not occur are not shown.
+_STATUS_LABELS = {
+    RolloutStatus.OK: "ok",
+    RolloutStatus.BUDGET_EXHAUSTED: "budget",
+    RolloutStatus.TOOL_FAILED: "tool",
+    RolloutStatus.GRADER_FAILED: "grader",
+    RolloutStatus.ENGINE_FAILED: "engine",
+    RolloutStatus.TIMEOUT: "timeout",
+}
+_TIMINGS = {
+    "sampling": "timing.step.sampling",
+    "grading": "timing.step.grading",
+    "training": "timing.step.training",
+    "weight_sync": "timing.step.weight_sync",
+    "total": "timing.step.full_iteration",
+}
+# Printed columns as format specs: numbers right-aligned, the status words left-aligned.
+_COLUMNS = [("step", ">6"), ("reward", ">8"), ("calls/roll", ">10"), ("status", "<30")] + [
+    (title, ">11") for title in _TIMINGS
+]
+
+
+class StepPrinter:
+    """One aligned row per step under a header printed once.
+
+    On a terminal the header and reward are styled; elsewhere (CI logs, files) rich emits plain
+    text, and soft wrapping keeps each step on one line whatever the console width.
+    """
+
+    def __init__(self, console: Console | None = None, prefix: str = "train"):
+        self.console = console or Console()
+        self.prefix = prefix
+        self._header_printed = False
+
+    def print_step(self, step: int, metrics: dict[str, float]) -> None:
+        if not self._header_printed:
+            header = " ".join(format(title, spec) for title, spec in _COLUMNS) + "  (seconds)"
+            self.console.print(Text(header, style="bold"), soft_wrap=True)
+            self._header_printed = True
+        p = self.prefix
+        reward = metrics.get(f"{p}_reward_mean")
+        statuses = " ".join(
+            f"{label} {metrics[key]:.0f}"
+            for status, label in _STATUS_LABELS.items()
+            if metrics.get(key := f"{p}_status/{status.value}")
+        )
+        cells = [
+            (str(step), ""),
+            (_fmt(reward, ".3f"), "green" if reward is not None else "dim"),
+            (_fmt(metrics.get(f"{p}_tool_calls_per_rollout"), ".2f"), ""),
+            (statuses, ""),
+        ] + [(_fmt(metrics.get(key), ".1f"), "") for key in _TIMINGS.values()]
+        row = Text(" ").join(
+            Text(format(text, spec), style=style) for (text, style), (_, spec) in zip(cells, _COLUMNS)
+        )
+        self.console.print(row, soft_wrap=True)
+
+
+def _fmt(value: float | None, spec: str) -> str:
+    return "-" if value is None else format(value, spec)

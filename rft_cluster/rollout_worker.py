@@ -1,0 +1,237 @@
+"""Rollout worker actor: one vLLM AsyncLLM engine, many concurrent multi-turn agent loops.
+
+Each agent loop is a coroutine, so a trajectory waiting on a tool leaves the engine to the
+others (continuous batching). Trajectories are token-exact (see `chat.py`): the ids the engine
+was given and sampled, a loss mask that is 1 on sampled ids only, each sampled id's logprob
+and the weight version that produced it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+from rft_cluster.chat import ChatCodec, ParsedCall, parse_tool_calls
+from rft_cluster.config import EngineSpec
+from rft_cluster.types import RolloutStatus, ToolCallStatus, ToolResult, Trajectory
+from rft_cluster.weight_sync import WeightBucket
+
+
+@dataclass
+class RolloutRequest:
+    """One rollout to run: a dataset row, its group, and its trace id."""
+
+    trace_id: str
+    prompt_id: str
+    group_id: str
+    step: int
+    messages: list[dict]
+    tools: list[dict]
+    item: dict[str, Any]
+
+
+@dataclass
+class SamplingSettings:
+    temperature: float
+    max_tokens_per_turn: int
+    max_episode_steps: int  # tool-call budget per rollout
+    rollout_timeout_s: float = 600.0
+    seed: int | None = None
+
+
+@dataclass
+class _Episode:
+    """Mutable state of one agent loop."""
+
+    ids: list[int]
+    mask: list[int]
+    logprobs: list[float]
+    versions: list[int]
+    tool_calls: list[ToolResult] = field(default_factory=list)
+    assistant_messages: list[dict] = field(default_factory=list)
+    turns: int = 0
+
+    def extend(self, ids: list[int], generated: bool, logprobs: list[float] | None = None, version: int = -1) -> None:
+        self.ids += ids
+        self.mask += [int(generated)] * len(ids)
+        self.logprobs += logprobs if logprobs is not None else [0.0] * len(ids)
+        self.versions += [version if generated else -1] * len(ids)
+
+
+class RolloutWorker:
+    """Ray actor (async). The driver wraps it with `ray.remote` and its resources."""
+
+    def __init__(self, model: str, engine: EngineSpec, seed: int, tool_proxies: list[Any]):
+        self.model = model
+        self.spec = engine
+        self.seed = seed
+        self.tool_proxies = tool_proxies
+        self.weight_version = 0
+        self.engine: Any = None
+        self.codec: ChatCodec | None = None
+        self._next_proxy = 0
+
+    async def start(self) -> dict[str, Any]:
+        """Starts the engine (seconds to a minute); returns facts about it."""
+        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(max(1, round(self.spec.cpu_kv_cache_gb))))
+        from vllm import AsyncEngineArgs
+        from transformers import AutoTokenizer
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        args = AsyncEngineArgs(
+            model=self.model,
+            dtype=self.spec.dtype,
+            max_model_len=self.spec.max_model_len,
+            gpu_memory_utilization=self.spec.gpu_memory_utilization,
+            max_num_seqs=self.spec.max_num_seqs,
+            enforce_eager=self.spec.enforce_eager,
+            seed=self.seed,
+            worker_extension_cls="rft_cluster.weight_sync.WeightSyncExtension",
+        )
+        t0 = time.perf_counter()
+        self.engine = AsyncLLM.from_engine_args(args)
+        self.codec = ChatCodec(AutoTokenizer.from_pretrained(self.model))
+        return {"startup_s": time.perf_counter() - t0, "pid": os.getpid()}
+
+    # ---------------------------------------------------------------- agent loops
+
+    async def rollout(self, requests: list[RolloutRequest], settings: SamplingSettings) -> list[Trajectory]:
+        return list(await asyncio.gather(*(self._run_with_timeout(r, settings) for r in requests)))
+
+    async def _run_with_timeout(self, req: RolloutRequest, s: SamplingSettings) -> Trajectory:
+        t0 = time.perf_counter()
+        ep = _Episode([], [], [], [])
+        try:
+            status, error = await asyncio.wait_for(self._agent_loop(req, s, ep), timeout=s.rollout_timeout_s)
+        except asyncio.TimeoutError:
+            status, error = RolloutStatus.TIMEOUT, f"rollout exceeded {s.rollout_timeout_s} s"
+        except Exception as e:  # an engine fault ends this rollout only, and is recorded
+            status, error = RolloutStatus.ENGINE_FAILED, f"{type(e).__name__}: {e}"
+        return self._trajectory(req, ep, status, error, time.perf_counter() - t0)
+
+    async def _agent_loop(self, req: RolloutRequest, s: SamplingSettings, ep: _Episode) -> tuple[RolloutStatus, str | None]:
+        assert self.codec is not None, "start() first"
+        prompt = self.codec.prompt_ids(req.messages, req.tools)
+        ep.extend(prompt, generated=False)
+        while True:
+            room = self.spec.max_model_len - len(ep.ids)
+            if room <= 0:
+                return RolloutStatus.BUDGET_EXHAUSTED, "context length exhausted"
+            ids, lps, finished = await self._generate(ep.ids, min(s.max_tokens_per_turn, room), s, req.trace_id, ep.turns)
+            ep.extend(ids, generated=True, logprobs=lps, version=self.weight_version)
+            ep.turns += 1
+            text = self.codec.decode([t for t in ids if t != self.codec.eos_id])
+            content, calls = parse_tool_calls(text)
+            ep.assistant_messages.append({"role": "assistant", "content": content, "tool_calls": calls})
+            if not calls:
+                return RolloutStatus.OK, None
+            if len(ep.tool_calls) + len(calls) > s.max_episode_steps:
+                return RolloutStatus.BUDGET_EXHAUSTED, f"tool-call budget of {s.max_episode_steps} exhausted"
+            results = await asyncio.gather(*(self._call_tool(c, req) for c in calls))
+            ep.tool_calls += results
+            fatal = next((r for r in results if r.fatal), None)
+            if fatal is not None:
+                return RolloutStatus.TOOL_FAILED, f"tool {fatal.name!r}: {fatal.status.value}: {fatal.output[:200]}"
+            if not finished:  # cut off by max_tokens: close the turn as the template would
+                ep.extend([self.codec.eos_id], generated=False)
+            ep.extend(self.codec.observation_ids([r.output for r in results]), generated=False)
+
+    async def _generate(
+        self, ids: list[int], max_tokens: int, s: SamplingSettings, trace_id: str, turn: int
+    ) -> tuple[list[int], list[float], bool]:
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        params = SamplingParams(
+            temperature=s.temperature,
+            max_tokens=max_tokens,
+            logprobs=0,
+            seed=None if s.seed is None else hash((s.seed, trace_id, turn)) % (2**31),
+            skip_special_tokens=False,
+        )
+        final = None
+        async for out in self.engine.generate(TokensPrompt(prompt_token_ids=list(ids)), params, request_id=f"{trace_id}-{turn}"):
+            final = out
+        comp = final.outputs[0]
+        token_ids = list(comp.token_ids)
+        lps = [step[tok].logprob for tok, step in zip(token_ids, comp.logprobs)]
+        return token_ids, lps, comp.finish_reason == "stop"
+
+    async def _call_tool(self, call: ParsedCall, req: RolloutRequest) -> ToolResult:
+        call_id = f"call_{uuid.uuid4().hex[:24]}"
+        if call.error is not None:
+            return ToolResult(call_id, call.name, call.arguments, f"Error: {call.error}", ToolCallStatus.MALFORMED)
+        proxy = self.tool_proxies[self._next_proxy % len(self.tool_proxies)]
+        self._next_proxy += 1
+        return await proxy.call.remote(call.name, call.arguments, call_id, req.trace_id, req.item)
+
+    def _trajectory(self, req: RolloutRequest, ep: _Episode, status: RolloutStatus, error: str | None, latency: float) -> Trajectory:
+        final = ep.assistant_messages[-1] if ep.assistant_messages else {"content": "", "tool_calls": []}
+        tools_cc = [
+            {"id": r.call_id, "type": "function", "function": {"name": r.name, "arguments": r.arguments}}
+            for r in ep.tool_calls
+        ]
+        output_text = final["content"] if status == RolloutStatus.OK else ""
+        try:
+            output_json = json.loads(output_text)
+        except (json.JSONDecodeError, TypeError):
+            output_json = None
+        sample = {
+            "output_text": output_text,
+            "output_json": output_json,
+            "output_tools": tools_cc,
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": output_text, "tool_calls": tools_cc}}],
+        }
+        return Trajectory(
+            trace_id=req.trace_id,
+            prompt_id=req.prompt_id,
+            group_id=req.group_id,
+            step=req.step,
+            token_ids=ep.ids,
+            loss_mask=ep.mask,
+            logprobs=ep.logprobs,
+            weight_versions=ep.versions,
+            prompt_len=ep.mask.index(1) if 1 in ep.mask else len(ep.ids),
+            output_text=output_text,
+            tool_calls=ep.tool_calls,
+            status=status,
+            num_turns=ep.turns,
+            latency_s=latency,
+            error=error,
+            sample=sample,
+        )
+
+    # ---------------------------------------------------------------- weights
+
+    async def begin_weight_sync(self) -> None:
+        await self.engine.collective_rpc("rft_begin_weight_sync")
+
+    async def load_weight_bucket(self, bucket: WeightBucket) -> None:
+        await self.engine.collective_rpc("rft_load_weight_bucket", args=bucket.wire_args())
+
+    async def finish_weight_sync(self, version: int) -> None:
+        await self.engine.collective_rpc("rft_finish_weight_sync")
+        await self.engine.reset_prefix_cache()  # cached KV blocks were computed by the old weights
+        self.weight_version = version
+
+    async def prompt_logprobs(self, token_ids: list[int]) -> list[float]:
+        """The engine's logprob of each token given its prefix (first token: none) — the
+        ground truth for checking a weight sync against the learner."""
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        params = SamplingParams(max_tokens=1, prompt_logprobs=0, temperature=1.0)
+        final = None
+        async for out in self.engine.generate(TokensPrompt(prompt_token_ids=token_ids), params, request_id=f"plp-{uuid.uuid4().hex}"):
+            final = out
+        return [lp[tok].logprob for tok, lp in zip(token_ids[1:], final.prompt_logprobs[1:])]
+
+    async def shutdown(self) -> None:
+        if self.engine is not None:
+            self.engine.shutdown()
+            self.engine = None

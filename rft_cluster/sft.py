@@ -1,0 +1,69 @@
+"""Supervised warm start on demonstration conversations, with the RL learner's own stack.
+
+Demonstrations are OpenAI-format conversations (`messages` with assistant tool calls and tool
+results, plus `tools`). They are laid out as token ids exactly as rollouts are (`ChatCodec.
+conversation_ids`), so what the policy learns here is what it will sample later.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import time
+from pathlib import Path
+
+from rich.console import Console
+
+from rft_cluster.chat import ChatCodec
+from rft_cluster.config import LearnerSpec
+from rft_cluster.learner import Learner
+from rft_cluster.types import TrainSample
+
+
+def load_demonstrations(path: Path, codec: ChatCodec) -> list[TrainSample]:
+    samples = []
+    for n, line in enumerate(path.read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            ids, mask = codec.conversation_ids(row["messages"], row.get("tools"))
+        except (json.JSONDecodeError, KeyError, ValueError) as e:
+            raise ValueError(f"{path}:{n}: not a usable demonstration: {e}") from None
+        samples.append(TrainSample(ids, mask, rollout_logprobs=[], advantage=0.0))
+    if not samples:
+        raise ValueError(f"{path}: no demonstrations")
+    return samples
+
+
+def sft(
+    model: str,
+    demonstrations: Path,
+    output: Path,
+    *,
+    epochs: int = 3,
+    batch_size: int = 8,
+    learning_rate: float = 1e-3,
+    spec: LearnerSpec | None = None,
+    seed: int = 0,
+    console: Console | None = None,
+) -> dict[str, float]:
+    """Trains `model` on the demonstrations and saves an HF model directory to `output`.
+    Returns the first and last epoch's mean loss."""
+    from transformers import AutoTokenizer
+
+    console = console or Console()
+    spec = spec or LearnerSpec(micro_batch_size=batch_size)
+    samples = load_demonstrations(demonstrations, ChatCodec(AutoTokenizer.from_pretrained(model)))
+    learner = Learner(model, spec, learning_rate, clip_epsilon=0.2, seed=seed)
+    rng = random.Random(seed)
+    epoch_losses = []
+    t0 = time.perf_counter()
+    for epoch in range(1, epochs + 1):
+        rng.shuffle(samples)
+        losses = [learner.sft_step(samples[i : i + batch_size])["loss"] for i in range(0, len(samples), batch_size)]
+        epoch_losses.append(sum(losses) / len(losses))
+        console.print(f"[sft] epoch {epoch}/{epochs}: loss {epoch_losses[-1]:.4f} ({time.perf_counter() - t0:.0f} s)")
+    learner.save_hf(str(output))
+    console.print(f"[sft] warm-started model saved to {output}")
+    return {"first_epoch_loss": epoch_losses[0], "last_epoch_loss": epoch_losses[-1]}

@@ -1,0 +1,169 @@
+"""Every trajectory, train and eval, as Parquet: one file per (kind, step), inspectable with any
+Parquet reader (pyarrow, pandas, DuckDB, Polars).
+
+Layout: `<run>/trajectories/kind=<train|eval>/step-<NNNNNN>.parquet`. The `kind=` directories are
+Hive-style partitions, so `pandas.read_parquet("<run>/trajectories")` or DuckDB's
+`read_parquet('<run>/trajectories/**/*.parquet', hive_partitioning=true)` recover a `kind` column.
+Writing a step again (e.g. after a resume) replaces that step's file instead of duplicating it.
+
+| column | type | meaning |
+|---|---|---|
+| `trace_id` | string | one per rollout; sent on all its tool calls and its grader call |
+| `step` | int64 | training step whose prompts produced the rollout |
+| `prompt_id` | string | the dataset row |
+| `group_id` | string | the GRPO group (rollouts of one prompt that share advantage statistics) |
+| `token_ids` | list<int32> | exact token ids the engine was given and sampled (prompt, outputs, tool outputs) |
+| `loss_mask` | list<int8> | 1 where the policy sampled the token, 0 for prompt and tool-output tokens |
+| `logprobs` | list<float32> | sampling logprob per token (0.0 where `loss_mask` is 0) |
+| `weight_versions` | list<int32> | weight version that sampled each token (-1 where `loss_mask` is 0) |
+| `prompt_len` | int32 | number of leading prompt tokens in `token_ids` |
+| `output_text` | string | the final answer text the grader saw |
+| `tool_calls` | list<struct> | one entry per call, in order: `call_id`, `name`, `arguments` (JSON string), `output` (text shown to the model), `status` (`ok`, `client_error`, `server_error`, `connection_error`, `timeout`, `malformed`, `bad_response`), `http_status` (int32, null without a response), `latency_s` (float64, all attempts), `attempts` (int32) |
+| `reward` | float64, nullable | grader score; null when the rollout was not graded or the grader failed |
+| `status` | string | `ok`, `budget_exhausted`, `tool_failed`, `grader_failed`, `engine_failed`, `timeout` |
+| `grader_error` | string, nullable | why the grader failed |
+| `num_turns` | int32 | generation turns (model calls) in the rollout |
+| `latency_s` | float64 | wall time of the rollout, generation and tools |
+| `grader_latency_s` | float64 | wall time of grading |
+| `error` | string, nullable | why the rollout ended abnormally (engine error, timeout, failed tool) |
+| `generated_tokens` | int32 | tokens sampled by the policy (sum of `loss_mask`) |
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from rft_cluster.types import ToolResult, Trajectory
+
+Kind = Literal["train", "eval"]
+KINDS: tuple[Kind, ...] = ("train", "eval")
+
+TOOL_CALL_TYPE = pa.struct(
+    [
+        pa.field("call_id", pa.string(), nullable=False),
+        pa.field("name", pa.string(), nullable=False),
+        pa.field("arguments", pa.string(), nullable=False),
+        pa.field("output", pa.string(), nullable=False),
+        pa.field("status", pa.string(), nullable=False),
+        pa.field("http_status", pa.int32()),
+        pa.field("latency_s", pa.float64(), nullable=False),
+        pa.field("attempts", pa.int32(), nullable=False),
+    ]
+)
+
+SCHEMA = pa.schema(
+    [
+        pa.field("trace_id", pa.string(), nullable=False),
+        pa.field("step", pa.int64(), nullable=False),
+        pa.field("prompt_id", pa.string(), nullable=False),
+        pa.field("group_id", pa.string(), nullable=False),
+        pa.field("token_ids", pa.list_(pa.int32()), nullable=False),
+        pa.field("loss_mask", pa.list_(pa.int8()), nullable=False),
+        pa.field("logprobs", pa.list_(pa.float32()), nullable=False),
+        pa.field("weight_versions", pa.list_(pa.int32()), nullable=False),
+        pa.field("prompt_len", pa.int32(), nullable=False),
+        pa.field("output_text", pa.string(), nullable=False),
+        pa.field("tool_calls", pa.list_(TOOL_CALL_TYPE), nullable=False),
+        pa.field("reward", pa.float64()),
+        pa.field("status", pa.string(), nullable=False),
+        pa.field("grader_error", pa.string()),
+        pa.field("num_turns", pa.int32(), nullable=False),
+        pa.field("latency_s", pa.float64(), nullable=False),
+        pa.field("grader_latency_s", pa.float64(), nullable=False),
+        pa.field("error", pa.string()),
+        pa.field("generated_tokens", pa.int32(), nullable=False),
+    ]
+)
+# What `read()` returns: the stored columns plus the partition, as Hive-aware readers show it.
+READ_SCHEMA = SCHEMA.append(pa.field("kind", pa.string(), nullable=False))
+
+
+def _tool_call_row(call: ToolResult) -> dict[str, Any]:
+    return {
+        "call_id": call.call_id,
+        "name": call.name,
+        "arguments": call.arguments,
+        "output": call.output,
+        "status": call.status.value,
+        "http_status": call.http_status,
+        "latency_s": call.latency_s,
+        "attempts": call.attempts,
+    }
+
+
+def _row(t: Trajectory) -> dict[str, Any]:
+    # `sample` is not stored: it is derived from output_text and tool_calls for the grader.
+    return {
+        "trace_id": t.trace_id,
+        "step": t.step,
+        "prompt_id": t.prompt_id,
+        "group_id": t.group_id,
+        "token_ids": t.token_ids,
+        "loss_mask": t.loss_mask,
+        "logprobs": t.logprobs,
+        "weight_versions": t.weight_versions,
+        "prompt_len": t.prompt_len,
+        "output_text": t.output_text,
+        "tool_calls": [_tool_call_row(c) for c in t.tool_calls],
+        "reward": t.reward,
+        "status": t.status.value,
+        "grader_error": t.grader_error,
+        "num_turns": t.num_turns,
+        "latency_s": t.latency_s,
+        "grader_latency_s": t.grader_latency_s,
+        "error": t.error,
+        "generated_tokens": t.generated_tokens,
+    }
+
+
+class TrajectoryStore:
+    """Appends trajectories as one Parquet file per (kind, step) under `root/trajectories/`."""
+
+    def __init__(self, root: Path):
+        self.dir = Path(root) / "trajectories"
+
+    def path_for(self, step: int, kind: Kind = "train") -> Path:
+        return self.dir / f"kind={kind}" / f"step-{step:06d}.parquet"
+
+    def append(self, trajectories: list[Trajectory], kind: Kind = "train") -> Path:
+        """Writes one step's trajectories atomically; replaces an earlier file of that step."""
+        if kind not in KINDS:
+            raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+        steps = {t.step for t in trajectories}
+        if len(steps) != 1:
+            raise ValueError(f"append needs trajectories of exactly one step, got steps {sorted(steps)}")
+        path = self.path_for(steps.pop(), kind)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        table = pa.Table.from_pylist([_row(t) for t in trajectories], schema=SCHEMA)
+        # A dot-prefixed temp name in the same directory: readers (ours, pyarrow datasets) skip
+        # it, and the rename is atomic, so a crash never leaves a half-written step visible.
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        pq.write_table(table, tmp)
+        os.replace(tmp, path)
+        return path
+
+    def files(self, kind: Kind | None = None) -> list[Path]:
+        """Step files in (kind, step) order; all kinds when `kind` is None."""
+        pattern = f"kind={kind or '*'}/step-*.parquet"
+        return sorted(self.dir.glob(pattern))
+
+    def read(self, kind: Kind | None = None) -> pa.Table:
+        """All stored trajectories (of one kind, or all kinds): SCHEMA's columns plus `kind`."""
+        tables = []
+        for f in self.files(kind):
+            table = pq.read_table(f, schema=SCHEMA)
+            file_kind = f.parent.name.removeprefix("kind=")
+            tables.append(table.append_column(READ_SCHEMA.field("kind"), pa.array([file_kind] * len(table))))
+        return pa.concat_tables(tables) if tables else READ_SCHEMA.empty_table()
+
+    def trace_ids(self, kind: Kind | None = None) -> set[str]:
+        return {
+            tid
+            for f in self.files(kind)
+            for tid in pq.read_table(f, columns=["trace_id"]).column("trace_id").to_pylist()
+        }

@@ -1,0 +1,89 @@
+"""The tool proxy (DESIGN §2): forwards the model's tool calls to users' endpoints in OpenAI's
+function_call protocol (DESIGN §3) and turns every outcome into a `ToolResult`.
+
+A plain class with async methods; the driver wraps it with `ray.remote` (an async actor).
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from typing import Any
+
+from rft_cluster.config import ToolSettings, ToolSpec
+from rft_cluster.http import Failure, HttpOutcome, JsonPoster
+from rft_cluster.types import ToolCallStatus, ToolResult
+
+# The model sees at most this much of an error body: enough to act on, cheap in context.
+ERROR_TEXT_CHARS = 1000
+
+
+class ToolProxy:
+    def __init__(self, tools: list[ToolSpec], settings: ToolSettings):
+        self._tools = {t.name: t for t in tools}
+        if len(self._tools) != len(tools):
+            raise ValueError(f"duplicate tool names in {[t.name for t in tools]}")
+        self._settings = settings
+        self._poster = JsonPoster(settings)
+
+    async def call(self, name: str, arguments: str, call_id: str, trace_id: str, item: dict[str, Any]) -> ToolResult:
+        tool = self._tools.get(name)
+        if tool is None:
+            known = ", ".join(sorted(self._tools)) or "(none)"
+            return ToolResult(call_id, name, arguments, f"unknown tool {name!r}; known tools: {known}", ToolCallStatus.MALFORMED)
+        body = {
+            "type": "function_call",
+            "id": f"fc_{uuid.uuid4().hex}",
+            "call_id": call_id,
+            "name": name,
+            "arguments": arguments,
+            "trace_id": trace_id,
+            "item": item,
+        }
+        outcome = await self._poster.post(tool.server_url, body, tool.headers)
+        output, status = self._interpret(outcome)
+        return ToolResult(
+            call_id=call_id,
+            name=name,
+            arguments=arguments,
+            output=output,
+            status=status,
+            http_status=outcome.status,
+            latency_s=outcome.latency_s,
+            attempts=outcome.attempts,
+        )
+
+    def _interpret(self, outcome: HttpOutcome) -> tuple[str, ToolCallStatus]:
+        """(text shown to the model, status) for one outcome."""
+        failure = outcome.failure
+        if failure is Failure.REQUEST_TOO_LARGE:
+            return f"tool call not sent: {outcome.detail}", ToolCallStatus.MALFORMED
+        if failure is Failure.RESPONSE_TOO_LARGE:
+            return f"HTTP 413: tool response exceeds {self._settings.max_response_bytes} bytes", ToolCallStatus.CLIENT_ERROR
+        if failure is not None:
+            # Fatal: the rollout is discarded, but the text still lands in the trajectory record.
+            status = {
+                Failure.SERVER: ToolCallStatus.SERVER_ERROR,
+                Failure.CONNECTION: ToolCallStatus.CONNECTION_ERROR,
+                Failure.TIMEOUT: ToolCallStatus.TIMEOUT,
+            }[failure]
+            return f"tool failed after {outcome.attempts} attempts: {outcome.detail}", status
+        assert outcome.status is not None  # no failure means a response arrived
+        if 400 <= outcome.status < 500:
+            return f"HTTP {outcome.status}: {outcome.text(ERROR_TEXT_CHARS)}", ToolCallStatus.CLIENT_ERROR
+        if not 200 <= outcome.status < 300:
+            return f"tool endpoint answered unexpected HTTP {outcome.status}", ToolCallStatus.BAD_RESPONSE
+        try:
+            output = json.loads(outcome.body)["output"]
+        except (ValueError, TypeError, KeyError):
+            output = None
+        if not isinstance(output, str):
+            snippet = outcome.text(ERROR_TEXT_CHARS)
+            return (
+                f"tool endpoint answered HTTP {outcome.status} without a JSON body holding a string 'output': {snippet}",
+                ToolCallStatus.BAD_RESPONSE,
+            )
+        return output, ToolCallStatus.OK
+
+    async def close(self) -> None:
+        await self._poster.close()

@@ -1,0 +1,110 @@
+"""Records that cross actor boundaries: tool results, grades, trajectories, training samples.
+
+Plain dataclasses (cheap to pickle through Ray's object store). Field names are the Parquet
+column names documented in README.md.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any
+
+
+class RolloutStatus(str, Enum):
+    """How a rollout ended. Exactly one per rollout (DESIGN §3)."""
+
+    OK = "ok"
+    BUDGET_EXHAUSTED = "budget_exhausted"
+    TOOL_FAILED = "tool_failed"
+    GRADER_FAILED = "grader_failed"
+    ENGINE_FAILED = "engine_failed"
+    TIMEOUT = "timeout"
+
+
+class ToolCallStatus(str, Enum):
+    """Outcome of one tool call, as seen by the tool proxy."""
+
+    OK = "ok"
+    CLIENT_ERROR = "client_error"  # 4xx: shown to the model as the tool's output
+    SERVER_ERROR = "server_error"  # 5xx after all retries: the rollout is discarded
+    CONNECTION_ERROR = "connection_error"  # after all retries: the rollout is discarded
+    TIMEOUT = "timeout"  # after all retries: the rollout is discarded
+    MALFORMED = "malformed"  # the model's call could not be parsed or names no tool
+    BAD_RESPONSE = "bad_response"  # the endpoint answered 2xx with a body we cannot read
+
+
+@dataclass
+class ToolResult:
+    """What the proxy returns for one call: the observation plus its accounting."""
+
+    call_id: str
+    name: str
+    arguments: str
+    output: str  # the text the model is shown
+    status: ToolCallStatus
+    http_status: int | None = None
+    latency_s: float = 0.0
+    attempts: int = 0
+
+    @property
+    def fatal(self) -> bool:
+        """True when the rollout must end as `tool_failed`."""
+        return self.status in (
+            ToolCallStatus.SERVER_ERROR,
+            ToolCallStatus.CONNECTION_ERROR,
+            ToolCallStatus.TIMEOUT,
+        )
+
+
+@dataclass
+class GradeResult:
+    """A grader's verdict. `score is None` means the grader failed (never a silent 0)."""
+
+    score: float | None
+    error: str | None = None
+    latency_s: float = 0.0
+
+
+@dataclass
+class Trajectory:
+    """One rollout, token-exact: `token_ids` are the ids the engine was given and sampled.
+
+    `loss_mask[i] == 1` iff token i was sampled by the policy; only those tokens carry a
+    sampling logprob and the weight version that produced them (others hold 0.0 / -1).
+    """
+
+    trace_id: str
+    prompt_id: str
+    group_id: str
+    step: int
+    token_ids: list[int]
+    loss_mask: list[int]
+    logprobs: list[float]
+    weight_versions: list[int]
+    prompt_len: int
+    output_text: str
+    tool_calls: list[ToolResult] = field(default_factory=list)
+    status: RolloutStatus = RolloutStatus.OK
+    reward: float | None = None
+    grader_error: str | None = None
+    num_turns: int = 0
+    latency_s: float = 0.0
+    grader_latency_s: float = 0.0
+    error: str | None = None
+    # The OpenAI-shaped sample the grader sees (output_text, output_json, output_tools, choices).
+    sample: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def generated_tokens(self) -> int:
+        return sum(self.loss_mask)
+
+
+@dataclass
+class TrainSample:
+    """What the learner needs of a trajectory: tokens, mask, rollout logprobs, advantage."""
+
+    token_ids: list[int]
+    loss_mask: list[int]
+    rollout_logprobs: list[float]
+    advantage: float

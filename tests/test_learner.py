@@ -1,0 +1,321 @@
+"""GRPO maths by hand, and the DeepSpeed learner for real on CPU (ZeRO stages 0-3)."""
+
+from __future__ import annotations
+
+import math
+import random
+from pathlib import Path
+
+import pytest
+import ray
+import torch
+
+from rft_cluster.config import LearnerSpec
+from rft_cluster.grpo import group_advantages, policy_loss, token_logprobs
+from rft_cluster.learner import Learner
+from rft_cluster.types import TrainSample
+from rft_cluster.weight_sync import WeightBucket, pack_buckets
+
+LR = 2e-5
+CLIP = 0.2
+
+# ---------------------------------------------------------------- GRPO maths
+
+
+def test_group_advantages_normalise_within_each_group() -> None:
+    rewards = [1.0, 2.0, 0.0, 2.0, 0.5, 7.0]
+    groups = ["a", "b", "a", "b", "a", "c"]
+    adv = group_advantages(rewards, groups, eps=0.0)
+    # group a: mean 0.5, sample std sqrt((0.25 + 0.25 + 0) / 2) = 0.5
+    assert adv[0] == pytest.approx(1.0) and adv[2] == pytest.approx(-1.0) and adv[4] == 0.0
+    assert adv[1] == adv[3] == 0.0  # b: all equal
+    assert adv[5] == 0.0  # c: a group of one
+
+
+def test_group_advantages_equal_rewards_are_exactly_zero() -> None:
+    # mean(0.1, 0.1, 0.1) != 0.1 in floats; divided by eps that would be a large advantage
+    assert group_advantages([0.1, 0.1, 0.1], ["g"] * 3) == [0.0, 0.0, 0.0]
+    # mean 0.5, sample std sqrt(0.5): +-0.5 / (sqrt(0.5) + eps)
+    a = 0.5 / (math.sqrt(0.5) + 1e-6)
+    assert group_advantages([1.0, 0.0], ["g", "g"], eps=1e-6) == pytest.approx([a, -a])
+    with pytest.raises(ValueError):
+        group_advantages([1.0], ["a", "b"])
+
+
+def test_token_logprobs_pairs_each_position_with_the_next_token() -> None:
+    logits = torch.randn(2, 4, 7, dtype=torch.bfloat16)
+    ids = torch.tensor([[1, 2, 3, 4], [6, 5, 0, 0]])
+    out = token_logprobs(logits, ids)
+    assert out.shape == (2, 3) and out.dtype == torch.float32
+    expected = torch.log_softmax(logits[1, 0].float(), -1)[5]
+    assert out[1, 0] == pytest.approx(expected.item())
+
+
+def _ratios_case(adv: float) -> tuple[torch.Tensor, torch.Tensor, dict[str, float]]:
+    """Ratios 1.5, 0.5, 1.1 on three sampled tokens; the fourth is masked, and its
+    log-ratio (1000) would overflow exp() if it were not ignored."""
+    logprobs = torch.tensor([[math.log(1.5), math.log(0.5), math.log(1.1), 0.0]], requires_grad=True)
+    old = torch.tensor([[0.0, 0.0, 0.0, -1000.0]])
+    mask = torch.tensor([[1, 1, 1, 0]])
+    loss, stats = policy_loss(logprobs, old, torch.tensor([[adv]]), mask, clip_eps=0.2)
+    loss.backward()
+    return loss, logprobs.grad, stats
+
+
+def test_policy_loss_positive_advantage_clips_above() -> None:
+    loss, grad, stats = _ratios_case(+1.0)
+    # min(r*A, clip(r)*A): 1.5 -> 1.2 (clipped), 0.5 -> 0.5, 1.1 -> 1.1
+    assert loss.item() == pytest.approx(-(1.2 + 0.5 + 1.1) / 3)
+    assert stats["clip_fraction"] == pytest.approx(1 / 3)
+    # the clipped token and the masked one get no gradient; d(-r*A/3)/dlogp = -r*A/3
+    assert grad.tolist()[0] == pytest.approx([0.0, -0.5 / 3, -1.1 / 3, 0.0])
+    kl = ((0.5 - math.log(1.5)) + (-0.5 - math.log(0.5)) + (0.1 - math.log(1.1))) / 3
+    assert stats["approx_kl"] == pytest.approx(kl, rel=1e-5)
+    assert stats["logprob_gap"] == pytest.approx((math.log(1.5) + math.log(2) + math.log(1.1)) / 3, rel=1e-5)
+    assert stats["ratio_mean"] == pytest.approx((1.5 + 0.5 + 1.1) / 3, rel=1e-5)
+
+
+def test_policy_loss_negative_advantage_clips_below() -> None:
+    loss, grad, stats = _ratios_case(-1.0)
+    # -1.5 vs -1.2 -> -1.5; -0.5 vs -0.8 -> -0.8 (clipped); -1.1 vs -1.1
+    assert loss.item() == pytest.approx((1.5 + 0.8 + 1.1) / 3)
+    assert stats["clip_fraction"] == pytest.approx(1 / 3)
+    assert grad.tolist()[0] == pytest.approx([1.5 / 3, 0.0, 1.1 / 3, 0.0])
+
+
+def test_policy_loss_is_a_token_mean_over_the_whole_batch() -> None:
+    # Two sequences with 1 and 3 sampled tokens, on-policy: loss = -(1*A0 + 3*A1) / 4.
+    logprobs = torch.zeros(2, 3)
+    mask = torch.tensor([[1, 0, 0], [1, 1, 1]])
+    loss, _ = policy_loss(logprobs, logprobs, torch.tensor([[2.0], [-1.0]]), mask, clip_eps=0.2)
+    assert loss.item() == pytest.approx(-(2.0 - 3.0) / 4)
+
+
+# ---------------------------------------------------------------- the learner (DeepSpeed on CPU)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from rft_cluster.tiny_model import make_tiny_model
+
+    return make_tiny_model(tmp_path_factory.mktemp("tiny"))
+
+
+def make_learner(model_dir: Path, **spec: object) -> Learner:
+    return Learner(str(model_dir), LearnerSpec(**spec), learning_rate=LR, clip_epsilon=CLIP, seed=0)
+
+
+def make_batch(learner: Learner, advantages: list[float], seed: int, off_policy: float = 0.0) -> list[TrainSample]:
+    """Agent-shaped samples of varied length: prompt, a generated turn, a tool output, a
+    generated turn. Rollout logprobs are the learner's own, shifted by up to `off_policy`."""
+    rng = random.Random(seed)
+    ids, masks = [], []
+    for _ in advantages:
+        spans = [(rng.randint(3, 8), 0), (rng.randint(2, 10), 1), (rng.randint(1, 5), 0), (rng.randint(1, 8), 1)]
+        masks.append([m for n, m in spans for _ in range(n)])
+        ids.append([rng.randrange(10, 2000) for _ in masks[-1]])
+    trainer = learner.compute_logprobs(ids)
+    samples = []
+    for tok, mask, lps, adv in zip(ids, masks, trainer, advantages):
+        rollout = [0.0] + [lp + rng.uniform(-off_policy, off_policy) if m else 0.0 for lp, m in zip(lps, mask[1:])]
+        samples.append(TrainSample(tok, mask, rollout, adv))
+    return samples
+
+
+def weights(learner: Learner) -> dict[str, torch.Tensor]:
+    return dict(learner.named_weights())
+
+
+def masked_mean_logprob(learner: Learner, samples: list[TrainSample]) -> float:
+    lps = learner.compute_logprobs([s.token_ids for s in samples])
+    vals = [lp for s, row in zip(samples, lps) for lp, m in zip(row, s.loss_mask[1:]) if m]
+    return sum(vals) / len(vals)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", [2, 3])
+def test_train_steps_lower_the_loss_and_follow_the_advantages(model_dir: Path, stage: int) -> None:
+    learner = make_learner(model_dir, zero_stage=stage, micro_batch_size=2)
+    adv = group_advantages([1.0, 0.0, 1.0, 0.0, 0.0, 1.0], ["a", "a", "a", "b", "b", "b"])
+    batch = make_batch(learner, adv, seed=1)
+    unusable = TrainSample([5, 6, 7], [1, 0, 0], [0.0, 0.0, 0.0], 1.0)  # only token 0, which has no prefix
+    pos = [s for s in batch if s.advantage > 0]
+    neg = [s for s in batch if s.advantage < 0]
+    before = masked_mean_logprob(learner, pos), masked_mean_logprob(learner, neg)
+
+    history = [learner.train_step(batch + [unusable]) for _ in range(5)]
+
+    losses = [m["loss"] for m in history]
+    assert losses[-1] < losses[0] - 0.05, losses
+    first = history[0]
+    assert first["samples"] == len(batch)
+    assert first["tokens"] == sum(sum(s.loss_mask[1:]) for s in batch)
+    assert first["logprob_gap"] < 1e-4 and first["clip_fraction"] == 0.0  # on-policy at step 1
+    assert history[-1]["approx_kl"] > 0 and all(m["grad_norm"] > 0 for m in history)
+    assert first["lr"] == LR
+    after = masked_mean_logprob(learner, pos), masked_mean_logprob(learner, neg)
+    assert after[0] > before[0] and after[1] < before[1]
+
+
+@pytest.mark.slow
+def test_a_batch_with_nothing_to_train_changes_nothing(model_dir: Path) -> None:
+    learner = make_learner(model_dir, zero_stage=2)
+    w0 = weights(learner)
+    m = learner.train_step([TrainSample([5, 6, 7], [0, 0, 0], [0.0] * 3, 1.0)])
+    assert m["tokens"] == 0 and m["samples"] == 0
+    for name, t in weights(learner).items():
+        assert torch.equal(t, w0[name]), name
+
+
+def plain_torch_step(model_dir: Path, batch: list[TrainSample]) -> tuple[float, float]:
+    """Loss and gradient norm of the batch as ONE padded batch through plain transformers:
+    the reference the learner must match however it micro-batches."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    width = max(len(s.token_ids) for s in batch)
+
+    def pad(rows: list[list], value: float) -> torch.Tensor:
+        return torch.tensor([r + [value] * (width - len(r)) for r in rows])
+
+    ids = pad([s.token_ids for s in batch], 0)
+    attn = pad([[1] * len(s.token_ids) for s in batch], 0)
+    logprobs = token_logprobs(model(input_ids=ids, attention_mask=attn).logits, ids)
+    old = pad([s.rollout_logprobs for s in batch], 0.0)[:, 1:]
+    mask = pad([s.loss_mask for s in batch], 0)[:, 1:]
+    loss, _ = policy_loss(logprobs, old, torch.tensor([[s.advantage] for s in batch]), mask, CLIP)
+    loss.backward()
+    return loss.item(), math.sqrt(sum(p.grad.double().square().sum().item() for p in model.parameters()))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("stage", "checkpointing"), [(0, False), (1, False), (2, False), (3, True)])
+def test_micro_batching_does_not_change_the_step(model_dir: Path, stage: int, checkpointing: bool) -> None:
+    # Five samples of different token counts, split 1+1+1+1+1 and 4+1: both must give the
+    # loss and gradient of the whole batch's token mean (gradient checkpointing too).
+    # Off-policy logprobs make some tokens clip.
+    advantages = [1.5, -0.5, 0.7, -1.2, 0.3]
+    runs = []
+    for mbs in (1, 4):
+        learner = make_learner(model_dir, zero_stage=stage, micro_batch_size=mbs, gradient_checkpointing=checkpointing)
+        batch = make_batch(learner, advantages, seed=2, off_policy=0.3)
+        before = weights(learner)
+        runs.append((learner.train_step(batch), before, weights(learner)))
+    (m1, before, w1), (m4, _, w4) = runs
+    ref_loss, ref_grad_norm = plain_torch_step(model_dir, batch)
+    assert m1["clip_fraction"] > 0
+    for m in (m1, m4):
+        assert m["loss"] == pytest.approx(ref_loss, rel=1e-5)
+        assert m["grad_norm"] == pytest.approx(ref_grad_norm, rel=1e-5)
+    for key in ("clip_fraction", "approx_kl", "logprob_gap", "tokens"):
+        assert m1[key] == pytest.approx(m4[key], rel=1e-5, abs=1e-7), key
+    # Adam's first step is about lr * sign(grad) whatever the gradient's scale, so weights are a
+    # coarse check (the gradient norm above is the sharp one); every tensor must have moved.
+    for name in w1:
+        assert not torch.equal(w1[name], before[name]), name
+        torch.testing.assert_close(w1[name], w4[name], rtol=0, atol=LR / 10, msg=name)
+
+
+@pytest.mark.slow
+def test_named_weights_round_trip_through_buckets(model_dir: Path) -> None:
+    from transformers import AutoModelForCausalLM
+
+    learner = make_learner(model_dir, zero_stage=3)  # partitioned: named_weights must gather
+    buckets = list(pack_buckets(learner.named_weights(), 1 << 20))
+    unpacked = {name: t for b in buckets for name, t in b.tensors()}
+
+    reference = AutoModelForCausalLM.from_pretrained(model_dir)
+    assert reference.config.tie_word_embeddings
+    expected = dict(reference.named_parameters())
+    assert len(buckets) > 1
+    assert "lm_head.weight" not in unpacked and "model.embed_tokens.weight" in unpacked
+    assert unpacked.keys() == expected.keys()
+    for name, t in unpacked.items():
+        assert torch.equal(t, expected[name].detach()), name
+
+
+@pytest.mark.slow
+def test_save_hf_loads_in_transformers_with_the_same_logprobs(model_dir: Path, tmp_path: Path) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    learner = make_learner(model_dir, zero_stage=3)
+    batch = make_batch(learner, [1.0, -1.0], seed=3)
+    seqs = [s.token_ids for s in batch]
+    initial = learner.compute_logprobs(seqs)
+    learner.train_step(batch)  # the saved weights must be the trained ones, not the initial
+    path = learner.save_hf(str(tmp_path / "hf"))
+
+    model = AutoModelForCausalLM.from_pretrained(path).eval()
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    assert tokenizer.chat_template == learner.tokenizer.chat_template
+    assert (Path(path) / "generation_config.json").exists()
+    ours = learner.compute_logprobs(seqs)
+    with torch.no_grad():
+        for ids, mine, before in zip(seqs, ours, initial):
+            theirs = token_logprobs(model(torch.tensor([ids])).logits, torch.tensor([ids]))[0].tolist()
+            assert theirs == pytest.approx(mine, abs=1e-5)
+            assert theirs != pytest.approx(before, abs=1e-5)
+
+
+@pytest.mark.slow
+def test_save_state_and_load_state_resume_identically(model_dir: Path, tmp_path: Path) -> None:
+    a = make_learner(model_dir, zero_stage=2)
+    batch1 = make_batch(a, [1.0, -1.0, 0.5], seed=4)
+    batch2 = make_batch(a, [-0.5, 1.0, 0.2], seed=5)
+    a.train_step(batch1)
+    a.save_state(str(tmp_path / "ckpt"))
+
+    b = make_learner(model_dir, zero_stage=2)
+    b.load_state(str(tmp_path / "ckpt"))
+    wa, wb = weights(a), weights(b)
+    for name in wa:
+        assert torch.equal(wa[name], wb[name]), name
+    # Adam's second step depends on the moments from the first: identical updates mean the
+    # optimizer state came back too (a fresh Adam would step by about lr * sign(grad)).
+    ma, mb = a.train_step(batch2), b.train_step(batch2)
+    assert ma["loss"] == mb["loss"] and ma["grad_norm"] == mb["grad_norm"]
+    wa, wb = weights(a), weights(b)
+    for name in wa:
+        assert torch.equal(wa[name], wb[name]), name
+    with pytest.raises(FileNotFoundError):
+        b.load_state(str(tmp_path / "empty"))
+
+
+@ray.remote(num_cpus=0)
+class RecordingWorker:
+    """Stands in for a rollout worker: records the publish protocol and the buckets."""
+
+    def __init__(self) -> None:
+        self.calls: list[str] = []
+        self.tensors: dict[str, torch.Tensor] = {}
+
+    async def begin_weight_sync(self) -> None:
+        self.calls.append("begin")
+
+    async def load_weight_bucket(self, bucket: WeightBucket) -> None:
+        self.calls.append("load")
+        self.tensors |= {name: t.clone() for name, t in bucket.tensors()}
+
+    async def finish_weight_sync(self, version: int) -> None:
+        self.calls.append(f"finish {version}")
+
+    def recorded(self) -> tuple[list[str], dict[str, torch.Tensor]]:
+        return self.calls, self.tensors
+
+
+@pytest.mark.slow
+def test_publish_sends_every_bucket_to_every_worker_between_begin_and_finish(model_dir: Path, ray_local: None) -> None:
+    learner = make_learner(model_dir, zero_stage=2, weight_bucket_mb=1)
+    workers = [RecordingWorker.remote() for _ in range(2)]
+    stats = learner.publish(workers, version=7)
+
+    n = int(stats["weight_sync_buckets"])
+    assert n > 1
+    expected = weights(learner)
+    assert stats["weight_sync_bytes"] == sum(t.numel() * t.element_size() for t in expected.values())
+    assert stats["weight_sync_gbps"] == pytest.approx(stats["weight_sync_bytes"] / 1e9 / stats["weight_sync_s"])
+    for calls, tensors in ray.get([w.recorded.remote() for w in workers]):
+        assert calls == ["begin"] + ["load"] * n + ["finish 7"]
+        assert tensors.keys() == expected.keys()
+        for name, t in tensors.items():
+            assert torch.equal(t, expected[name]), name

@@ -1,0 +1,226 @@
+"""ToolProxy against real loopback aiohttp servers (and once as a real Ray actor)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import re
+import socket
+import time
+from collections import Counter
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+import pytest_asyncio
+import ray
+from aiohttp import web
+from aiohttp.test_utils import TestServer
+
+from rft_cluster.config import ToolSettings, ToolSpec
+from rft_cluster.envs.ledger import LedgerServers
+from rft_cluster.tool_proxy import ToolProxy
+from rft_cluster.types import ToolCallStatus
+
+SECRET = "Bearer s3cret-value"
+FAST = ToolSettings(timeout_s=1.0, max_retries=2, backoff_s=0.01, max_response_bytes=1000, max_request_bytes=1000)
+
+
+class ToolServer:
+    """Records every request; the path picks the behaviour."""
+
+    def __init__(self) -> None:
+        self.requests: list[tuple[str, dict[str, str], dict[str, Any]]] = []
+        self.hits: Counter[str] = Counter()
+        self.release = asyncio.Event()  # lets hanging handlers end at teardown
+        self.base = ""
+
+    def app(self) -> web.Application:
+        app = web.Application()
+        app.router.add_post("/{kind}", self.handle)
+        return app
+
+    def url(self, kind: str) -> str:
+        return f"{self.base}/{kind}"
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        kind = request.match_info["kind"]
+        body = await request.json()
+        self.requests.append((kind, dict(request.headers), body))
+        self.hits[kind] += 1
+        if kind == "notfound":
+            return web.Response(status=404, text="no such city: Atlantis")
+        if kind == "unavailable":
+            return web.Response(status=503, text="try later")
+        if kind == "hang":
+            await self.release.wait()
+        if kind == "big":
+            return web.json_response({"output": "x" * 5000})
+        if kind == "garbage":
+            return web.Response(text="<html>not json</html>")
+        if kind == "slow":
+            await asyncio.sleep(0.3)
+        output = f"{body['name']}({body['arguments']})"
+        return web.json_response({"type": "function_call_output", "call_id": body["call_id"], "id": body["id"], "output": output})
+
+
+@pytest_asyncio.fixture(loop_scope="function")
+async def server() -> AsyncIterator[ToolServer]:
+    tools = ToolServer()
+    async with TestServer(tools.app(), host="127.0.0.1") as srv:
+        tools.base = str(srv.make_url("")).rstrip("/")
+        yield tools
+        tools.release.set()
+
+
+def proxy_for(server: ToolServer, kind: str, settings: ToolSettings = FAST, name: str = "search") -> ToolProxy:
+    return ToolProxy([ToolSpec(name=name, server_url=server.url(kind), headers={"Authorization": SECRET})], settings)
+
+
+async def test_sends_protocol_body_and_forwards_headers(server: ToolServer) -> None:
+    tool = ToolSpec(name="search", server_url=server.url("echo"), headers={"Authorization": SECRET, "X-Org": "acme"})
+    proxy = ToolProxy([tool], FAST)
+    item = {"answer": 42, "nested": {"k": [1, 2]}}
+    result = await proxy.call("search", '{"q": "revenue"}', "call_1", "trace_abc", item)
+    await proxy.close()
+
+    assert result.status is ToolCallStatus.OK and not result.fatal
+    assert result.output == 'search({"q": "revenue"})'
+    assert (result.http_status, result.attempts, result.call_id) == (200, 1, "call_1")
+    assert result.latency_s > 0
+    [(_, headers, body)] = server.requests
+    assert set(body) == {"type", "id", "call_id", "name", "arguments", "trace_id", "item"}
+    assert re.fullmatch(r"fc_[0-9a-f]+", body["id"])
+    assert body == {
+        "type": "function_call",
+        "id": body["id"],
+        "call_id": "call_1",
+        "name": "search",
+        "arguments": '{"q": "revenue"}',
+        "trace_id": "trace_abc",
+        "item": item,
+    }
+    assert headers["Authorization"] == SECRET and headers["X-Org"] == "acme"
+    assert headers["Content-Type"] == "application/json"
+
+
+async def test_tools_sharing_one_url_dispatch_by_name(server: ToolServer) -> None:
+    url = server.url("echo")
+    proxy = ToolProxy([ToolSpec(name="search", server_url=url), ToolSpec(name="cat", server_url=url)], FAST)
+    a, b = await asyncio.gather(proxy.call("search", "{}", "c1", "t", {}), proxy.call("cat", '{"p": 1}', "c2", "t", {}))
+    await proxy.close()
+    assert (a.output, b.output) == ("search({})", 'cat({"p": 1})')
+    assert sorted(body["name"] for _, _, body in server.requests) == ["cat", "search"]
+
+
+async def test_4xx_is_shown_to_the_model_without_retry(server: ToolServer) -> None:
+    proxy = proxy_for(server, "notfound")
+    result = await proxy.call("search", "{}", "c", "t", {})
+    await proxy.close()
+    assert result.status is ToolCallStatus.CLIENT_ERROR and not result.fatal
+    assert result.output == "HTTP 404: no such city: Atlantis"
+    assert (result.http_status, result.attempts, server.hits["notfound"]) == (404, 1, 1)
+
+
+async def test_5xx_is_retried_with_backoff_then_server_error(server: ToolServer, caplog: pytest.LogCaptureFixture) -> None:
+    settings = FAST.model_copy(update={"max_retries": 2, "backoff_s": 0.05})
+    proxy = proxy_for(server, "unavailable", settings)
+    with caplog.at_level(logging.DEBUG):
+        result = await proxy.call("search", "{}", "c", "t", {})
+    await proxy.close()
+    assert result.status is ToolCallStatus.SERVER_ERROR and result.fatal
+    assert server.hits["unavailable"] == 3 == result.attempts  # first try + max_retries
+    assert result.http_status == 503
+    assert result.latency_s >= 0.05 + 0.10  # backoff_s * 2**attempt between tries
+    assert "s3cret" not in caplog.text  # header values are secrets
+
+
+async def test_hanging_endpoint_times_out(server: ToolServer) -> None:
+    proxy = proxy_for(server, "hang", FAST.model_copy(update={"timeout_s": 0.3, "max_retries": 1}))
+    started = time.monotonic()
+    result = await proxy.call("search", "{}", "c", "t", {})
+    elapsed = time.monotonic() - started
+    await proxy.close()
+    assert result.status is ToolCallStatus.TIMEOUT and result.fatal
+    assert server.hits["hang"] == 2
+    assert 0.6 <= elapsed < 2.0
+
+
+async def test_oversized_response_becomes_a_413_for_the_model(server: ToolServer) -> None:
+    proxy = proxy_for(server, "big")
+    result = await proxy.call("search", "{}", "c", "t", {})
+    await proxy.close()
+    assert result.status is ToolCallStatus.CLIENT_ERROR and not result.fatal
+    assert result.output == "HTTP 413: tool response exceeds 1000 bytes"
+    assert server.hits["big"] == 1
+
+
+async def test_oversized_request_is_not_sent(server: ToolServer) -> None:
+    proxy = proxy_for(server, "echo")
+    result = await proxy.call("search", json.dumps({"q": "y" * 2000}), "c", "t", {})
+    await proxy.close()
+    assert result.status is ToolCallStatus.MALFORMED
+    assert "over the limit of 1000 bytes" in result.output
+    assert (result.attempts, server.hits["echo"]) == (0, 0)
+
+
+async def test_unreadable_2xx_body_is_a_bad_response(server: ToolServer) -> None:
+    proxy = proxy_for(server, "garbage")
+    result = await proxy.call("search", "{}", "c", "t", {})
+    await proxy.close()
+    assert result.status is ToolCallStatus.BAD_RESPONSE and not result.fatal
+    assert "string 'output'" in result.output and "not json" in result.output
+
+
+async def test_connection_refused_is_retried_then_connection_error() -> None:
+    with socket.socket() as s:  # a port that nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proxy = ToolProxy([ToolSpec(name="search", server_url=f"http://127.0.0.1:{port}/")], FAST)
+    result = await proxy.call("search", "{}", "c", "t", {})
+    await proxy.close()
+    assert result.status is ToolCallStatus.CONNECTION_ERROR and result.fatal
+    assert (result.attempts, result.http_status) == (3, None)
+
+
+async def test_unknown_tool_is_malformed_and_lists_known_tools(server: ToolServer) -> None:
+    proxy = proxy_for(server, "echo")
+    result = await proxy.call("serach", "{}", "c", "t", {})
+    await proxy.close()
+    assert result.status is ToolCallStatus.MALFORMED
+    assert "'serach'" in result.output and "search" in result.output.split("known tools:")[1]
+    assert server.hits["echo"] == 0
+
+
+@pytest.mark.parametrize(("max_concurrency", "min_s", "max_s"), [(64, 0.3, 1.2), (2, 1.2, 2.4)])
+async def test_calls_overlap_up_to_max_concurrency(
+    server: ToolServer, max_concurrency: int, min_s: float, max_s: float
+) -> None:
+    proxy = proxy_for(server, "slow", FAST.model_copy(update={"max_concurrency": max_concurrency}))
+    started = time.monotonic()
+    results = await asyncio.gather(*(proxy.call("search", str(i), f"c{i}", "t", {}) for i in range(8)))
+    elapsed = time.monotonic() - started
+    await proxy.close()
+    assert all(r.status is ToolCallStatus.OK for r in results)
+    assert min_s <= elapsed < max_s  # 8 × 0.3 s: all at once, or 4 rounds of 2
+
+
+def test_proxy_as_ray_actor_against_ledger(ray_local: None) -> None:
+    with LedgerServers(seed=5) as env:
+        actor = ray.remote(ToolProxy).remote(env.tool_specs(), ToolSettings(timeout_s=5.0))
+        accounts = list(env.ledger)[:4] + ["ACC-XXXX"]
+        refs = [
+            actor.call.remote("lookup", json.dumps({"account": a}), f"call_{i}", "trace_ray", {"account": a})
+            for i, a in enumerate(accounts)
+        ]
+        results = ray.get(refs)
+        ray.get(actor.close.remote())
+        ray.kill(actor)
+        calls = env.calls("trace_ray")
+
+    for account, result in zip(accounts[:4], results):
+        assert result.status is ToolCallStatus.OK
+        assert result.output == f"{account} balance: {env.ledger[account]}"
+    assert results[-1].status is ToolCallStatus.CLIENT_ERROR and results[-1].http_status == 404
+    assert sorted(c["call_id"] for c in calls) == [f"call_{i}" for i in range(5)]
