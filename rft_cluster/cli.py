@@ -1,4 +1,4 @@
-"""`rft-cluster` command line: validate, train, demo, sft, make-tiny-model."""
+"""`rft-cluster` command line: validate, train, demo, tool-run, grader-run, sft, make-tiny-model."""
 
 from __future__ import annotations
 
@@ -42,7 +42,7 @@ def _train(args: argparse.Namespace) -> int:
     from rft_cluster.driver import train
 
     job = _load_or_exit(Path(args.job))
-    result = train(job, Path(args.output), max_steps=args.max_steps)
+    result = train(job, Path(args.output), max_steps=args.max_steps, resume=args.resume)
     print(f"done: {result['steps']} steps; outputs in {args.output}")
     return 0
 
@@ -64,12 +64,34 @@ def _demo(args: argparse.Namespace) -> int:
         write_demonstrations(data_dir / "sft.jsonl", seed=0)
     if not (warm_dir / "config.json").exists():
         print("[demo] warm start: supervised fine-tuning on scripted demonstrations")
-        sft(str(model_dir), data_dir / "sft.jsonl", warm_dir, epochs=8, learning_rate=2e-3)
+        sft(str(model_dir), data_dir / "sft.jsonl", warm_dir, epochs=3, learning_rate=2e-3)
     with LedgerServers(seed=0) as env:
         print(f"[demo] ledger tool server and grader on {env.base_url}")
         os.environ.update(RFT_DEMO_DIR=str(out), RFT_DEMO_URL=env.base_url, RFT_DEMO_TOKEN=env.token)
         args.output = str(out / "run")
         return _train(args)
+
+
+def _tool_run(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from rich.console import Console
+
+    from rft_cluster.tryout import tool_run
+
+    result = asyncio.run(tool_run(_load_or_exit(Path(args.job)), args.tool, args.arguments, args.row, Console()))
+    return 0 if result.status.value == "ok" else 1
+
+
+def _grader_run(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from rich.console import Console
+
+    from rft_cluster.tryout import grader_run
+
+    result = asyncio.run(grader_run(_load_or_exit(Path(args.job)), args.output_text, args.row, Console()))
+    return 0 if result.score is not None else 1
 
 
 def _sft(args: argparse.Namespace) -> int:
@@ -107,7 +129,21 @@ def main(argv: list[str] | None = None) -> int:
             p.add_argument("job", nargs="?", default=str(DEFAULT_JOB))
         p.add_argument("--output", default=f"runs/{'local' if name == 'demo' else 'train'}", help="where everything is written")
         p.add_argument("--max-steps", type=int, default=None, help="stop after this many steps")
+        p.add_argument("--resume", action="store_true", help="continue the run in --output from its last checkpoint")
         p.set_defaults(fn=fn)
+
+    p = sub.add_parser("tool-run", help="send one tool call exactly as training would, and show what the model sees")
+    p.add_argument("job")
+    p.add_argument("--tool", required=True, help="tool name, as declared in the job")
+    p.add_argument("--arguments", default="{}", help="the call's arguments, a JSON object as a string")
+    p.add_argument("--row", type=int, default=0, help="training row whose reference data is sent as `item`")
+    p.set_defaults(fn=_tool_run)
+
+    p = sub.add_parser("grader-run", help="grade one answer exactly as training would, and show the reward")
+    p.add_argument("job")
+    p.add_argument("--output-text", required=True, help="the model's final answer to grade")
+    p.add_argument("--row", type=int, default=0, help="training row whose reference data is sent as `item`")
+    p.set_defaults(fn=_grader_run)
 
     p = sub.add_parser("sft", help="supervised warm start on demonstration conversations (JSONL)")
     p.add_argument("model", help="HF model directory or hub name")

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 Auto = Literal["auto"]
 
@@ -32,12 +32,36 @@ class ToolSpec(Strict):
     headers: dict[str, str] = Field(default_factory=dict)
 
 
+# --- graders (begin) -------------------------------------------------------------------------
+# Imports for this block only, kept inside it while the rest of the file has other owners.
+import ast as _ast  # noqa: E402
+import keyword as _keyword  # noqa: E402
+
+from pydantic import AliasChoices, ValidationInfo, field_validator  # noqa: E402
+
+from rft_cluster.graders.formula import FUNCTIONS as _FORMULA_FUNCTIONS  # noqa: E402
+from rft_cluster.graders.formula import Formula, FormulaError  # noqa: E402
+
+
 class StringCheckGrader(Strict):
     type: Literal["string_check"]
     name: str = "string_check"
     input: str  # template, e.g. "{{sample.output_text}}"
     reference: str  # template, e.g. "{{item.answer}}"
     operation: Literal["eq", "ne", "like", "ilike"] = "eq"
+
+
+class TextSimilarityGrader(Strict):
+    """Similarity of two rendered templates in [0, 1] (metrics: rft_cluster/graders/text_similarity.py)."""
+
+    type: Literal["text_similarity"]
+    name: str = "text_similarity"
+    input: str  # template
+    reference: str  # template
+    evaluation_metric: Literal[
+        "fuzzy_match", "bleu", "gleu", "meteor", "rouge_1", "rouge_2", "rouge_3", "rouge_4", "rouge_5", "rouge_l"
+    ]
+    pass_threshold: float | None = None
 
 
 class EndpointGrader(Strict):
@@ -49,7 +73,105 @@ class EndpointGrader(Strict):
     pass_threshold: float | None = None
 
 
-Grader = Annotated[Union[StringCheckGrader, EndpointGrader], Field(discriminator="type")]
+class JudgeMessage(Strict):
+    """One chat message of a score_model prompt; `content` is a template."""
+
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str
+    type: Literal["message"] | None = None  # OpenAI's input messages may carry it
+
+
+class JudgeSamplingParams(Strict):
+    """OpenAI's score_model sampling_params; only the fields that are set are sent."""
+
+    temperature: float | None = Field(default=None, ge=0)
+    top_p: float | None = Field(default=None, gt=0, le=1)
+    seed: int | None = None
+    # OpenAI spells it `max_completions_tokens` here (and `max_completion_tokens` elsewhere).
+    max_completions_tokens: int | None = Field(
+        default=None, gt=0, validation_alias=AliasChoices("max_completions_tokens", "max_completion_tokens")
+    )
+    reasoning_effort: Literal["none", "minimal", "low", "medium", "high", "xhigh"] | None = None
+
+
+class ScoreModelGrader(Strict):
+    """An LLM judge on any OpenAI-compatible chat endpoint (`base_url`, `headers` are ours)."""
+
+    type: Literal["score_model"]
+    name: str = "score_model"
+    model: str
+    input: list[JudgeMessage] = Field(min_length=1)
+    range: tuple[float, float] = (0.0, 1.0)
+    pass_threshold: float | None = None
+    sampling_params: JudgeSamplingParams = Field(default_factory=JudgeSamplingParams)
+    base_url: str  # e.g. "http://127.0.0.1:8000/v1"; the request goes to {base_url}/chat/completions
+    headers: dict[str, str] = Field(default_factory=dict)
+
+    @field_validator("range")
+    @classmethod
+    def _range_is_an_interval(cls, value: tuple[float, float]) -> tuple[float, float]:
+        low, high = value
+        if not (math.isfinite(low) and math.isfinite(high) and low < high):
+            raise ValueError(f"range must be [min, max] with finite min < max, got {list(value)}")
+        return value
+
+
+class PythonGrader(Strict):
+    """`grade(sample, item) -> float` from `source`, run in a limited child process (graders/python.py)."""
+
+    type: Literal["python"]
+    name: str = "python"
+    source: str
+    image_tag: str | None = None  # OpenAI's; accepted so their jobs load, and ignored (no images here)
+    pass_threshold: float | None = None
+    timeout_s: float = Field(default=5.0, gt=0)
+    memory_mb: int = Field(default=512, gt=0, description="address-space limit of the child process")
+
+    @field_validator("source")
+    @classmethod
+    def _defines_grade(cls, source: str) -> str:
+        try:
+            module = _ast.parse(source)
+        except SyntaxError as e:
+            raise ValueError(f"source line {e.lineno}: {e.msg}") from None
+        if not any(isinstance(node, _ast.FunctionDef) and node.name == "grade" for node in module.body):
+            raise ValueError("source must define a top-level function `grade(sample, item)`")
+        return source
+
+
+class MultiGrader(Strict):
+    """Sub-graders run concurrently, combined by `calculate_output` over their names."""
+
+    type: Literal["multi"]
+    name: str = "multi"
+    graders: dict[str, Grader] = Field(min_length=1)
+    calculate_output: str
+
+    @field_validator("graders")
+    @classmethod
+    def _names_are_identifiers(cls, graders: dict[str, Any]) -> dict[str, Any]:
+        for key in graders:
+            if not key.isidentifier() or _keyword.iskeyword(key) or key in _FORMULA_FUNCTIONS:
+                raise ValueError(f"sub-grader name {key!r} must be an identifier usable in calculate_output")
+        return graders
+
+    @field_validator("calculate_output")
+    @classmethod
+    def _formula_is_safe(cls, expression: str, info: ValidationInfo) -> str:
+        if "graders" in info.data:  # else the graders already failed and were reported
+            try:
+                Formula(expression, info.data["graders"])
+            except FormulaError as e:
+                raise ValueError(str(e)) from None
+        return expression
+
+
+Grader = Annotated[
+    Union[StringCheckGrader, TextSimilarityGrader, ScoreModelGrader, PythonGrader, MultiGrader, EndpointGrader],
+    Field(discriminator="type"),
+]
+MultiGrader.model_rebuild()  # `graders` refers to `Grader`, defined just above
+# --- graders (end) ---------------------------------------------------------------------------
 
 
 class Hyperparameters(Strict):
@@ -167,17 +289,40 @@ class WandbSpec(Strict):
     mode: Literal["offline", "online", "disabled"] = "offline"
 
 
+class WandbIntegrationSettings(Strict):
+    project: str
+    name: str | None = None
+    entity: str | None = None
+    tags: list[str] = Field(default_factory=list)
+
+
+class WandbIntegration(Strict):
+    """OpenAI's `integrations: [{type: wandb, wandb: {...}}]`; its project names our W&B run."""
+
+    type: Literal["wandb"]
+    wandb: WandbIntegrationSettings
+
+
 class JobSpec(Strict):
     model: str  # HF hub name or local HF directory
     training_file: str
     validation_file: str | None = None
     seed: int = 42
     suffix: str | None = None
+    metadata: dict[str, str] = Field(default_factory=dict)  # OpenAI's; kept with the run config
+    integrations: list[WandbIntegration] = Field(default_factory=list)
     method: Method
     cluster: ClusterSpec = Field(default_factory=ClusterSpec)
     wandb: WandbSpec = Field(default_factory=WandbSpec)
     # Where the job file lives; relative paths in it resolve against this directory.
     source_path: Path | None = Field(default=None, exclude=True)
+
+    @model_validator(mode="after")
+    def _integrations_name_the_wandb_project(self) -> "JobSpec":
+        """An OpenAI job's wandb integration sets our W&B project unless `wandb` says otherwise."""
+        if self.integrations and "project" not in self.wandb.model_fields_set:
+            self.wandb.project = self.integrations[0].wandb.project
+        return self
 
     @property
     def rl(self) -> Reinforcement:

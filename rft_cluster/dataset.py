@@ -39,6 +39,11 @@ def check_dataset(path: Path, max_row_bytes: int = DEFAULT_MAX_ROW_BYTES) -> lis
     return _scan(Path(path), max_row_bytes)[1]
 
 
+def row_item(row: dict[str, Any]) -> dict[str, Any]:
+    """A row's reference data, sent to tools and graders as `item`: every key but the prompt's."""
+    return {k: v for k, v in row.items() if k not in ("messages", "tools")}
+
+
 def load_rows(path: Path, max_row_bytes: int = DEFAULT_MAX_ROW_BYTES) -> list[dict[str, Any]]:
     """The rows of a dataset; raises DatasetError listing every problem if it has any."""
     rows, problems = _scan(Path(path), max_row_bytes)

@@ -9,19 +9,19 @@ Everything a run writes goes under its output directory: `trajectories/` (Parque
 
 from __future__ import annotations
 
-import os
 import random
+import shutil
 import time
-import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import ray
 
+from rft_cluster.checkpoints import CheckpointDir
 from rft_cluster.config import JobSpec, ResolvedHyperparameters
-from rft_cluster.dataset import load_rows
+from rft_cluster.dataset import load_rows, row_item
 from rft_cluster.grader import GraderActor
 from rft_cluster.grpo import group_advantages
 from rft_cluster.learner import Learner
@@ -29,12 +29,11 @@ from rft_cluster.metrics import RunLogger, StepPrinter, rollout_metrics
 from rft_cluster.rollout_worker import RolloutRequest, RolloutWorker, SamplingSettings
 from rft_cluster.store import TrajectoryStore
 from rft_cluster.tool_proxy import ToolProxy
-from rft_cluster.types import RolloutStatus, TrainSample, Trajectory
+from rft_cluster.types import RolloutStatus, TrainSample, Trajectory, new_trace_id
 
 # Rollouts in these states are graded and trained on; the rest are discarded (DESIGN §3).
 # A rollout that ran out of budget still teaches: its (usually low) reward is the budget pressure.
 GRADED = (RolloutStatus.OK, RolloutStatus.BUDGET_EXHAUSTED)
-_ROW_KEYS = ("messages", "tools")
 
 
 @dataclass
@@ -79,17 +78,17 @@ def _model_path(job: JobSpec) -> str | Path:
     return local if local.exists() else job.model
 
 
-def _request(row: dict, index: int, group: int, step: int, split: str) -> RolloutRequest:
-    item = {k: v for k, v in row.items() if k not in _ROW_KEYS}
+def _request(row: dict, index: int, step: int, split: str) -> RolloutRequest:
+    """One rollout of a row; the `group_size` rollouts of a row in a step share a group id."""
     prompt_id = str(row.get("id", f"{split}-{index}"))
     return RolloutRequest(
-        trace_id=f"trace_{uuid.uuid4().hex}",
+        trace_id=new_trace_id(),
         prompt_id=prompt_id,
-        group_id=f"{step}-{prompt_id}-{group}",
+        group_id=f"{split}-{step}-{prompt_id}",
         step=step,
         messages=row["messages"],
         tools=row.get("tools", []),
-        item=item,
+        item=row_item(row),
     )
 
 
@@ -108,9 +107,15 @@ def batches(n_rows: int, batch_size: int, seed: int) -> Iterator[list[int]]:
 class Trainer:
     """One run: actors, data, outputs. `run()` executes the configured steps."""
 
-    def __init__(self, job: JobSpec, output: Path, max_steps: int | None = None, printer: StepPrinter | None = None):
+    def __init__(
+        self, job: JobSpec, output: Path, max_steps: int | None = None, resume: bool = False, printer: StepPrinter | None = None
+    ):
         self.job = job
         self.output = output
+        self.checkpoints = CheckpointDir(output)
+        self.resume_from = self.checkpoints.resumable_step() if resume else None
+        if resume and self.resume_from is None:
+            raise SystemExit(f"--resume: {output} holds no checkpoint to resume from (state/driver.json)")
         self.train_rows = load_rows(job.resolve_path(job.training_file))
         self.valid_rows = load_rows(job.resolve_path(job.validation_file)) if job.validation_file else []
         self.hp = job.rl.hyperparameters.resolved(len(self.train_rows))
@@ -149,15 +154,16 @@ class Trainer:
     @staticmethod
     def train_samples(trajs: list[Trajectory]) -> list[TrainSample]:
         """Group-relative advantages over the rollouts that were graded; discarded rollouts
-        take no part in their group's statistics."""
+        take no part in their group's statistics. A rollout with zero advantage (its group's
+        rewards were all equal) adds no gradient, so it is not sent to the learner at all."""
         kept = [t for t in trajs if t.status in GRADED and t.reward is not None]
         adv = group_advantages([t.reward for t in kept], [t.group_id for t in kept])
-        return [TrainSample(t.token_ids, t.loss_mask, t.logprobs, a) for t, a in zip(kept, adv)]
+        return [TrainSample(t.token_ids, t.loss_mask, t.logprobs, a) for t, a in zip(kept, adv) if a != 0.0]
 
     def rollouts(self, rows: list[dict], indices: list[int], group: int, step: int, split: str) -> tuple[list[Trajectory], float, float]:
         """Samples `group` rollouts per row and grades them; returns (trajectories, sampling
         seconds, grading seconds)."""
-        requests = [_request(rows[i], i, g, step, split) for i in indices for g in range(group)]
+        requests = [_request(rows[i], i, step, split) for i in indices for _ in range(group)]
         t0 = time.perf_counter()
         trajs = self.sample(requests)
         t1 = time.perf_counter()
@@ -172,11 +178,12 @@ class Trainer:
 
     # ------------------------------------------------------------------ loop
 
-    def run(self, on_step: Callable[[int, dict[str, float]], None] | None = None) -> dict[str, Any]:
+    def run(self) -> dict[str, Any]:
         self.output.mkdir(parents=True, exist_ok=True)
+        name = (self.job.suffix or "rft") + (f"-resumed-at-{self.resume_from}" if self.resume_from else "")
         logger = RunLogger(
             self.output,
-            self.job.suffix or "rft",
+            name,
             {"job": self.job.model_dump(mode="json"), "resolved": self.hp.model_dump()},
             wandb_mode=self.job.wandb.mode,
             project=self.job.wandb.project,
@@ -184,39 +191,72 @@ class Trainer:
         self.cluster = start_cluster(self.job, self.hp)
         self.printer.console.print(
             f"[rft] actors up in {self.cluster.startup['startup_s']:.1f} s: {self.cluster.roles()}; "
-            f"{self.steps} steps × {self.hp.batch_size} prompts × {self.hp.group_size} rollouts"
+            f"{self.steps} steps × {self.hp.batch_size} prompts × {self.hp.group_size} rollouts",
+            markup=False,
         )
         try:
-            if self.valid_rows:
-                logger.log(0, self.evaluate(0))
             order = batches(len(self.train_rows), self.hp.batch_size, self.job.seed)
-            for step in range(1, self.steps + 1):
+            first = 1
+            if self.resume_from is not None:
+                first = self._restore(self.resume_from, logger)
+                for _ in range(self.resume_from):
+                    next(order)
+            elif self.valid_rows:
+                logger.log(0, self.evaluate(0))
+            for step in range(first, self.steps + 1):
                 metrics = self.step(step, next(order))
-                if self.valid_rows and (step % self.hp.eval_interval == 0 or step == self.steps):
+                validate = self.valid_rows and (step % self.hp.eval_interval == 0 or step == self.steps)
+                if validate:
                     metrics.update(self.evaluate(step))
+                if validate or step % self.hp.eval_interval == 0:
+                    self.checkpoint(step, metrics.get("valid_reward_mean"))
                 logger.log(step, metrics)
                 self.printer.print_step(step, metrics)
-                if on_step:
-                    on_step(step, metrics)
             final = self.output / "final"
             ray.get(self.cluster.learner.save_hf.remote(str(final)))
-            self.printer.console.print(f"[rft] final policy saved to {final}")
+            self.printer.console.print(f"[rft] final policy saved to {final}", markup=False)
             return {"final": final, "steps": self.steps, "roles": self.cluster.roles()}
         finally:
             logger.finish()
+
+    def checkpoint(self, step: int, valid_reward_mean: float | None) -> None:
+        """An HF model directory (best few kept), then the resume state, then the step marker:
+        a kill anywhere in between resumes from the previous complete state."""
+        learner = self.cluster.learner
+        ray.get(learner.save_hf.remote(str(self.checkpoints.model_dir(step))))
+        self.checkpoints.add(step, valid_reward_mean)
+        state = self.checkpoints.learner_state()
+        ray.get(learner.save_state.remote(str(state), f"step-{step}"))
+        self.checkpoints.save_step(step)
+        for old in state.glob("step-*"):
+            if old.name != f"step-{step}":
+                shutil.rmtree(old, ignore_errors=True)
+
+    def _restore(self, step: int, logger: RunLogger) -> int:
+        """Loads the learner state of `step`, publishes it to the engines and forgets every
+        output of later steps (they are redone). Returns the first step to run."""
+        learner = self.cluster.learner
+        ray.get(learner.load_state.remote(str(self.checkpoints.learner_state()), f"step-{step}"))
+        ray.get(learner.publish.remote(self.cluster.workers, step))
+        dropped = self.store.drop_after(step)
+        logger.drop_after(step)
+        self.printer.console.print(f"[rft] resumed after step {step}; {dropped} later step file(s) will be redone", markup=False)
+        return step + 1
 
     def step(self, step: int, indices: list[int]) -> dict[str, float]:
         c = self.cluster
         trajs, sampling, grading = self.rollouts(self.train_rows, indices, self.hp.group_size, step, "train")
         t2 = time.perf_counter()
         samples = self.train_samples(trajs)
+        # No signal in the batch: no step, so the engines' weights are still current.
         learner_stats = ray.get(c.learner.train_step.remote(samples)) if samples else {}
         t3 = time.perf_counter()
-        sync = ray.get(c.learner.publish.remote(c.workers, step))
+        sync = ray.get(c.learner.publish.remote(c.workers, step)) if samples else {}
         t4 = time.perf_counter()
         self.store.append(trajs, kind="train")
         return {
             **rollout_metrics(trajs, prefix="train"),
+            "train/trained_samples": float(len(samples)),
             **{f"train/{k}": float(v) for k, v in learner_stats.items()},
             **{f"train/{k}": float(v) for k, v in sync.items()},
             "timing.step.sampling": sampling,
@@ -227,23 +267,22 @@ class Trainer:
         }
 
     def shutdown(self) -> None:
+        """Stops the engines and closes the HTTP sessions of proxies and graders."""
         if self.cluster is not None:
-            ray.get([w.shutdown.remote() for w in self.cluster.workers])
+            c = self.cluster
+            ray.get([w.shutdown.remote() for w in c.workers] + [a.close.remote() for a in c.proxies + c.graders])
             self.cluster = None
 
 
 def init_ray(job: JobSpec) -> None:
     """Connects to the job's Ray cluster, or starts a local one."""
-    if ray.is_initialized():
-        return
-    # Workers must import rft_cluster from the same source tree as the driver.
-    env = {"env_vars": {"PYTHONPATH": os.pathsep.join(filter(None, [str(Path(__file__).parents[1]), os.environ.get("PYTHONPATH")]))}}
-    ray.init(address=job.cluster.ray_address, include_dashboard=False, runtime_env=env, log_to_driver=True)
+    if not ray.is_initialized():
+        ray.init(address=job.cluster.ray_address, include_dashboard=False)
 
 
-def train(job: JobSpec, output: Path, max_steps: int | None = None) -> dict[str, Any]:
+def train(job: JobSpec, output: Path, max_steps: int | None = None, resume: bool = False) -> dict[str, Any]:
+    trainer = Trainer(job, output, max_steps, resume)
     init_ray(job)
-    trainer = Trainer(job, output, max_steps)
     try:
         return trainer.run()
     finally:

@@ -45,13 +45,21 @@ def _init_distributed(use_cuda: bool) -> None:
         return
     for key, value in (("MASTER_ADDR", "127.0.0.1"), ("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1")):
         os.environ.setdefault(key, value)
-    os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    # A port we pick is ours alone: left in the environment it would be inherited by processes
+    # started later (e.g. a Ray cluster after `sft` ran in the driver) and collide there.
+    own_port = "MASTER_PORT" not in os.environ
+    if own_port:
+        os.environ["MASTER_PORT"] = str(_free_port())
     if not use_cuda and os.environ["WORLD_SIZE"] == "1":
         # On CPU DeepSpeed JIT-compiles a shared-memory allreduce (~45 s on 2 cores, once per
         # machine) that a one-process world never uses. Edits to this op table persist by
         # design (see deepspeed/ops/__init__.py); marking the op unavailable skips the build.
         deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
-    deepspeed.init_distributed(dist_backend="nccl" if use_cuda else "gloo")
+    try:
+        deepspeed.init_distributed(dist_backend="nccl" if use_cuda else "gloo")
+    finally:
+        if own_port:
+            del os.environ["MASTER_PORT"]
 
 
 # (micro-batch samples, next-token logprobs [B, T-1], loss mask [B, T-1]) -> (mean loss, stats)
@@ -254,12 +262,12 @@ class Learner:
 
     # ---------------------------------------------------------------- resume
 
-    def save_state(self, path: str) -> None:
+    def save_state(self, path: str, tag: str | None = None) -> None:
         """DeepSpeed checkpoint (weights, optimizer, step counters) for resuming a run."""
-        self.engine.save_checkpoint(path)
+        self.engine.save_checkpoint(path, tag=tag)
 
-    def load_state(self, path: str) -> None:
-        """Restores what `save_state(path)` wrote (its latest tag)."""
-        loaded, _ = self.engine.load_checkpoint(path)
+    def load_state(self, path: str, tag: str | None = None) -> None:
+        """Restores what `save_state(path, tag)` wrote (without a tag: the latest)."""
+        loaded, _ = self.engine.load_checkpoint(path, tag=tag)
         if loaded is None:
             raise FileNotFoundError(f"no DeepSpeed checkpoint under {path}")

@@ -130,6 +130,12 @@ class RunLogger:
         if self._run is not None:
             self._run.log(metrics, step=step)
 
+    def drop_after(self, step: int) -> None:
+        """Forgets logged steps after `step` in metrics.jsonl (a resumed run logs them again)."""
+        if self.jsonl_path.exists():
+            lines = self.jsonl_path.read_text().splitlines(keepends=True)
+            self.jsonl_path.write_text("".join(x for x in lines if json.loads(x)["step"] <= step))
+
     def finish(self) -> None:
         if self._run is not None:
             self._run.finish()

@@ -9,7 +9,6 @@ and the weight version that produced it.
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import time
 import uuid
@@ -18,7 +17,7 @@ from typing import Any
 
 from rft_cluster.chat import ChatCodec, ParsedCall, parse_tool_calls
 from rft_cluster.config import EngineSpec
-from rft_cluster.types import RolloutStatus, ToolCallStatus, ToolResult, Trajectory
+from rft_cluster.types import RolloutStatus, ToolCallStatus, ToolResult, Trajectory, grader_sample
 from rft_cluster.weight_sync import WeightBucket
 
 
@@ -171,22 +170,8 @@ class RolloutWorker:
         return await proxy.call.remote(call.name, call.arguments, call_id, req.trace_id, req.item)
 
     def _trajectory(self, req: RolloutRequest, ep: _Episode, status: RolloutStatus, error: str | None, latency: float) -> Trajectory:
-        final = ep.assistant_messages[-1] if ep.assistant_messages else {"content": "", "tool_calls": []}
-        tools_cc = [
-            {"id": r.call_id, "type": "function", "function": {"name": r.name, "arguments": r.arguments}}
-            for r in ep.tool_calls
-        ]
+        final = ep.assistant_messages[-1] if ep.assistant_messages else {"content": ""}
         output_text = final["content"] if status == RolloutStatus.OK else ""
-        try:
-            output_json = json.loads(output_text)
-        except (json.JSONDecodeError, TypeError):
-            output_json = None
-        sample = {
-            "output_text": output_text,
-            "output_json": output_json,
-            "output_tools": tools_cc,
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": output_text, "tool_calls": tools_cc}}],
-        }
         return Trajectory(
             trace_id=req.trace_id,
             prompt_id=req.prompt_id,
@@ -203,7 +188,7 @@ class RolloutWorker:
             num_turns=ep.turns,
             latency_s=latency,
             error=error,
-            sample=sample,
+            sample=grader_sample(output_text, ep.tool_calls),
         )
 
     # ---------------------------------------------------------------- weights

@@ -63,7 +63,7 @@ def sft(
         rng.shuffle(samples)
         losses = [learner.sft_step(samples[i : i + batch_size])["loss"] for i in range(0, len(samples), batch_size)]
         epoch_losses.append(sum(losses) / len(losses))
-        console.print(f"[sft] epoch {epoch}/{epochs}: loss {epoch_losses[-1]:.4f} ({time.perf_counter() - t0:.0f} s)")
+        console.print(f"[sft] epoch {epoch}/{epochs}: loss {epoch_losses[-1]:.4f} ({time.perf_counter() - t0:.0f} s)", markup=False)
     learner.save_hf(str(output))
-    console.print(f"[sft] warm-started model saved to {output}")
+    console.print(f"[sft] warm-started model saved to {output}", markup=False)
     return {"first_epoch_loss": epoch_losses[0], "last_epoch_loss": epoch_losses[-1]}

@@ -167,3 +167,11 @@ class TrajectoryStore:
             for f in self.files(kind)
             for tid in pq.read_table(f, columns=["trace_id"]).column("trace_id").to_pylist()
         }
+
+    def drop_after(self, step: int) -> int:
+        """Removes every step file after `step` (a resumed run redoes those steps); returns how
+        many were removed."""
+        stale = [f for f in self.files() if int(f.stem.removeprefix("step-")) > step]
+        for f in stale:
+            f.unlink()
+        return len(stale)

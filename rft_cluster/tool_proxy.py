@@ -18,6 +18,19 @@ from rft_cluster.types import ToolCallStatus, ToolResult
 ERROR_TEXT_CHARS = 1000
 
 
+def function_call_body(name: str, arguments: str, call_id: str, trace_id: str, item: dict[str, Any]) -> dict[str, Any]:
+    """The request body of OpenAI's tool-endpoint protocol (DESIGN §3)."""
+    return {
+        "type": "function_call",
+        "id": f"fc_{uuid.uuid4().hex}",
+        "call_id": call_id,
+        "name": name,
+        "arguments": arguments,
+        "trace_id": trace_id,
+        "item": item,
+    }
+
+
 class ToolProxy:
     def __init__(self, tools: list[ToolSpec], settings: ToolSettings):
         self._tools = {t.name: t for t in tools}
@@ -29,29 +42,33 @@ class ToolProxy:
     async def call(self, name: str, arguments: str, call_id: str, trace_id: str, item: dict[str, Any]) -> ToolResult:
         tool = self._tools.get(name)
         if tool is None:
-            known = ", ".join(sorted(self._tools)) or "(none)"
-            return ToolResult(call_id, name, arguments, f"unknown tool {name!r}; known tools: {known}", ToolCallStatus.MALFORMED)
-        body = {
-            "type": "function_call",
-            "id": f"fc_{uuid.uuid4().hex}",
-            "call_id": call_id,
-            "name": name,
-            "arguments": arguments,
-            "trace_id": trace_id,
-            "item": item,
-        }
-        outcome = await self._poster.post(tool.server_url, body, tool.headers)
+            return self.unknown_tool(name, arguments, call_id)
+        body = function_call_body(name, arguments, call_id, trace_id, item)
+        return self.result(body, await self.post(tool, body))
+
+    def unknown_tool(self, name: str, arguments: str, call_id: str) -> ToolResult:
+        known = ", ".join(sorted(self._tools)) or "(none)"
+        return ToolResult(call_id, name, arguments, f"unknown tool {name!r}; known tools: {known}", ToolCallStatus.MALFORMED)
+
+    async def post(self, tool: ToolSpec, body: dict[str, Any]) -> HttpOutcome:
+        return await self._poster.post(tool.server_url, body, tool.headers)
+
+    def result(self, body: dict[str, Any], outcome: HttpOutcome) -> ToolResult:
+        """The accounted result of the call `body`, from its HTTP outcome."""
         output, status = self._interpret(outcome)
         return ToolResult(
-            call_id=call_id,
-            name=name,
-            arguments=arguments,
+            call_id=body["call_id"],
+            name=body["name"],
+            arguments=body["arguments"],
             output=output,
             status=status,
             http_status=outcome.status,
             latency_s=outcome.latency_s,
             attempts=outcome.attempts,
         )
+
+    def tool(self, name: str) -> ToolSpec | None:
+        return self._tools.get(name)
 
     def _interpret(self, outcome: HttpOutcome) -> tuple[str, ToolCallStatus]:
         """(text shown to the model, status) for one outcome."""

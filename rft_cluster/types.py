@@ -6,6 +6,8 @@ column names documented in README.md.
 
 from __future__ import annotations
 
+import json
+import uuid
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
@@ -64,6 +66,29 @@ class GradeResult:
     score: float | None
     error: str | None = None
     latency_s: float = 0.0
+    # A multi grader's sub-grader scores by name (those that succeeded); empty for other graders.
+    details: dict[str, float] = field(default_factory=dict)
+
+
+def new_trace_id() -> str:
+    """One per rollout, in OpenAI's `trace_<uuid>` form."""
+    return f"trace_{uuid.uuid4().hex}"
+
+
+def grader_sample(output_text: str, tool_calls: list[ToolResult]) -> dict[str, Any]:
+    """The `sample` a grader sees (OpenAI's shape): the final answer, its JSON parse when it is
+    JSON, and the rollout's tool calls in Chat Completions form."""
+    calls = [{"id": r.call_id, "type": "function", "function": {"name": r.name, "arguments": r.arguments}} for r in tool_calls]
+    try:
+        output_json = json.loads(output_text)
+    except (json.JSONDecodeError, TypeError):
+        output_json = None
+    return {
+        "output_text": output_text,
+        "output_json": output_json,
+        "output_tools": calls,
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": output_text, "tool_calls": calls}}],
+    }
 
 
 @dataclass

@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
+import hashlib
+import shutil
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import ray
+from aiohttp import web
 
 
 @pytest.fixture(scope="session")
@@ -32,7 +37,7 @@ def ledger_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
     out = tmp_path_factory.mktemp("ledger-data")
     write_datasets(out, seed=0)
-    write_demonstrations(out / "sft.jsonl", seed=0)
+    write_demonstrations(out / "sft.jsonl", seed=0, n=64)
     return out
 
 
@@ -69,3 +74,55 @@ def rollout_worker(ray_local: None, warm_model_dir: Path, ledger_env) -> Iterato
     ray.get(worker.start.remote())
     yield worker
     ray.get(worker.shutdown.remote())
+
+
+def trace_score(trace_id: str) -> float:
+    """A reward that is a pure function of the trace id: distinct rollouts get distinct rewards,
+    so every group carries a learning signal whatever the tiny policy does."""
+    return int(hashlib.sha256(trace_id.encode()).hexdigest()[:8], 16) / 2**32
+
+
+@pytest.fixture
+def trace_grader() -> Iterator[str]:
+    """An endpoint grader on 127.0.0.1 scoring by trace_id (its own thread and event loop)."""
+
+    async def grade(request: web.Request) -> web.Response:
+        return web.json_response({"score": trace_score((await request.json())["trace_id"])})
+
+    app = web.Application()
+    app.router.add_post("/grade", grade)
+    runner = web.AppRunner(app)
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+
+    async def start() -> str:
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        return f"http://127.0.0.1:{runner.addresses[0][1]}/grade"
+
+    yield asyncio.run_coroutine_threadsafe(start(), loop).result(10)
+    asyncio.run_coroutine_threadsafe(runner.cleanup(), loop).result(10)
+    loop.call_soon_threadsafe(loop.stop)
+    thread.join()
+
+
+@pytest.fixture
+def demo_job(tmp_path: Path, warm_model_dir: Path, ledger_data: Path, ledger_env, trace_grader: str, monkeypatch: pytest.MonkeyPatch):
+    """The default job file as shipped, pointed at this session's model, data and servers, with
+    the trace-id grader in place of the ledger's (whose 0/1 answers give the untrained tiny
+    policy no signal, so the learner would have nothing to do)."""
+    shutil.copytree(warm_model_dir, tmp_path / "warm-model")
+    shutil.copytree(ledger_data, tmp_path / "data")
+    monkeypatch.setenv("RFT_DEMO_DIR", str(tmp_path))
+    monkeypatch.setenv("RFT_DEMO_URL", ledger_env.base_url)
+    monkeypatch.setenv("RFT_DEMO_TOKEN", ledger_env.token)
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    from rft_cluster.cli import DEFAULT_JOB
+    from rft_cluster.config import EndpointGrader, load_job
+
+    job = load_job(DEFAULT_JOB)
+    job.rl.hyperparameters.batch_size = 2  # 2 prompts x 4 rollouts per step keeps the test short
+    job.rl.grader = EndpointGrader(type="endpoint", name="by-trace", url=trace_grader)
+    return job

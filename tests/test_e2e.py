@@ -5,35 +5,19 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from pathlib import Path
 
 import pyarrow.compute as pc
 import pytest
 from transformers import AutoModelForCausalLM
 
-from rft_cluster.cli import DEFAULT_JOB
-from rft_cluster.config import load_job
 from rft_cluster.driver import train
 from rft_cluster.store import TrajectoryStore
 from rft_cluster.types import RolloutStatus
+from tests.conftest import trace_score
 from tests.wandb_log import wandb_history
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture
-def demo_job(tmp_path: Path, warm_model_dir: Path, ledger_data: Path, ledger_env, monkeypatch: pytest.MonkeyPatch):
-    """The default job file as shipped, pointed at this session's model, data and servers."""
-    shutil.copytree(warm_model_dir, tmp_path / "warm-model")
-    shutil.copytree(ledger_data, tmp_path / "data")
-    monkeypatch.setenv("RFT_DEMO_DIR", str(tmp_path))
-    monkeypatch.setenv("RFT_DEMO_URL", ledger_env.base_url)
-    monkeypatch.setenv("RFT_DEMO_TOKEN", ledger_env.token)
-    monkeypatch.setenv("WANDB_SILENT", "true")
-    job = load_job(DEFAULT_JOB)
-    job.rl.hyperparameters.batch_size = 2  # 2 prompts x 4 rollouts per step keeps the test short
-    return job
 
 
 def test_two_step_train_runs_every_role_and_writes_every_output(ray_local, demo_job, tmp_path: Path, ledger_env) -> None:
@@ -51,17 +35,17 @@ def test_two_step_train_runs_every_role_and_writes_every_output(ray_local, demo_
     eval_rows = store.read("eval")
     assert eval_rows.num_rows == 16 * 2  # validation before training and after the last step
 
-    # Tool proxy and grader: the servers saw each rollout's trace_id on all its calls and its grade.
+    # Tool proxy and grader: the tool server saw each rollout's trace_id on all its calls, and
+    # the grader's score (a function of the trace_id it was sent) is the stored reward.
     rows = train_rows.to_pylist() + eval_rows.to_pylist()
     assert sum(len(r["tool_calls"]) for r in rows) > 0, "the warm-started policy should call tools"
     for r in rows:
         sent = [c["call_id"] for c in r["tool_calls"] if c["status"] != "malformed"]
         assert [c["call_id"] for c in ledger_env.calls(r["trace_id"])] == sent
-        graded = ledger_env.grades(r["trace_id"])
         if r["status"] in ("ok", "budget_exhausted"):
-            assert len(graded) == 1 and graded[0]["score"] == r["reward"]
+            assert r["reward"] == trace_score(r["trace_id"])
         else:
-            assert graded == [] and r["reward"] is None
+            assert r["reward"] is None
 
     # Metrics: learner and weight-sync figures per step, in metrics.jsonl and the offline W&B run.
     lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
@@ -70,7 +54,7 @@ def test_two_step_train_runs_every_role_and_writes_every_output(ray_local, demo_
     for s in (1, 2):
         m = steps[s]
         assert m["train_rollouts"] == 8 and m["train/weight_sync_bytes"] > 0
-        assert "train_reward_mean" in m and "train/loss" in m
+        assert m["train/trained_samples"] == m["train/samples"] > 0 and "train/loss" in m
         assert m["timing.step.full_iteration"] >= m["timing.step.sampling"] > 0
     assert "valid_reward_mean" in steps[0] and "valid_reward_mean" in steps[2]
     [run_dir] = (out / "wandb").glob("offline-run-*")
@@ -82,3 +66,4 @@ def test_two_step_train_runs_every_role_and_writes_every_output(ray_local, demo_
     assert model.config.model_type == "qwen2"
     assert not any(os.environ["RFT_DEMO_TOKEN"].encode() in p.read_bytes() for p in out.rglob("*") if p.is_file())
     assert pc.sum(pc.list_value_length(train_rows["token_ids"])).as_py() > 0
+

@@ -84,13 +84,16 @@ def lookup_output(account: str, balance: int) -> str:
     return f"{account} balance: {balance}"
 
 
-def write_demonstrations(path: str | Path, seed: int, n: int = 48) -> Path:
-    """Scripted solutions (one lookup, then the answer) for the first n training accounts, as
-    OpenAI-format conversations for `rft-cluster sft`: a warm start, so rewards are not all 0."""
+def write_demonstrations(path: str | Path, seed: int, n: int = 256) -> Path:
+    """Scripted solutions (one lookup, then the answer) as OpenAI-format conversations for
+    `rft-cluster sft`: a warm start, so rewards are not all 0. The accounts are made up (not
+    the served ledger's), so the policy learns the procedure, not the answers."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    rng = random.Random(f"demonstrations-{seed}")
     with path.open("w") as f:
-        for account, balance in list(make_ledger(seed).items())[:n]:
+        for _ in range(n):
+            account, balance = f"ACC-{rng.randrange(10_000):04d}", rng.randint(100, 99_999)
             call = {"id": "call_0", "type": "function", "function": {"name": TOOL_NAME, "arguments": json.dumps({"account": account})}}
             messages = [
                 {"role": "system", "content": SYSTEM_PROMPT},

@@ -1,0 +1,38 @@
+"""The driver's pure parts: grouping, advantages, prompt order."""
+
+from __future__ import annotations
+
+from rft_cluster.driver import Trainer, _request, batches
+from rft_cluster.types import RolloutStatus, Trajectory
+
+
+def test_rollouts_of_one_prompt_share_a_group_and_train_with_nonzero_advantages() -> None:
+    row = {"messages": [{"role": "user", "content": "q"}], "answer": 1}
+    requests = [_request(row, 7, step=3, split="train") for _ in range(4)] + [_request(row, 8, step=3, split="train")]
+    assert len({r.group_id for r in requests[:4]}) == 1 and requests[4].group_id != requests[0].group_id
+    trajs = [
+        Trajectory(r.trace_id, r.prompt_id, r.group_id, 3, [1, 2, 3], [0, 1, 1], [0.0, -1.0, -1.0], [-1, 0, 0], 1, "", reward=float(i % 2))
+        for i, r in enumerate(requests)
+    ]
+    samples = Trainer.train_samples(trajs)
+    assert len(samples) == 4 and sorted(s.advantage > 0 for s in samples) == [False, False, True, True]
+
+
+def test_discarded_rollouts_leave_their_group() -> None:
+    requests = [_request({"messages": []}, 0, step=1, split="train") for _ in range(3)]
+    trajs = [
+        Trajectory(r.trace_id, r.prompt_id, r.group_id, 1, [1, 2], [0, 1], [0.0, -1.0], [-1, 0], 1, "", reward=rew, status=st)
+        for r, rew, st in zip(requests, [1.0, 0.0, None], [RolloutStatus.OK, RolloutStatus.OK, RolloutStatus.TOOL_FAILED])
+    ]
+    samples = Trainer.train_samples(trajs)
+    # Two graded rollouts remain; the failed one neither trains nor shifts the group mean.
+    assert len(samples) == 2 and abs(samples[0].advantage + samples[1].advantage) < 1e-9
+
+
+def test_batches_are_a_pure_function_of_seed_and_step() -> None:
+    a, b = batches(10, 3, seed=5), batches(10, 3, seed=5)
+    first = [next(a) for _ in range(7)]
+    assert first == [next(b) for _ in range(7)]
+    assert sorted(i for batch in first[:3] for i in batch) == sorted(set(i for batch in first[:3] for i in batch))  # no repeats in an epoch
+    other = batches(10, 3, seed=6)
+    assert first[:3] != [next(other) for _ in range(3)]
