@@ -42,6 +42,9 @@ class ChatCodec:
         self._stub_prefix = prefix[: prefix.rindex(eos_text) + len(eos_text)]
         self._eos_text = eos_text
         self._stub_header = self._render(_STUB_USER, add_generation_prompt=True)
+        # Reasoning models (Qwen3, DeepSeek-R1 style) mark thoughts with single <think> tokens.
+        vocab = tokenizer.get_vocab()
+        self._think = (vocab["<think>"], vocab["</think>"]) if "<think>" in vocab and "</think>" in vocab else None
 
     def _render(self, messages: list[dict], add_generation_prompt: bool, tools: list | None = None) -> str:
         return self.tokenizer.apply_chat_template(
@@ -95,12 +98,30 @@ class ChatCodec:
                 mask += [0] * len(obs)
         return ids, mask
 
+    def reasoning_tokens(self, ids: list[int]) -> int:
+        """Sampled tokens inside <think>...</think> (a template may open the block in the
+        prompt, so a close without an open counts everything before it)."""
+        if self._think is None:
+            return 0
+        open_id, close_id = self._think
+        if close_id in ids and open_id not in ids:
+            return ids.index(close_id)
+        count, inside = 0, False
+        for t in ids:
+            if t in self._think:
+                inside = t == open_id
+            elif inside:
+                count += 1
+        return count
+
     def decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=False)
 
 
 def parse_tool_calls(text: str) -> tuple[str, list[ParsedCall]]:
-    """Splits an assistant turn into its visible content and its `<tool_call>` blocks."""
+    """Splits an assistant turn into its visible content and its `<tool_call>` blocks; a
+    reasoning block (`...</think>`) is neither content nor calls."""
+    text = text.rsplit("</think>", 1)[-1]
     calls = []
     for block in _TOOL_CALL.findall(text):
         try:

@@ -7,15 +7,20 @@ forbids unknown keys so a typo is reported with its path instead of silently ign
 
 from __future__ import annotations
 
+import ast as _ast
 import json
+import keyword as _keyword
 import math
 import os
 import re
 from pathlib import Path
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, Literal, Union, get_args
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
+
+from rft_cluster.graders.formula import FUNCTIONS as _FORMULA_FUNCTIONS
+from rft_cluster.graders.formula import Formula, FormulaError
 
 Auto = Literal["auto"]
 
@@ -32,15 +37,7 @@ class ToolSpec(Strict):
     headers: dict[str, str] = Field(default_factory=dict)
 
 
-# --- graders (begin) -------------------------------------------------------------------------
-# Imports for this block only, kept inside it while the rest of the file has other owners.
-import ast as _ast  # noqa: E402
-import keyword as _keyword  # noqa: E402
-
-from pydantic import AliasChoices, ValidationInfo, field_validator  # noqa: E402
-
-from rft_cluster.graders.formula import FUNCTIONS as _FORMULA_FUNCTIONS  # noqa: E402
-from rft_cluster.graders.formula import Formula, FormulaError  # noqa: E402
+# --- graders ---------------------------------------------------------------------------------
 
 
 class StringCheckGrader(Strict):
@@ -171,7 +168,8 @@ Grader = Annotated[
     Field(discriminator="type"),
 ]
 MultiGrader.model_rebuild()  # `graders` refers to `Grader`, defined just above
-# --- graders (end) ---------------------------------------------------------------------------
+# pydantic puts the discriminator's value into error paths; these are dropped to match the file.
+_GRADER_TAGS = {cls.model_fields["type"].annotation.__args__[0] for cls in get_args(get_args(Grader)[0])}
 
 
 class Hyperparameters(Strict):
@@ -190,6 +188,10 @@ class Hyperparameters(Strict):
     clip_epsilon: float = Field(default=0.2, gt=0)
     temperature: float = Field(default=1.0, gt=0)
     max_tokens_per_turn: int = Field(default=256, gt=0)
+    # Reward shaping: reward = grader score - tool_call_penalty * tool calls
+    #                                      - reasoning_token_penalty * reasoning tokens
+    tool_call_penalty: float = Field(default=0.0, ge=0)
+    reasoning_token_penalty: float = Field(default=0.0, ge=0)
 
     def resolved(self, n_train_rows: int) -> "ResolvedHyperparameters":
         """Turns every "auto" into a number (documented in README: "auto" values)."""
@@ -210,6 +212,8 @@ class Hyperparameters(Strict):
             clip_epsilon=self.clip_epsilon,
             temperature=self.temperature,
             max_tokens_per_turn=self.max_tokens_per_turn,
+            tool_call_penalty=self.tool_call_penalty,
+            reasoning_token_penalty=self.reasoning_token_penalty,
         )
 
 
@@ -224,6 +228,8 @@ class ResolvedHyperparameters(Strict):
     clip_epsilon: float
     temperature: float
     max_tokens_per_turn: int
+    tool_call_penalty: float
+    reasoning_token_penalty: float
 
 
 class ToolSettings(Strict):
@@ -411,8 +417,7 @@ def load_job(path: str | Path) -> JobSpec:
         problems = []
         for err in e.errors():
             loc = tuple(str(x) for x in err["loc"])
-            # Discriminated unions add the tag to the path; drop it so the path matches the file.
-            keyed = tuple(x for x in loc if x not in ("string_check", "endpoint"))
+            keyed = tuple(x for x in loc if x not in _GRADER_TAGS)
             line = next((lines[keyed[:i]] for i in range(len(keyed), -1, -1) if keyed[:i] in lines), 1)
             problems.append(f"{path}:{line}: {'.'.join(keyed) or '<root>'}: {err['msg']}")
         raise SpecError(problems) from None

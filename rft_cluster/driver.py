@@ -141,7 +141,7 @@ class Trainer:
 
     def grade(self, trajs: list[Trajectory], items: dict[str, dict]) -> None:
         """Scores every gradable rollout in place; a grader failure becomes `grader_failed`."""
-        graders = self.cluster.graders
+        graders, hp = self.cluster.graders, self.hp
         todo = [t for t in trajs if t.status in GRADED]
         refs = [graders[i % len(graders)].grade.remote(t.sample, items[t.trace_id], t.trace_id) for i, t in enumerate(todo)]
         for t, g in zip(todo, ray.get(refs)):
@@ -149,7 +149,8 @@ class Trainer:
             if g.score is None:
                 t.status, t.grader_error = RolloutStatus.GRADER_FAILED, g.error
             else:
-                t.reward = g.score
+                t.score = g.score
+                t.reward = g.score - hp.tool_call_penalty * len(t.tool_calls) - hp.reasoning_token_penalty * t.reasoning_tokens
 
     @staticmethod
     def train_samples(trajs: list[Trajectory]) -> list[TrainSample]:

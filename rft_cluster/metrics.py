@@ -29,13 +29,15 @@ MALFORMED_TOOL_KEY = "_malformed"
 def rollout_metrics(trajs: list[Trajectory], prefix: str = "train") -> dict[str, float]:
     """Aggregates one step's rollouts into `{prefix}_...` metrics.
 
-    - `reward_mean`: over rollouts with a reward (failed ones have none).
+    - `reward_mean`: the grader's score, over rollouts it scored (failed ones have none);
+      `shaped_reward_mean`: the reward trained on (score minus penalties), over the same.
     - `tool_calls_per_rollout[/<tool>]`: calls (of that tool; `_malformed` for unparseable calls)
       divided by all rollouts.
     - `tool_latency_mean_s`: over all calls; `tool_errors`: calls whose status is not `ok`.
     - `repeated_tool_bigram_fraction`: of all consecutive call pairs within rollouts, the
       fraction naming the same tool twice in a row.
-    - `rollout_latency_mean_s`, `generated_tokens_mean`, `turns_mean`: over all rollouts.
+    - `rollout_latency_mean_s`, `generated_tokens_mean`, `reasoning_tokens_mean`, `turns_mean`:
+      over all rollouts.
     - `grader_latency_mean_s`: over rollouts the grader ran on (scored or `grader_failed`).
     - `status/<status>`: count per RolloutStatus, zeros included; `rollouts`: the total.
     """
@@ -47,12 +49,14 @@ def rollout_metrics(trajs: list[Trajectory], prefix: str = "train") -> dict[str,
         if values:
             out[f"{p}_{name}"] = fmean(values)
 
-    put_mean("reward_mean", [t.reward for t in trajs if t.reward is not None])
+    put_mean("reward_mean", [t.score for t in trajs if t.score is not None])
+    put_mean("shaped_reward_mean", [t.reward for t in trajs if t.reward is not None])
     # Graded = the grader ran: it returned a score or failed; other rollouts never reached it.
     graded = [t for t in trajs if t.reward is not None or t.status == RolloutStatus.GRADER_FAILED]
     put_mean("grader_latency_mean_s", [t.grader_latency_s for t in graded])
     put_mean("rollout_latency_mean_s", [t.latency_s for t in trajs])
     put_mean("generated_tokens_mean", [float(t.generated_tokens) for t in trajs])
+    put_mean("reasoning_tokens_mean", [float(t.reasoning_tokens) for t in trajs])
     put_mean("turns_mean", [float(t.num_turns) for t in trajs])
     put_mean("tool_latency_mean_s", [c.latency_s for c in calls])
 

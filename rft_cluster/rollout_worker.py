@@ -54,6 +54,7 @@ class _Episode:
     tool_calls: list[ToolResult] = field(default_factory=list)
     assistant_messages: list[dict] = field(default_factory=list)
     turns: int = 0
+    reasoning_tokens: int = 0
 
     def extend(self, ids: list[int], generated: bool, logprobs: list[float] | None = None, version: int = -1) -> None:
         self.ids += ids
@@ -124,6 +125,7 @@ class RolloutWorker:
             ids, lps, finished = await self._generate(ep.ids, min(s.max_tokens_per_turn, room), s, req.trace_id, ep.turns)
             ep.extend(ids, generated=True, logprobs=lps, version=self.weight_version)
             ep.turns += 1
+            ep.reasoning_tokens += self.codec.reasoning_tokens(ids)
             text = self.codec.decode([t for t in ids if t != self.codec.eos_id])
             content, calls = parse_tool_calls(text)
             ep.assistant_messages.append({"role": "assistant", "content": content, "tool_calls": calls})
@@ -186,6 +188,7 @@ class RolloutWorker:
             tool_calls=ep.tool_calls,
             status=status,
             num_turns=ep.turns,
+            reasoning_tokens=ep.reasoning_tokens,
             latency_s=latency,
             error=error,
             sample=grader_sample(output_text, ep.tool_calls),

@@ -19,7 +19,8 @@ Writing a step again (e.g. after a resume) replaces that step's file instead of 
 | `prompt_len` | int32 | number of leading prompt tokens in `token_ids` |
 | `output_text` | string | the final answer text the grader saw |
 | `tool_calls` | list<struct> | one entry per call, in order: `call_id`, `name`, `arguments` (JSON string), `output` (text shown to the model), `status` (`ok`, `client_error`, `server_error`, `connection_error`, `timeout`, `malformed`, `bad_response`), `http_status` (int32, null without a response), `latency_s` (float64, all attempts), `attempts` (int32) |
-| `reward` | float64, nullable | grader score; null when the rollout was not graded or the grader failed |
+| `score` | float64, nullable | the grader's score; null when the rollout was not graded or the grader failed |
+| `reward` | float64, nullable | the reward trained on: `score` minus the tool-call and reasoning-token penalties |
 | `status` | string | `ok`, `budget_exhausted`, `tool_failed`, `grader_failed`, `engine_failed`, `timeout` |
 | `grader_error` | string, nullable | why the grader failed |
 | `num_turns` | int32 | generation turns (model calls) in the rollout |
@@ -27,6 +28,7 @@ Writing a step again (e.g. after a resume) replaces that step's file instead of 
 | `grader_latency_s` | float64 | wall time of grading |
 | `error` | string, nullable | why the rollout ended abnormally (engine error, timeout, failed tool) |
 | `generated_tokens` | int32 | tokens sampled by the policy (sum of `loss_mask`) |
+| `reasoning_tokens` | int32 | sampled tokens inside `<think>…</think>` (models that reason) |
 """
 
 from __future__ import annotations
@@ -69,6 +71,7 @@ SCHEMA = pa.schema(
         pa.field("prompt_len", pa.int32(), nullable=False),
         pa.field("output_text", pa.string(), nullable=False),
         pa.field("tool_calls", pa.list_(TOOL_CALL_TYPE), nullable=False),
+        pa.field("score", pa.float64()),
         pa.field("reward", pa.float64()),
         pa.field("status", pa.string(), nullable=False),
         pa.field("grader_error", pa.string()),
@@ -77,6 +80,7 @@ SCHEMA = pa.schema(
         pa.field("grader_latency_s", pa.float64(), nullable=False),
         pa.field("error", pa.string()),
         pa.field("generated_tokens", pa.int32(), nullable=False),
+        pa.field("reasoning_tokens", pa.int32(), nullable=False),
     ]
 )
 # What `read()` returns: the stored columns plus the partition, as Hive-aware readers show it.
@@ -110,6 +114,7 @@ def _row(t: Trajectory) -> dict[str, Any]:
         "prompt_len": t.prompt_len,
         "output_text": t.output_text,
         "tool_calls": [_tool_call_row(c) for c in t.tool_calls],
+        "score": t.score,
         "reward": t.reward,
         "status": t.status.value,
         "grader_error": t.grader_error,
@@ -118,6 +123,7 @@ def _row(t: Trajectory) -> dict[str, Any]:
         "grader_latency_s": t.grader_latency_s,
         "error": t.error,
         "generated_tokens": t.generated_tokens,
+        "reasoning_tokens": t.reasoning_tokens,
     }
 
 

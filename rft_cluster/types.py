@@ -111,7 +111,9 @@ class Trajectory:
     output_text: str
     tool_calls: list[ToolResult] = field(default_factory=list)
     status: RolloutStatus = RolloutStatus.OK
-    reward: float | None = None
+    score: float | None = None  # the grader's
+    reward: float | None = None  # what the learner optimises: score minus penalties
+    reasoning_tokens: int = 0  # sampled tokens inside <think>...</think>
     grader_error: str | None = None
     num_turns: int = 0
     latency_s: float = 0.0

@@ -16,19 +16,22 @@ def call(name: str, latency_s: float, status: ToolCallStatus = ToolCallStatus.OK
     return ToolResult(f"call_{name}", name, "{}", "out", status, latency_s=latency_s)
 
 
-def traj(status: RolloutStatus, reward: float | None, calls: list[ToolResult], generated: int,
-         turns: int, latency_s: float, grader_latency_s: float) -> Trajectory:
+def traj(status: RolloutStatus, score: float | None, calls: list[ToolResult], generated: int,
+         turns: int, latency_s: float, grader_latency_s: float, reasoning: int = 0) -> Trajectory:
+    """A rollout whose shaped reward is its score minus 0.1 per tool call."""
+    reward = None if score is None else score - 0.1 * len(calls)
     return Trajectory(
         trace_id="trace", prompt_id="p", group_id="g", step=0,
         token_ids=[0] * (generated + 1), loss_mask=[0] + [1] * generated,
         logprobs=[0.0] * (generated + 1), weight_versions=[-1] + [0] * generated,
-        prompt_len=1, output_text="", tool_calls=calls, status=status, reward=reward,
+        prompt_len=1, output_text="", tool_calls=calls, status=status, score=score, reward=reward,
+        reasoning_tokens=reasoning,
         num_turns=turns, latency_s=latency_s, grader_latency_s=grader_latency_s,
     )
 
 
 BATCH = [
-    traj(RolloutStatus.OK, 1.0, [call("search", 0.1), call("search", 0.2), call("cat", 0.3)], 2, 4, 10.0, 1.0),
+    traj(RolloutStatus.OK, 1.0, [call("search", 0.1), call("search", 0.2), call("cat", 0.3)], 2, 4, 10.0, 1.0, reasoning=2),
     traj(RolloutStatus.OK, 0.0,
          [call("cat", 0.4, ToolCallStatus.CLIENT_ERROR), call("serach", 0.0, ToolCallStatus.MALFORMED)],
          4, 2, 6.0, 3.0),
@@ -40,7 +43,9 @@ BATCH = [
 def test_rollout_metrics_hand_computed() -> None:
     assert rollout_metrics(BATCH) == pytest.approx({
         "train_rollouts": 4,
-        "train_reward_mean": 0.5,  # only the two rollouts that have a reward
+        "train_reward_mean": 0.5,  # only the two rollouts that have a score
+        "train_shaped_reward_mean": 0.25,  # (1.0 - 0.3 + 0.0 - 0.2) / 2
+        "train_reasoning_tokens_mean": 0.5,
         "train_grader_latency_mean_s": 2.0,  # (1 + 3 + 2) / 3: the tool-failed rollout was never graded
         "train_rollout_latency_mean_s": 5.25,
         "train_generated_tokens_mean": 2.5,

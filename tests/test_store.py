@@ -36,8 +36,10 @@ def test_round_trip_keeps_every_column(tmp_path: Path) -> None:
         "trace_a",
         tool_calls=calls,
         status=RolloutStatus.TOOL_FAILED,
+        score=0.75,
         reward=0.5,
         grader_error="boom",
+        reasoning_tokens=7,
         num_turns=3,
         latency_s=9.5,
         grader_latency_s=0.75,
@@ -67,6 +69,7 @@ def test_round_trip_keeps_every_column(tmp_path: Path) -> None:
             {"call_id": "call_2", "name": "cat", "arguments": "{}", "output": "",
              "status": "connection_error", "http_status": None, "latency_s": 2.25, "attempts": 4},
         ],
+        "score": 0.75,
         "reward": 0.5,
         "status": "tool_failed",
         "grader_error": "boom",
@@ -75,6 +78,7 @@ def test_round_trip_keeps_every_column(tmp_path: Path) -> None:
         "grader_latency_s": 0.75,
         "error": "cat: connection refused",
         "generated_tokens": 3,
+        "reasoning_tokens": 7,
         "kind": "train",
     }
 

@@ -1,0 +1,37 @@
+"""The user's grader endpoint: POST {"sample", "item", "trace_id"}, read {"score": float}."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from rft_cluster.config import EndpointGrader, ToolSettings
+from rft_cluster.graders.base import ERROR_TEXT_CHARS, BaseGrader, finite_number
+from rft_cluster.http import JsonPoster
+from rft_cluster.types import GradeResult
+
+
+class Endpoint(BaseGrader):
+    def __init__(self, spec: EndpointGrader, settings: ToolSettings):
+        super().__init__(spec.name)
+        self._spec = spec
+        self._poster = JsonPoster(settings, rate_limit_per_minute=spec.rate_limit)
+
+    async def _grade(self, sample: dict[str, Any], item: dict[str, Any], trace_id: str) -> GradeResult:
+        payload = {"sample": sample, "item": item, "trace_id": trace_id}
+        outcome = await self._poster.post(self._spec.url, payload, self._spec.headers)
+        if outcome.failure is not None:
+            return self.fail(f"{outcome.detail} (after {outcome.attempts} attempts)")
+        assert outcome.status is not None
+        if not 200 <= outcome.status < 300:
+            return self.fail(f"HTTP {outcome.status}: {outcome.text(ERROR_TEXT_CHARS)}")
+        try:
+            score = finite_number(json.loads(outcome.body)["score"])
+        except (ValueError, TypeError, KeyError):
+            score = None
+        if score is None:
+            return self.fail(f"response has no finite number 'score': {outcome.text(ERROR_TEXT_CHARS)}")
+        return GradeResult(score=score)
+
+    async def close(self) -> None:
+        await self._poster.close()
