@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import shutil
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -84,28 +82,16 @@ def trace_score(trace_id: str) -> float:
 
 @pytest.fixture
 def trace_grader() -> Iterator[str]:
-    """An endpoint grader on 127.0.0.1 scoring by trace_id (its own thread and event loop)."""
+    """An endpoint grader on 127.0.0.1 that scores by trace_id."""
+    from rft_cluster.serving import ThreadedServer
 
     async def grade(request: web.Request) -> web.Response:
         return web.json_response({"score": trace_score((await request.json())["trace_id"])})
 
     app = web.Application()
     app.router.add_post("/grade", grade)
-    runner = web.AppRunner(app)
-    loop = asyncio.new_event_loop()
-    thread = threading.Thread(target=loop.run_forever, daemon=True)
-    thread.start()
-
-    async def start() -> str:
-        await runner.setup()
-        site = web.TCPSite(runner, "127.0.0.1", 0)
-        await site.start()
-        return f"http://127.0.0.1:{runner.addresses[0][1]}/grade"
-
-    yield asyncio.run_coroutine_threadsafe(start(), loop).result(10)
-    asyncio.run_coroutine_threadsafe(runner.cleanup(), loop).result(10)
-    loop.call_soon_threadsafe(loop.stop)
-    thread.join()
+    with ThreadedServer(app) as server:
+        yield f"{server.url}/grade"
 
 
 @pytest.fixture

@@ -39,6 +39,8 @@ class GraderServer:
     async def handle(self, request: web.Request) -> web.Response:
         self.requests.append((dict(request.headers), await request.json()))
         status, text = self.replies.pop(0) if len(self.replies) > 1 else self.replies[0]
+        if status == 0:  # hang well past the client's timeout
+            await asyncio.sleep(float(text))
         return web.Response(status=status, text=text, content_type="application/json")
 
 
@@ -86,6 +88,17 @@ async def test_endpoint_failing_every_retry_is_a_failure_not_zero(server: Grader
     assert result.score is None
     assert "HTTP 502" in result.error and "3 attempts" in result.error
     assert len(server.requests) == 3
+
+
+async def test_endpoint_that_hangs_times_out_as_a_failure_not_a_hang(server: GraderServer) -> None:
+    server.replies = [(0, "30")]
+    grader = endpoint(server)
+    started = time.monotonic()
+    result = await grader.grade(SAMPLE, ITEM, "t")
+    await grader.close()
+    assert result.score is None and "no complete response within 1.0s" in result.error
+    assert len(server.requests) == FAST.max_retries + 1
+    assert time.monotonic() - started < (FAST.max_retries + 1) * FAST.timeout_s + 2
 
 
 async def test_endpoint_4xx_is_a_failure_without_retry(server: GraderServer) -> None:

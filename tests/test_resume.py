@@ -32,7 +32,7 @@ def logged_steps(out: Path) -> list[int]:
     return [json.loads(x)["step"] for x in path.read_text().splitlines()] if path.exists() else []
 
 
-def test_sigkill_then_resume_finishes_with_every_rollout_stored_once(demo_job, tmp_path: Path) -> None:
+def test_sigkill_then_resume_finishes_with_every_rollout_stored_once(demo_job, ledger_env, tmp_path: Path) -> None:
     demo_job.rl.hyperparameters.eval_interval = 2  # checkpoints at steps 2 and 4
     job = tmp_path / "job.json"
     job.write_text(demo_job.model_dump_json())
@@ -65,3 +65,7 @@ def test_sigkill_then_resume_finishes_with_every_rollout_stored_once(demo_job, t
     index = CheckpointDir(out).index()
     assert {c.step for c in index} == {2, 4} and all(Path(c.path, "config.json").exists() for c in index)
     assert (out / "final" / "model.safetensors").exists()
+
+    # The bearer token (a header value of the job) is in no file either run wrote, logs included.
+    written = [tmp_path / "train.log", tmp_path / "train-resume.log", *(p for p in out.rglob("*") if p.is_file())]
+    assert [p for p in written if ledger_env.token.encode() in p.read_bytes()] == []

@@ -61,6 +61,10 @@ class ToolServer:
             return web.Response(text="<html>not json</html>")
         if kind == "slow":
             await asyncio.sleep(0.3)
+        if kind == "reset":  # drop the connection without an answer
+            assert request.transport is not None
+            request.transport.abort()
+            raise asyncio.CancelledError
         output = f"{body['name']}({body['arguments']})"
         return web.json_response({"type": "function_call_output", "call_id": body["call_id"], "id": body["id"], "output": output})
 
@@ -182,6 +186,12 @@ async def test_connection_refused_is_retried_then_connection_error() -> None:
     await proxy.close()
     assert result.status is ToolCallStatus.CONNECTION_ERROR and result.fatal
     assert (result.attempts, result.http_status) == (3, None)
+
+
+async def test_connection_reset_is_retried_then_connection_error(server: ToolServer) -> None:
+    result = await proxy_for(server, "reset").call("search", "{}", "call_1", "trace_r", {})
+    assert result.status == ToolCallStatus.CONNECTION_ERROR and result.fatal
+    assert result.attempts == server.hits["reset"] == FAST.max_retries + 1
 
 
 async def test_unknown_tool_is_malformed_and_lists_known_tools(server: ToolServer) -> None:

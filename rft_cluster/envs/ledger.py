@@ -8,13 +8,11 @@ Every route requires `Authorization: Bearer <token>`, so header forwarding is ex
 
 from __future__ import annotations
 
-import asyncio
 import hmac
 import json
 import random
 import re
 import secrets
-import threading
 from collections import defaultdict
 from pathlib import Path
 from types import TracebackType
@@ -23,6 +21,7 @@ from typing import Any
 from aiohttp import web
 
 from rft_cluster.config import EndpointGrader, ToolSpec
+from rft_cluster.serving import ThreadedServer
 
 N_ACCOUNTS = 64
 TOOL_NAME = "lookup"
@@ -195,17 +194,18 @@ async def _json_object(request: web.Request) -> dict[str, Any] | None:
 
 
 class LedgerServers:
-    """Runs the ledger app on 127.0.0.1 (a free port) in a background thread with its own event
-    loop, so a synchronous driver can use it: `with LedgerServers(seed) as env: ...`."""
+    """Runs the ledger app on 127.0.0.1 (a free port) in a background thread, so a synchronous
+    driver can use it: `with LedgerServers(seed) as env: ...`."""
 
     def __init__(self, seed: int = 0, token: str | None = None):
         self.ledger = make_ledger(seed)
         self.token = token or secrets.token_urlsafe(16)
-        self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._loop.run_forever, name="ledger-servers", daemon=True)
         self._app = LedgerApp(self.ledger, self.token)
-        self._runner = web.AppRunner(self._app.app(), access_log=None)
-        self.base_url = ""
+        self._server = ThreadedServer(self._app.app())
+
+    @property
+    def base_url(self) -> str:
+        return self._server.url
 
     @property
     def tool_url(self) -> str:
@@ -237,25 +237,11 @@ class LedgerServers:
         async def read() -> dict[str, Any]:  # on the server's loop: no cross-thread access to the logs
             return self._app.trace_log(trace_id)
 
-        return asyncio.run_coroutine_threadsafe(read(), self._loop).result(timeout=10)
-
-    async def _start(self) -> str:
-        await self._runner.setup()
-        await web.TCPSite(self._runner, "127.0.0.1", 0).start()
-        host, port = self._runner.addresses[0][:2]
-        return f"http://{host}:{port}"
+        return self._server.run(read(), timeout=10)
 
     def __enter__(self) -> LedgerServers:
-        self._thread.start()
-        try:
-            self.base_url = asyncio.run_coroutine_threadsafe(self._start(), self._loop).result(timeout=30)
-        except BaseException:
-            self.__exit__(None, None, None)
-            raise
+        self._server.__enter__()
         return self
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
-        asyncio.run_coroutine_threadsafe(self._runner.cleanup(), self._loop).result(timeout=30)
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join()
-        self._loop.close()
+        self._server.__exit__(exc_type, exc, tb)
