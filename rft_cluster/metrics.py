@@ -142,7 +142,12 @@ class RunLogger:
 
     def finish(self) -> None:
         if self._run is not None:
+            import wandb
+
             self._run.finish()
+            # wandb 0.31's finish() returns before its service has written the offline run's
+            # log (seen empty 1 time in 6); teardown waits for the service to flush and exit.
+            wandb.teardown()
             self._run = None
 
 

@@ -118,6 +118,8 @@ class RolloutWorker:
         assert self.codec is not None, "start() first"
         prompt = self.codec.prompt_ids(req.messages, req.tools)
         ep.extend(prompt, generated=False)
+        if len(prompt) >= self.spec.max_model_len:  # not the policy's doing: nothing to learn
+            return RolloutStatus.ENGINE_FAILED, f"prompt of {len(prompt)} tokens does not fit max_model_len {self.spec.max_model_len}"
         while True:
             room = self.spec.max_model_len - len(ep.ids)
             if room <= 0:

