@@ -29,6 +29,7 @@ from rft_cluster.envs.finqa import (
 )
 from rft_cluster.envs.finqa.corpus import METRIC_LABELS
 from rft_cluster.envs.finqa.grading import last_number
+from tests.endpoint_client import function_call, post
 
 SEED = 11
 N_COMPANIES = 4  # 160 reports
@@ -60,17 +61,6 @@ def env(request: pytest.FixtureRequest, corpus: Path) -> Iterator[FinQAServers]:
 async def http() -> AsyncIterator[aiohttp.ClientSession]:
     async with aiohttp.ClientSession() as session:
         yield session
-
-
-def function_call(name: str, arguments: Any, trace_id: str = "trace_finqa") -> dict[str, Any]:
-    args = arguments if isinstance(arguments, str) else json.dumps(arguments)
-    return {"type": "function_call", "id": "fc_1", "call_id": "call_1", "name": name, "arguments": args,
-            "trace_id": trace_id, "item": {}}
-
-
-async def post(http: aiohttp.ClientSession, url: str, body: Any, headers: dict[str, str]) -> tuple[int, str]:
-    async with http.post(url, json=body, headers=headers) as resp:
-        return resp.status, await resp.text()
 
 
 async def tool(http: aiohttp.ClientSession, env: FinQAServers, name: str, arguments: Any,

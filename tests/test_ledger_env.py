@@ -12,6 +12,7 @@ import pytest
 import pytest_asyncio
 
 from rft_cluster.envs.ledger import N_ACCOUNTS, LedgerServers, last_number, make_ledger, write_datasets
+from tests.endpoint_client import function_call, post
 
 SEED = 7
 
@@ -28,22 +29,11 @@ async def http() -> AsyncIterator[aiohttp.ClientSession]:
         yield session
 
 
-def function_call(arguments: Any, trace_id: str = "trace_env", name: str = "lookup") -> dict[str, Any]:
-    args = arguments if isinstance(arguments, str) else json.dumps(arguments)
-    return {"type": "function_call", "id": "fc_1", "call_id": "call_1", "name": name, "arguments": args,
-            "trace_id": trace_id, "item": {}}
-
-
-async def post(http: aiohttp.ClientSession, url: str, body: Any, headers: dict[str, str]) -> tuple[int, str]:
-    async with http.post(url, json=body, headers=headers) as resp:
-        return resp.status, await resp.text()
-
-
 @pytest.mark.parametrize("headers", [{}, {"Authorization": "Bearer wrong"}, {"Authorization": "token"}])
 async def test_every_route_requires_the_bearer_token(
     env: LedgerServers, http: aiohttp.ClientSession, headers: dict[str, str]
 ) -> None:
-    assert (await post(http, env.tool_url, function_call({"account": "ACC-0001"}), headers))[0] == 401
+    assert (await post(http, env.tool_url, function_call("lookup", {"account": "ACC-0001"}), headers))[0] == 401
     assert (await post(http, env.grader_url, {}, headers))[0] == 401
     async with http.get(f"{env.base_url}/calls/trace_env", headers=headers) as resp:
         assert resp.status == 401
@@ -51,7 +41,7 @@ async def test_every_route_requires_the_bearer_token(
 
 async def test_lookup_returns_the_balance_and_logs_the_call(env: LedgerServers, http: aiohttp.ClientSession) -> None:
     account, balance = list(env.ledger.items())[10]
-    status, text = await post(http, env.tool_url, function_call({"account": account.lower()}, "trace_lookup"), env.headers)
+    status, text = await post(http, env.tool_url, function_call("lookup", {"account": account.lower()}, "trace_lookup"), env.headers)
     assert status == 200
     assert json.loads(text) == {
         "type": "function_call_output", "call_id": "call_1", "id": "fc_1", "output": f"{account} balance: {balance}"
@@ -64,11 +54,11 @@ async def test_lookup_returns_the_balance_and_logs_the_call(env: LedgerServers, 
 @pytest.mark.parametrize(
     ("body", "status", "message"),
     [
-        (function_call({"account": "ACC-XXXX"}), 404, "account ACC-XXXX not found"),
-        (function_call("not json"), 400, "arguments must be"),
-        (function_call({"acct": "ACC-0001"}), 400, "arguments must be"),
-        (function_call(["ACC-0001"]), 400, "arguments must be"),
-        (function_call({"account": "ACC-0001"}, name="search"), 400, "unknown tool 'search'"),
+        (function_call("lookup", {"account": "ACC-XXXX"}), 404, "account ACC-XXXX not found"),
+        (function_call("lookup", "not json"), 400, "arguments must be"),
+        (function_call("lookup", {"acct": "ACC-0001"}), 400, "arguments must be"),
+        (function_call("lookup", ["ACC-0001"]), 400, "arguments must be"),
+        (function_call("search", {"account": "ACC-0001"}), 400, "unknown tool 'search'"),
         ("just a string", 400, "JSON object"),
     ],
 )
@@ -147,5 +137,5 @@ async def test_server_answers_match_dataset_answers(
 ) -> None:
     _, valid_path = write_datasets(tmp_path, seed=SEED)
     for row in read_rows(valid_path)[:3]:
-        status, text = await post(http, env.tool_url, function_call({"account": row["account"]}), env.headers)
+        status, text = await post(http, env.tool_url, function_call("lookup", {"account": row["account"]}), env.headers)
         assert status == 200 and json.loads(text)["output"].endswith(f"balance: {row['answer']}")
