@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 
@@ -48,28 +47,11 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    """The embedded default: tiny model, ledger tool server + grader on 127.0.0.1, local Ray."""
-    from rft_cluster.envs.ledger import LedgerServers, write_datasets, write_demonstrations
-    from rft_cluster.sft import sft
-    from rft_cluster.tiny_model import make_tiny_model
+    """The embedded default: the FinQA demo from nothing to a report (rft_cluster.demo)."""
+    from rft_cluster.demo import run_demo
 
-    # Each stage is skipped when its output exists, so a second run goes straight to training.
-    out = Path(args.output).resolve()
-    model_dir, data_dir, warm_dir = out / "tiny-model", out / "data", out / "warm-model"
-    if not (model_dir / "config.json").exists():
-        print(f"[demo] building the tiny model in {model_dir}")
-        make_tiny_model(model_dir)
-    if not (data_dir / "sft.jsonl").exists():
-        write_datasets(data_dir, seed=0)
-        write_demonstrations(data_dir / "sft.jsonl", seed=0)
-    if not (warm_dir / "config.json").exists():
-        print("[demo] warm start: supervised fine-tuning on scripted demonstrations")
-        sft(str(model_dir), data_dir / "sft.jsonl", warm_dir, epochs=3, learning_rate=2e-3)
-    with LedgerServers(seed=0) as env:
-        print(f"[demo] ledger tool server and grader on {env.base_url}")
-        os.environ.update(RFT_DEMO_DIR=str(out), RFT_DEMO_URL=env.base_url, RFT_DEMO_TOKEN=env.token)
-        args.output = str(out / "run")
-        return _train(args)
+    run_demo(Path(args.job), Path(args.output), seed=args.seed, max_steps=args.max_steps)
+    return 0
 
 
 def _tool_run(args: argparse.Namespace) -> int:
@@ -120,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
 
     for name, fn, helptext in (
         ("train", _train, "run agent RFT for a job"),
-        ("demo", _demo, "run the embedded default (tiny model, ledger tools) end to end"),
+        ("demo", _demo, "run the embedded default end to end: FinQA environment, tiny model, warm start, agent RFT, report"),
     ):
         p = sub.add_parser(name, help=helptext)
         if name == "train":
@@ -129,7 +111,10 @@ def main(argv: list[str] | None = None) -> int:
             p.add_argument("job", nargs="?", default=str(DEFAULT_JOB))
         p.add_argument("--output", default=f"runs/{'local' if name == 'demo' else 'train'}", help="where everything is written")
         p.add_argument("--max-steps", type=int, default=None, help="stop after this many steps")
-        p.add_argument("--resume", action="store_true", help="continue the run in --output from its last checkpoint")
+        if name == "train":
+            p.add_argument("--resume", action="store_true", help="continue the run in --output from its last checkpoint")
+        else:
+            p.add_argument("--seed", type=int, default=None, help="RL seed (default: the job's); the warm start is shared")
         p.set_defaults(fn=fn)
 
     p = sub.add_parser("tool-run", help="send one tool call exactly as training would, and show what the model sees")

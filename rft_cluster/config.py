@@ -184,13 +184,15 @@ class Hyperparameters(Strict):
     reasoning_effort: Literal["default", "low", "medium", "high"] = "default"
     # --- rft-cluster extensions ---
     group_size: int | Auto = "auto"  # rollouts per prompt (GRPO group)
+    max_steps: int | None = Field(default=None, gt=0)  # stop before the epochs are done
     base_learning_rate: float = Field(default=1e-5, gt=0)
     clip_epsilon: float = Field(default=0.2, gt=0)
     temperature: float = Field(default=1.0, gt=0)
     max_tokens_per_turn: int = Field(default=256, gt=0)
-    # Reward shaping: reward = grader score - tool_call_penalty * tool calls
-    #                                      - reasoning_token_penalty * reasoning tokens
+    # Reward shaping (`grpo.shaped_reward`): the tool-call penalty is subtracted per call, or with
+    # "scale" it takes that share of the score, so only rollouts that earned credit pay it.
     tool_call_penalty: float = Field(default=0.0, ge=0)
+    tool_call_penalty_mode: Literal["subtract", "scale"] = "subtract"
     reasoning_token_penalty: float = Field(default=0.0, ge=0)
 
     def resolved(self, n_train_rows: int) -> "ResolvedHyperparameters":
@@ -201,6 +203,8 @@ class Hyperparameters(Strict):
         epochs = 1 if self.n_epochs == "auto" else self.n_epochs
         lrm = 1.0 if self.learning_rate_multiplier == "auto" else self.learning_rate_multiplier
         steps = epochs * math.ceil(n_train_rows / batch)
+        if self.max_steps is not None:
+            steps = min(steps, self.max_steps)
         return ResolvedHyperparameters(
             batch_size=batch,
             group_size=group,
@@ -213,6 +217,7 @@ class Hyperparameters(Strict):
             temperature=self.temperature,
             max_tokens_per_turn=self.max_tokens_per_turn,
             tool_call_penalty=self.tool_call_penalty,
+            tool_call_penalty_mode=self.tool_call_penalty_mode,
             reasoning_token_penalty=self.reasoning_token_penalty,
         )
 
@@ -229,6 +234,7 @@ class ResolvedHyperparameters(Strict):
     temperature: float
     max_tokens_per_turn: int
     tool_call_penalty: float
+    tool_call_penalty_mode: Literal["subtract", "scale"]
     reasoning_token_penalty: float
 
 

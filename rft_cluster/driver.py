@@ -23,7 +23,7 @@ from rft_cluster.checkpoints import CheckpointDir
 from rft_cluster.config import JobSpec, ResolvedHyperparameters
 from rft_cluster.dataset import load_rows, row_item
 from rft_cluster.grader import GraderActor
-from rft_cluster.grpo import group_advantages
+from rft_cluster.grpo import group_advantages, shaped_reward
 from rft_cluster.learner import Learner
 from rft_cluster.metrics import RunLogger, StepPrinter, rollout_metrics
 from rft_cluster.rollout_worker import RolloutRequest, RolloutWorker, SamplingSettings
@@ -150,7 +150,8 @@ class Trainer:
                 t.status, t.grader_error = RolloutStatus.GRADER_FAILED, g.error
             else:
                 t.score = g.score
-                t.reward = g.score - hp.tool_call_penalty * len(t.tool_calls) - hp.reasoning_token_penalty * t.reasoning_tokens
+                t.reward = shaped_reward(g.score, len(t.tool_calls), t.reasoning_tokens, hp.tool_call_penalty,
+                                         hp.tool_call_penalty_mode, hp.reasoning_token_penalty)
 
     @staticmethod
     def train_samples(trajs: list[Trajectory]) -> list[TrainSample]:

@@ -16,6 +16,21 @@ import torch
 _MAX_LOG_RATIO = 20.0
 
 
+def shaped_reward(
+    score: float, tool_calls: int, reasoning_tokens: int, tool_call_penalty: float, mode: str, reasoning_token_penalty: float
+) -> float:
+    """The reward trained on. "subtract": score - penalty * calls. "scale": score * max(0, 1 -
+    penalty * calls), so a wrong answer is not made worse by its calls: with group-normalised
+    advantages, a subtracted penalty in a group that all failed would reward the rollout that
+    gave up soonest, teaching the policy to answer without looking. Either way the reasoning
+    penalty is subtracted per token."""
+    if mode == "scale":
+        tool_part = score * max(0.0, 1.0 - tool_call_penalty * tool_calls)
+    else:
+        tool_part = score - tool_call_penalty * tool_calls
+    return tool_part - reasoning_token_penalty * reasoning_tokens
+
+
 def group_advantages(rewards: list[float], group_ids: list[str], eps: float = 1e-6) -> list[float]:
     """GRPO advantage of each rollout: (r - mean of its group) / (std of its group + eps).
 

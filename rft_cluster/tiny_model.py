@@ -1,18 +1,30 @@
 """Builds a small Qwen2-style causal LM and tokenizer offline, saved in HF format.
 
 Nothing downloads: the byte-level BPE tokenizer is trained here with `tokenizers` on text
-shaped like what the agent sees (chat markup, JSON tool calls, numbers, English), and the
-weights are randomly initialised. The result loads through exactly the code path a hub model
-takes (`AutoTokenizer` / `AutoModelForCausalLM` / vLLM), so nothing else in the system knows it
-is tiny. The chat template follows the Qwen2.5 / Hermes tool-calling format: tool schemas in the
-system turn, calls as `<tool_call>{json}</tool_call>`, results as `<tool_response>` blocks.
+shaped like what the agent sees (chat markup, tool schemas and calls, report-like financial
+text, identifiers, numbers), and the weights get a short synthetic pre-training. The result
+loads through exactly the code path a hub model takes (`AutoTokenizer` / `AutoModelForCausalLM`
+/ vLLM), so nothing else in the system knows it is tiny. The chat template follows the Qwen2.5 /
+Hermes tool-calling format: tool schemas in the system turn, calls as `<tool_call>{json}</tool_call>`,
+results as `<tool_response>` blocks.
+
+Why pre-train: a randomly initialised model warm-started by SFT on a few hundred demonstrations
+learns the procedure but not to copy an identifier or a number from its context (it emits the
+most common digits), so RL would get no signal. Real LLMs copy trivially (induction heads). The
+pre-training text makes copying the only way to lower the loss: random token strings repeated
+after a separator, and tool-use conversations whose calls and answers repeat identifiers and
+numbers that appear once earlier.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import random
+import time
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 CHAT_TEMPLATE = (Path(__file__).parent / "tiny_chat_template.jinja").read_text()
 
@@ -21,42 +33,169 @@ SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 MARKUP_TOKENS = ["<tool_call>", "</tool_call>", "<tool_response>", "</tool_response>"]
 
 _WORDS = (
-    "the a of to and in is what was which how many much for on with by from at as be this that "
-    "use tool tools call function answer question account balance revenue income expense quarter "
-    "year company report total net profit loss cash assets search list cat lookup file directory "
-    "number value name description parameters type object string integer properties required "
-    "result error not found please then final reply user assistant system you are an agent"
+    "the a of to and in is what was were which how many much for on with by from at as be this that "
+    "use tool tools call function answer question account balance revenue income expense expenses "
+    "operating quarter year company report reports quarterly total net profit loss cash assets headcount "
+    "search list cat lookup read find file directory path number value name description parameters "
+    "type object string integer properties required result error not found please then final reply "
+    "user assistant system you are an agent USD millions except first line item period"
 ).split()
+_QWEN2_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+_TOOL_NAMES = ("lookup", "search", "list", "cat", "read", "fetch", "get_balance", "query", "find", "open")
+_ARG_KEYS = ("account", "path", "query", "id", "name", "file", "company", "ticker", "key")
+_LABELS = ("balance", "revenue", "net income", "cash", "headcount", "operating expenses", "price", "total", "count")
+_PREFIXES = ("ACC", "INV", "ORD", "SKU", "CO", "ID", "TX", "EMP", "FY", "Q")
+
+# The copy circuit (`_copy_circuit`): a token's code width for matching, the fast RoPE pairs that
+# fix layer 0's offsets and the score at the offset, the scale of layer 1's content q and k, the
+# gain of the copied embedding, the final norm weight that keeps unit-scale logits moderate, and
+# the recency preference among several matches (~3 nats per 100 tokens).
+_CODE = 10
+_POS_PAIRS = 12
+_POS_GAIN = 48.0
+_MATCH_GAIN = 1.5
+_COPY_GAIN = 4.0
+_LOGIT_SCALE = 0.05
+_TWIN_SHARE = 0.6
+_RECENCY_GAIN = 20.0
+
+# Pre-training defaults: ~2 min on 2 CPU cores. Short rows keep attention cheap; the copy
+# distances the agent needs (a few hundred tokens) are within what the rows' offsets teach.
+PRETRAIN_STEPS = 100
+PRETRAIN_BATCH = 12
+PRETRAIN_SEQ_LEN = 384
+PRETRAIN_LR = 3e-3
 
 
-def _training_corpus(seed: int, n_lines: int = 4000) -> list[str]:
-    """Synthetic text covering chat markup, JSON, identifiers and digits (for good merges)."""
-    rng = random.Random(seed)
-    lines = []
-    for _ in range(n_lines):
-        words = " ".join(rng.choice(_WORDS) for _ in range(rng.randint(4, 14)))
-        ident = f"{rng.choice(['ACC', 'CO', 'Q', 'FY'])}-{rng.randint(0, 9999):04d}"
-        args = json.dumps({"name": rng.choice(["lookup", "search", "list", "cat"]), "arguments": {"query": ident}})
-        num = f"{rng.randint(0, 10**rng.randint(1, 7))}"
-        lines.append(
-            f"<|im_start|>user\n{words.capitalize()}? {ident}<|im_end|>\n<|im_start|>assistant\n"
-            f"<tool_call>\n{args}\n</tool_call><|im_end|>\n<|im_start|>user\n<tool_response>\n"
-            f"{ident} {words} {num}.{rng.randint(0, 99):02d}\n</tool_response><|im_end|>\n"
-            f"The answer is {num}."
-        )
-    return lines
+def _number(rng: random.Random) -> str:
+    """An integer or a decimal, as tool outputs print them."""
+    n = rng.randint(0, 10 ** rng.randint(1, 6))
+    sign = "-" if rng.random() < 0.1 else ""
+    return sign + (f"{n}.{rng.randint(0, 9)}" if rng.random() < 0.5 else str(n))
+
+
+def _code(rng: random.Random) -> str:
+    """An opaque id like ACC-0137."""
+    prefix = rng.choice(_PREFIXES) if rng.random() < 0.7 else "".join(rng.choice("ABCDEFGHJKLMNPRSTUVWXYZ") for _ in range(3))
+    width = rng.randint(3, 6)
+    return f"{prefix}-{rng.randrange(10**width):0{width}d}"
+
+
+class _Text:
+    """Seeded generator of the synthetic text (shared by the tokenizer corpus and pre-training)."""
+
+    def __init__(self, seed: int):
+        from rft_cluster.envs.finqa.corpus import METRICS, generate_reports
+
+        self.rng = random.Random(f"tiny-text-{seed}")
+        # Report-like text in the FinQA layout (other companies than any demo seed's), so reports,
+        # paths and listings tokenize compactly and the model has seen their shape.
+        self.reports = generate_reports(10_000 + seed, n_companies=120, years=(2015, 2019, 2023))
+        self.metrics = METRICS
+
+    def identifier(self) -> str:
+        rng, report = self.rng, self.rng.choice(self.reports)
+        kind = rng.randrange(5)
+        if kind == 0:
+            return report.path
+        if kind == 1:
+            return report.company
+        if kind == 2:
+            return f"{report.slug}/{report.year}"
+        return _code(rng)
+
+    def tool(self, name: str, key: str) -> dict[str, Any]:
+        rng = self.rng
+        description = " ".join(rng.choice(_WORDS) for _ in range(rng.randint(3, 9))).capitalize() + "."
+        prop: dict[str, Any] = {"type": "string"}
+        if rng.random() < 0.5:
+            prop["description"] = f"{key} id, e.g. {_code(rng) if key == 'account' else self.identifier()}"
+        return {
+            "type": "function",
+            "function": {
+                "name": name,
+                "description": description,
+                "parameters": {"type": "object", "properties": {key: prop}, "required": [key], "additionalProperties": False},
+            },
+        }
+
+    def conversation(self) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+        """(messages, tools): a question naming an identifier, a tool call repeating it, a tool
+        result with the asked value, and an answer repeating the value."""
+        rng = self.rng
+        names = rng.sample(_TOOL_NAMES, rng.randint(1, 2))
+        keys = [rng.choice(_ARG_KEYS) for _ in names]
+        tools = [self.tool(n, k) for n, k in zip(names, keys)]
+        ident, label = self.identifier(), rng.choice(_LABELS)
+        value = _number(rng)
+        question = rng.choice((
+            f"What is the {label} of {ident}?",
+            f"Look up {ident} and tell me its {label}.",
+            f"{label.capitalize()} for {ident}, please.",
+            f"What was the {label} of {ident}? Use the {names[0]} tool, then answer with the number.",
+        ))
+        messages: list[dict[str, Any]] = []
+        if rng.random() < 0.7:
+            messages.append({"role": "system", "content": " ".join(rng.choice(_WORDS) for _ in range(rng.randint(4, 16))).capitalize() + "."})
+        messages.append({"role": "user", "content": question})
+        call = {"type": "function", "function": {"name": names[0], "arguments": json.dumps({keys[0]: ident})}}
+        messages.append({"role": "assistant", "content": "", "tool_calls": [call]})
+        if rng.random() < 0.5:
+            result = f"{ident} {label}: {value}"
+        else:  # several lines, only one of them asked about: copy the value after the asked label
+            lines = [f"{lab.capitalize()}: {_number(rng)}" for lab in rng.sample(_LABELS, 4) if lab != label]
+            lines.insert(rng.randint(0, len(lines)), f"{label.capitalize()}: {value}")
+            result = "\n".join([f"{ident} report"] + lines)
+        messages.append({"role": "tool", "content": result})
+        answer = rng.choice((f"The {label} of {ident} is {value}.", f"{label.capitalize()}: {value}", value))
+        messages.append({"role": "assistant", "content": answer})
+        return messages, tools
+
+    def tokenizer_lines(self, n: int) -> Iterator[str]:
+        """Text for BPE training: conversations (rendered by the chat template), reports, listings."""
+        from tokenizers import Tokenizer, models
+        from transformers import PreTrainedTokenizerFast
+
+        # Rendering needs only the template, not a vocabulary.
+        renderer = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.BPE()), chat_template=CHAT_TEMPLATE)
+        rng, env_text = self.rng, _builtin_env_text()
+        for i in range(n):
+            yield from env_text
+            report = self.reports[i % len(self.reports)]
+            messages, tools = self.conversation()
+            yield renderer.apply_chat_template(messages, tools=tools, tokenize=False)
+            yield report.text()
+            siblings = [r for r in rng.sample(self.reports, 3)]
+            yield "\n".join(f"{r.path}: {r.title}" for r in siblings)
+            yield "\n".join(f"{r.slug}/" for r in siblings) + f"\n{report.year}/\nQ{report.quarter}.txt"
+            label = dict(self.metrics)[rng.choice(self.metrics)[0]]
+            yield f"What was the {label.lower()} of {report.company} in Q{report.quarter} {report.year}, in USD millions?"
+
+
+def _builtin_env_text() -> list[str]:
+    """The built-in environments' tool schemas and prompts, so each English word in them is one
+    token, as in a real LLM's vocabulary (a pre-token never spans words, so no longer)."""
+    from rft_cluster.envs import ledger
+    from rft_cluster.envs.finqa import tasks, tools
+
+    schemas = [json.dumps(tool) for tool in (ledger.LOOKUP_TOOL, *tools.TOOLS)]
+    return schemas + [ledger.SYSTEM_PROMPT, ledger.question("ACC-0137"), tasks.SYSTEM_PROMPT]
 
 
 def build_tokenizer(seed: int = 0, vocab_size: int = 2048):
     """Trains a byte-level BPE tokenizer and wraps it as a transformers fast tokenizer."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE())
-    # One token per digit, as Qwen's and Llama's tokenizers do: numbers are copied digit by digit.
-    tok.pre_tokenizer = pre_tokenizers.Sequence(
-        [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False)]
-    )
+    # Qwen2's own pre-tokenizer: one token per digit (numbers are copied digit by digit), a
+    # punctuation mark may lead a word ("-robotics") and trailing newlines join punctuation ("/\n").
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(_QWEN2_SPLIT), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+    ])
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
@@ -64,7 +203,7 @@ def build_tokenizer(seed: int = 0, vocab_size: int = 2048):
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    tok.train_from_iterator(_training_corpus(seed), trainer=trainer)
+    tok.train_from_iterator(_Text(seed).tokenizer_lines(3000), trainer=trainer)
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tok,
         bos_token=None,
@@ -78,6 +217,148 @@ def build_tokenizer(seed: int = 0, vocab_size: int = 2048):
     return fast
 
 
+def _examples(tokenizer: Any, text: _Text, seq_len: int) -> Iterator[tuple[list[int], list[int]]]:
+    """(ids, labels) pre-training examples; label -100 where nothing can be predicted."""
+    rng = text.rng
+    first_id = len(SPECIAL_TOKENS) + len(MARKUP_TOKENS)
+    end = tokenizer.pad_token_id  # <|endoftext|> separates documents
+    while True:
+        if rng.random() < 0.5:
+            # Pure induction: a random string, a separator, the same string again (only that is learned).
+            span = [rng.randrange(first_id, len(tokenizer)) for _ in range(rng.randint(4, 48))]
+            sep = tokenizer.encode(rng.choice(("\n", " | ", "\n\n", ": ")), add_special_tokens=False)
+            ids = span + sep + span + [end]
+            yield ids, [-100] * (len(span) + len(sep)) + span + [end]
+        else:
+            messages, tools = text.conversation()
+            rendered = tokenizer.apply_chat_template(messages, tools=tools, tokenize=False)
+            ids = tokenizer.encode(rendered, add_special_tokens=False)[: seq_len - 1] + [end]
+            yield ids, ids
+
+
+def _batches(tokenizer: Any, text: _Text, batch_size: int, seq_len: int) -> Iterator[tuple[Any, Any]]:
+    """Rows of `seq_len` packed with whole examples (documents attend across; harmless)."""
+    import torch
+
+    examples = _examples(tokenizer, text, seq_len)
+    pending = next(examples)
+    while True:
+        rows_ids, rows_labels = [], []
+        for _ in range(batch_size):
+            ids: list[int] = []
+            labels: list[int] = []
+            while len(ids) + len(pending[0]) <= seq_len:
+                ids += pending[0]
+                labels += pending[1]
+                pending = next(examples)
+            pad = seq_len - len(ids)
+            rows_ids.append(ids + [tokenizer.pad_token_id] * pad)
+            rows_labels.append(labels + [-100] * pad)
+        yield torch.tensor(rows_ids), torch.tensor(rows_labels)
+
+
+def _pretrain(model: Any, tokenizer: Any, text: _Text, steps: int, batch_size: int, seq_len: int, lr: float) -> None:
+    """AdamW with linear warmup and cosine decay; prints the loss ten times."""
+    import torch
+
+    warmup = max(1, steps // 10)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.01)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / warmup) * (0.1 + 0.45 * (1 + math.cos(math.pi * s / steps)))
+    )
+    model.train()
+    t0, losses = time.perf_counter(), []
+    for step, (ids, labels) in zip(range(1, steps + 1), _batches(tokenizer, text, batch_size, seq_len)):
+        loss = model(input_ids=ids, labels=labels).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        schedule.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+        if step % max(1, steps // 10) == 0 or step == steps:
+            print(f"[tiny-model] pre-training step {step}/{steps}: loss {sum(losses) / len(losses):.3f} "
+                  f"({time.perf_counter() - t0:.0f} s)", flush=True)
+            losses = []
+    model.eval()
+
+
+def _copy_circuit(model: Any, tokenizer: Any) -> None:
+    """Initialises an induction circuit, the mechanism by which LLMs copy from their context
+    (Olsson et al., 2022), rather than hoping minutes of CPU training find it (they do not: the
+    phase change takes far more tokens). Layer 0's heads 0-2 attend to the token 1, 2 and 3
+    back (q and k are constant biases, so RoPE alone sets where the score peaks) and write those
+    tokens' codes into otherwise empty residual dims. Layer 1's head 0 attends where the codes of
+    the last three tokens match those of the three before a position, i.e. just after an earlier
+    occurrence of the last three tokens, and writes that position's token embedding back, raising
+    its logit. Three tokens, not two: in "- net income: 49.2" the pair ": " precedes every value
+    of a report, "income: " only one. Embeddings are unit-scale so the circuit outweighs the small
+    random init of everything else; pre-training then builds the language model around it."""
+    import torch
+
+    cfg = model.config
+    hidden, heads, kv_heads = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads
+    head_dim = hidden // heads
+    half = head_dim // 2
+    match_pairs = 3 * _CODE // 2  # three codes fill both components of these RoPE pairs
+    if cfg.num_hidden_layers < 2 or heads < 4 or heads // kv_heads < 2 or _POS_PAIRS + 1 + match_pairs > half or hidden < 8 * _CODE:
+        raise ValueError("the copy circuit needs 2+ layers, 4+ query heads (2+ per kv head) and a wider head_dim")
+    slots = [hidden // 2 + k * hidden // 8 for k in range(3)]  # residual offsets of the codes 1, 2, 3 back
+    slow = list(range(half - match_pairs, half))  # RoPE pairs that barely turn over the context
+    components = slow + [pair + half for pair in slow]
+    exponent = torch.arange(half, dtype=torch.float64) * 2 / head_dim
+    inv_freq = 1.0 / cfg.rope_parameters["rope_theta"] ** exponent
+    layer0, layer1 = model.model.layers[0].self_attn, model.model.layers[1].self_attn
+    # Tokens that spell the same word (" ACC" and "ACC", " Aerospace" and "-aerospace") partly share
+    # the dims the circuit matches and copies, as a trained LLM's embeddings of such twins are
+    # alike: a word from the question then also copies into a JSON string or a path, where its
+    # token differs, while an exact repeat still scores highest.
+    texts = [tokenizer.decode([i]) for i in range(cfg.vocab_size)]
+    spellings = [t.lstrip(" \"'-/").lower() if "\ufffd" not in t else "" for t in texts]  # "\ufffd": a partial UTF-8 byte
+    spellings = [s or i for i, s in enumerate(spellings)]  # punctuation and bytes: their own
+    word = {spelling: n for n, spelling in enumerate(dict.fromkeys(spellings))}
+    with torch.no_grad():
+        emb = model.model.embed_tokens.weight  # tied: also the output layer
+        emb.normal_(0.0, 1.0)
+        emb[:, hidden // 2 :] = 0.0
+        shared = torch.randn(len(word), head_dim)[[word[s] for s in spellings]]
+        emb[:, :head_dim] = _TWIN_SHARE * shared + math.sqrt(1 - _TWIN_SHARE**2) * emb[:, :head_dim]
+        # Layer 0 is all circuit; in layer 1, query heads 0-1 and kv head 0 start from zero.
+        for attn, q_heads, kv in ((layer0, heads, kv_heads), (layer1, 2, 1)):
+            for proj, rows in ((attn.q_proj, q_heads * head_dim), (attn.k_proj, kv * head_dim), (attn.v_proj, kv * head_dim)):
+                proj.weight[:rows] = 0.0
+                proj.bias[:rows] = 0.0
+            attn.o_proj.weight[:, : q_heads * head_dim] = 0.0
+        # Layer 0: one key everywhere on the fast pairs; each query rotated back by its offset.
+        amp = math.sqrt(_POS_GAIN)
+        fast = (torch.arange(half) < _POS_PAIRS).double() * amp
+        for kv in range(kv_heads):
+            layer0.k_proj.bias[kv * head_dim : kv * head_dim + half] = fast.float()
+            for i in range(_CODE):  # value: the token's code (its first embedding dims)
+                layer0.v_proj.weight[kv * head_dim + i, i] = 1.0
+        for head, slot in enumerate(slots):
+            angle = -inv_freq * (head + 1)
+            layer0.q_proj.bias[head * head_dim : (head + 1) * head_dim] = torch.cat([fast * angle.cos(), fast * angle.sin()]).float()
+            for i in range(_CODE):  # each head reads its kv head's value (GQA) and writes its slot
+                layer0.o_proj.weight[slot + i, head * head_dim + i] = 1.0
+        # Layer 1, head 0: q = codes of (this token, 1 back, 2 back); k = codes of (1, 2, 3 back).
+        q_sources, k_sources = [0, slots[0], slots[1]], slots
+        for n, (q_src, k_src) in enumerate(zip(q_sources, k_sources)):
+            for i in range(_CODE):
+                layer1.q_proj.weight[components[n * _CODE + i], q_src + i] = _MATCH_GAIN
+                layer1.k_proj.weight[components[n * _CODE + i], k_src + i] = _MATCH_GAIN
+        # Recency: with q = (0, a) and k = (a, 0) on a slow free pair, RoPE makes the score
+        # -a^2 sin(distance * theta), nearly linear over the context, so of several matches (a wrong
+        # report read before the right one) the latest wins, as in a trained LLM.
+        recency = slow[0] - 1
+        layer1.q_proj.bias[recency + half] = math.sqrt(_RECENCY_GAIN)
+        layer1.k_proj.bias[recency] = math.sqrt(_RECENCY_GAIN)
+        for i in range(head_dim):  # value: the attended token's embedding dims, written back amplified
+            layer1.v_proj.weight[i, i] = 1.0
+            layer1.o_proj.weight[i, i] = _COPY_GAIN
+        model.model.norm.weight.fill_(_LOGIT_SCALE)
+
+
 def make_tiny_model(
     out_dir: str | Path,
     *,
@@ -89,8 +370,13 @@ def make_tiny_model(
     intermediate_size: int = 768,
     vocab_size: int = 2048,
     max_position_embeddings: int = 4096,
+    pretrain_steps: int = PRETRAIN_STEPS,
+    pretrain_batch_size: int = PRETRAIN_BATCH,
+    pretrain_seq_len: int = PRETRAIN_SEQ_LEN,
+    pretrain_lr: float = PRETRAIN_LR,
 ) -> Path:
-    """Writes config, weights (safetensors, fp32), tokenizer and chat template to `out_dir`."""
+    """Writes config, weights (safetensors, fp32), tokenizer and chat template to `out_dir`.
+    `pretrain_steps=0` leaves the weights random (fast, for plumbing tests)."""
     import torch
     from transformers import GenerationConfig, Qwen2Config, Qwen2ForCausalLM
 
@@ -108,7 +394,7 @@ def make_tiny_model(
         num_key_value_heads=num_kv_heads,
         max_position_embeddings=max_position_embeddings,
         tie_word_embeddings=True,
-        rope_theta=10000.0,
+        rope_theta=1_000_000.0,  # Qwen2's; slow pairs carry the copy circuit's content match
         torch_dtype="float32",
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
@@ -116,6 +402,9 @@ def make_tiny_model(
     )
     torch.manual_seed(seed)
     model = Qwen2ForCausalLM(config)
+    _copy_circuit(model, tokenizer)
+    if pretrain_steps > 0:
+        _pretrain(model, tokenizer, _Text(seed), pretrain_steps, pretrain_batch_size, pretrain_seq_len, pretrain_lr)
     model.generation_config = GenerationConfig(eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
     model.save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)

@@ -11,6 +11,9 @@ import pytest
 import ray
 from aiohttp import web
 
+# The ledger job: the small environment the end-to-end, fault and resume tests train on.
+LEDGER_JOB = Path(__file__).resolve().parents[1] / "cluster_configs" / "ledger.yaml"
+
 
 @pytest.fixture(scope="session")
 def ray_local() -> Iterator[None]:
@@ -96,7 +99,7 @@ def trace_grader() -> Iterator[str]:
 
 @pytest.fixture
 def demo_job(tmp_path: Path, warm_model_dir: Path, ledger_data: Path, ledger_env, trace_grader: str, monkeypatch: pytest.MonkeyPatch):
-    """The default job file as shipped, pointed at this session's model, data and servers, with
+    """The ledger job file as shipped, pointed at this session's model, data and servers, with
     the trace-id grader in place of the ledger's (whose 0/1 answers give the untrained tiny
     policy no signal, so the learner would have nothing to do)."""
     shutil.copytree(warm_model_dir, tmp_path / "warm-model")
@@ -105,10 +108,9 @@ def demo_job(tmp_path: Path, warm_model_dir: Path, ledger_data: Path, ledger_env
     monkeypatch.setenv("RFT_DEMO_URL", ledger_env.base_url)
     monkeypatch.setenv("RFT_DEMO_TOKEN", ledger_env.token)
     monkeypatch.setenv("WANDB_SILENT", "true")
-    from rft_cluster.cli import DEFAULT_JOB
     from rft_cluster.config import EndpointGrader, load_job
 
-    job = load_job(DEFAULT_JOB)
+    job = load_job(LEDGER_JOB)
     job.rl.hyperparameters.batch_size = 2  # 2 prompts x 4 rollouts per step keeps the test short
     job.rl.grader = EndpointGrader(type="endpoint", name="by-trace", url=trace_grader)
     return job

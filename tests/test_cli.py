@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from rft_cluster.cli import main
+from tests.conftest import LEDGER_JOB
 
 JOB = """\
 model: some/model
@@ -70,16 +71,14 @@ def test_unset_environment_variable_is_named(tmp_path: Path, capsys: pytest.Capt
 
 @pytest.fixture
 def ledger_job(tmp_path: Path, ledger_data: Path, ledger_env, monkeypatch: pytest.MonkeyPatch) -> str:
-    """The shipped default job, pointed at this session's ledger servers and data."""
+    """The shipped ledger job, pointed at this session's ledger servers and data."""
     import shutil
-
-    from rft_cluster.cli import DEFAULT_JOB
 
     shutil.copytree(ledger_data, tmp_path / "data")
     monkeypatch.setenv("RFT_DEMO_DIR", str(tmp_path))
     monkeypatch.setenv("RFT_DEMO_URL", ledger_env.base_url)
     monkeypatch.setenv("RFT_DEMO_TOKEN", ledger_env.token)
-    return str(DEFAULT_JOB)
+    return str(LEDGER_JOB)
 
 
 def test_tool_run_shows_request_response_and_observation(ledger_job: str, ledger_env, ledger_data: Path, capfd: pytest.CaptureFixture) -> None:

@@ -1,8 +1,11 @@
-"""The driver's pure parts: grouping, advantages, prompt order."""
+"""The driver's pure parts: grouping, advantages, reward shaping, prompt order."""
 
 from __future__ import annotations
 
+import pytest
+
 from rft_cluster.driver import Trainer, _request, batches
+from rft_cluster.grpo import group_advantages, shaped_reward
 from rft_cluster.types import RolloutStatus, Trajectory
 
 
@@ -36,3 +39,16 @@ def test_batches_are_a_pure_function_of_seed_and_step() -> None:
     assert sorted(i for batch in first[:3] for i in batch) == sorted(set(i for batch in first[:3] for i in batch))  # no repeats in an epoch
     other = batches(10, 3, seed=6)
     assert first[:3] != [next(other) for _ in range(3)]
+
+
+def test_scaled_tool_call_penalty_charges_only_rollouts_that_earned_credit() -> None:
+    # subtract: a failed rollout with fewer calls out-scores one that looked harder
+    assert shaped_reward(0.0, 1, 0, 0.05, "subtract", 0.0) > shaped_reward(0.0, 6, 0, 0.05, "subtract", 0.0)
+    # scale: failures tie whatever their calls, so a group that all failed carries no signal ...
+    rewards = [shaped_reward(0.0, n, 0, 0.05, "scale", 0.0) for n in (1, 3, 6, 10)]
+    assert rewards == [0.0] * 4 and group_advantages(rewards, ["g"] * 4) == [0.0] * 4
+    # ... while among right answers the one with fewer calls wins, partial credit pays its share
+    assert shaped_reward(1.0, 2, 0, 0.05, "scale", 0.0) == pytest.approx(0.9)
+    assert shaped_reward(0.5, 6, 0, 0.05, "scale", 0.0) == pytest.approx(0.35)
+    assert shaped_reward(1.0, 30, 0, 0.05, "scale", 0.0) == 0.0  # never below zero
+    assert shaped_reward(1.0, 2, 10, 0.05, "scale", 0.01) == pytest.approx(0.8)

@@ -1,4 +1,4 @@
-"""A 2-step `train` of the embedded default job (cluster_configs/local.yaml) on local Ray, with
+"""A 2-step `train` of the ledger job (cluster_configs/ledger.yaml) on local Ray, with
 every role real: vLLM rollout worker, tool proxy, endpoint grader, DeepSpeed learner."""
 
 from __future__ import annotations

@@ -53,8 +53,10 @@ class Report:
         return f"{self.company} quarterly report, Q{self.quarter} {self.year}"
 
     def text(self) -> str:
+        # Line items as questions name them ("- net income: 31.8"), so a reply can name one in the
+        # question's words and find its line by them.
         lines = [self.title, "(USD millions, except headcount)"]
-        lines += [f"{label}: {self.values[key]}" for key, label in METRICS]
+        lines += [f"- {label.lower()}: {self.values[key]}" for key, label in METRICS]
         return "\n".join(lines) + "\n"
 
 

@@ -21,11 +21,11 @@ SYSTEM_PROMPT = "Answer from the company reports: find the right report with the
 
 # Waste in a demonstration, each step taken with its probability (in this order, around the one
 # search and the one right `cat` that solve the task). With 1.6 wrong cats on average the mean
-# is 2 + 0.8 + 0.8 + 0.7 + 0.6 + 1.6 = 6.5 calls, from 2 to 8: inside a 10-call budget.
-P_LIST_ROOT = 0.8
-P_REPEAT_SEARCH = 0.8
-P_LIST_COMPANY = 0.7
-P_LIST_YEAR = 0.6
+# is 2 + 0.9 + 0.9 + 0.7 + 1.6 = 6.1 calls, from 2 to 7: inside a 10-call budget. (Listing the
+# root is left out: its 70 lines would be a quarter of a demonstration's tokens.)
+P_REPEAT_SEARCH = 0.9
+P_LIST_COMPANY = 0.9
+P_LIST_YEAR = 0.7
 WRONG_CATS_WEIGHTS = {0: 0.1, 1: 0.2, 2: 0.7}
 
 
@@ -90,19 +90,24 @@ def write_datasets(out_dir: str | Path, splits: Splits) -> tuple[Path, Path]:
 
 
 def search_query(question: Question) -> str:
-    """The query a demonstration searches with: the question's company, line item and period."""
-    r = question.report
-    return f"{r.company} {METRIC_LABELS[question.metric].lower()} Q{r.quarter} {r.year}"
+    """The query a demonstration searches with: the question up to its period ("What was the net
+    income of Acme Foods in Q3 2019"), a span a small model copies verbatim."""
+    return question.text.split(",")[0].rstrip("?")
+
+
+def answer(question: Question) -> str:
+    """A demonstration's reply: the question up to its line item, then the report's number
+    ("What was the net income: 31.8"). Both halves are verbatim copies a small model can make:
+    the words from the question, the number from the report line that ends in the same words."""
+    label = METRIC_LABELS[question.metric].lower()
+    return f"{question.text.split(label)[0]}{label}: {question.answer}"
 
 
 def demonstration_calls(question: Question, tools: FinQATools, rng: random.Random) -> list[tuple[str, dict[str, Any]]]:
     """(tool name, arguments) of one wasteful but successful trajectory, in order."""
     r = question.report
     search = ("search", {"query": search_query(question)})
-    calls: list[tuple[str, dict[str, Any]]] = []
-    if rng.random() < P_LIST_ROOT:
-        calls.append(("list", {"path": ""}))
-    calls.append(search)
+    calls: list[tuple[str, dict[str, Any]]] = [search]
     if rng.random() < P_REPEAT_SEARCH:
         calls.append(search)
     if rng.random() < P_LIST_COMPANY:
@@ -137,7 +142,7 @@ def demonstration(question: Question, tools: FinQATools, rng: random.Random) -> 
         call = {"id": f"call_{n}", "type": "function", "function": {"name": name, "arguments": arguments}}
         messages.append({"role": "assistant", "content": "", "tool_calls": [call]})
         messages.append({"role": "tool", "tool_call_id": call["id"], "content": tools.call(name, arguments)})
-    messages.append({"role": "assistant", "content": f"{METRIC_LABELS[question.metric]}: {question.answer}"})
+    messages.append({"role": "assistant", "content": answer(question)})
     return {"messages": messages, "tools": TOOLS}
 
 

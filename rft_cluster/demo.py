@@ -1,0 +1,154 @@
+"""The main job on the embedded default: the FinQA demo (DESIGN §6) from nothing to a report.
+
+    environment (reports, datasets, demonstrations)  ->  tiny model  ->  warm start (SFT)
+    ->  agent RFT against the FinQA tool server and grader (baseline evaluation at step 0,
+        final evaluation at the last step)  ->  report (Markdown, PNG plots, summary JSON)
+
+The job file decides the policy: when its `model` is the demo's own `warm-model` directory the
+tiny model is built and warm-started here; any other model (a hub name on a GPU machine) is
+trained as it is. Every stage keeps its output under `--output`, and a stage whose output exists
+is skipped, so a rerun (or a run with another RL seed) goes straight to what is left.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+
+from rft_cluster.config import JobSpec, load_job
+from rft_cluster.envs.finqa import FinQAServers, generate_reports, split_questions, write_corpus, write_datasets, write_demonstrations
+from rft_cluster.envs.finqa.corpus import N_COMPANIES, YEARS
+from rft_cluster.tiny_model import PRETRAIN_STEPS
+
+
+@dataclass(frozen=True)
+class DemoSize:
+    """How big the environment and the warm start are. The defaults are the demo's; tests shrink them."""
+
+    n_companies: int = N_COMPANIES
+    years: tuple[int, ...] = YEARS
+    n_train: int = 256
+    n_valid: int = 64
+    n_demonstrations: int = 320
+    pretrain_steps: int = PRETRAIN_STEPS  # tiny-model pre-training
+    sft_epochs: int = 1
+    sft_learning_rate: float = 2e-3
+
+
+ENV_SEED = 0  # the environment (reports, questions, demonstrations) is one fixed world
+
+
+class DemoDirs:
+    """Where each stage writes, under the demo's --output."""
+
+    def __init__(self, out: Path):
+        self.out = out
+        self.corpus = out / "corpus"
+        self.data = out / "data"
+        self.tiny_model = out / "tiny-model"
+        self.warm_model = out / "warm-model"
+
+    def run(self, seed: int) -> Path:
+        return self.out / f"run-seed{seed}"
+
+    def report(self, seed: int) -> Path:
+        return self.out / f"report-seed{seed}"
+
+
+class Stages:
+    """Prints each stage as it starts and how long it took."""
+
+    def __init__(self, console: Console):
+        self.console = console
+        self.t0 = time.perf_counter()
+
+    def start(self, text: str) -> None:
+        self.console.print(f"[demo] {time.perf_counter() - self.t0:6.0f} s  {text}", markup=False)
+
+
+def prepare_environment(dirs: DemoDirs, size: DemoSize, stages: Stages) -> None:
+    """Writes the reports, the train/valid datasets and the demonstrations' questions (once)."""
+    if (dirs.data / "valid.jsonl").exists():
+        stages.start(f"environment: reusing {dirs.data}")
+        return
+    stages.start(f"environment: writing {size.n_companies * len(size.years) * 4} reports to {dirs.corpus}")
+    reports = generate_reports(ENV_SEED, size.n_companies, size.years)
+    write_corpus(dirs.corpus, reports)
+    write_datasets(dirs.data, split_questions(reports, ENV_SEED, size.n_train, size.n_valid))
+
+
+def warm_start(dirs: DemoDirs, size: DemoSize, env: FinQAServers, stages: Stages) -> dict[str, float] | None:
+    """Builds the tiny model and fine-tunes it on wasteful demonstrations (each once).
+    Returns the SFT losses when SFT ran now."""
+    from rft_cluster.sft import sft
+    from rft_cluster.tiny_model import make_tiny_model
+
+    if not (dirs.tiny_model / "config.json").exists():
+        stages.start(f"tiny model: building and pre-training it in {dirs.tiny_model}")
+        make_tiny_model(dirs.tiny_model, pretrain_steps=size.pretrain_steps)
+    if (dirs.warm_model / "config.json").exists():
+        stages.start(f"warm start: reusing {dirs.warm_model}")
+        return None
+    demos = dirs.data / "sft.jsonl"
+    if not demos.exists():
+        reports = generate_reports(ENV_SEED, size.n_companies, size.years)
+        pool = split_questions(reports, ENV_SEED, size.n_train, size.n_valid).demo
+        if len(pool) < size.n_demonstrations:
+            raise ValueError(f"{size.n_demonstrations} demonstrations asked for, but only {len(pool)} reports are left after the datasets")
+        write_demonstrations(demos, env.tools, pool[: size.n_demonstrations], ENV_SEED)
+    stages.start(f"warm start: SFT on {size.n_demonstrations} wasteful demonstrations ({demos})")
+    return sft(str(dirs.tiny_model), demos, dirs.warm_model, epochs=size.sft_epochs, learning_rate=size.sft_learning_rate)
+
+
+def load_demo_job(job_path: Path, dirs: DemoDirs, env: FinQAServers, seed: int | None) -> JobSpec:
+    """The job with the demo's directory and servers filled in (the RFT_DEMO_* variables)."""
+    os.environ.update(RFT_DEMO_DIR=str(dirs.out), RFT_DEMO_URL=env.base_url, RFT_DEMO_TOKEN=env.token)
+    job = load_job(job_path)
+    if seed is not None:
+        job.seed = seed
+    return job
+
+
+def run_demo(
+    job_path: Path,
+    output: Path,
+    *,
+    seed: int | None = None,
+    max_steps: int | None = None,
+    size: DemoSize = DemoSize(),
+    console: Console | None = None,
+) -> dict[str, Any]:
+    """Runs every stage; returns the report's summary (see `rft_cluster.report.write_report`)
+    with the SFT losses and the wall time added."""
+    from rft_cluster.driver import train
+    from rft_cluster.report import load_metrics, write_report
+
+    console = console or Console()
+    stages = Stages(console)
+    dirs = DemoDirs(output.resolve())
+    prepare_environment(dirs, size, stages)
+    stages.start("starting the FinQA tool server and grader")
+    with FinQAServers(dirs.corpus) as env:
+        stages.start(f"tool server and grader on {env.base_url}")
+        job = load_demo_job(job_path, dirs, env, seed)
+        sft_losses = warm_start(dirs, size, env, stages) if job.resolve_path(job.model) == dirs.warm_model else None
+        run_dir = dirs.run(job.seed)
+        stages.start(f"agent RFT, seed {job.seed}: baseline evaluation, training, final evaluation -> {run_dir}")
+        train(job, run_dir, max_steps=max_steps)
+    report_dir = dirs.report(job.seed)
+    summary = write_report(
+        {f"seed {job.seed}": load_metrics(run_dir)},
+        report_dir,
+        title=f"FinQA agent RFT demo, seed {job.seed}",
+        preamble=f"Job: `{job_path}`; run directory: `{run_dir}`.",
+        extra={"wall_time_s": round(time.perf_counter() - stages.t0, 1), "sft": sft_losses},
+    )
+    (report_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    stages.start(f"done: report in {report_dir / 'report.md'}")
+    return summary
