@@ -34,8 +34,9 @@ TABLE_METRICS: dict[str, tuple[str, str, str]] = {
     "tokens_per_rollout": ("generated_tokens_mean", "generated tokens / rollout", ".1f"),
 }
 
-# The evaluation marker: a step "was evaluated" when it has a valid reward mean.
-_EVAL_KEY = "valid_reward_mean"
+# The evaluation marker: a step "was evaluated" when it logged its validation rollout count, which
+# is written even when no rollout could be scored (then the reward mean is absent, shown as such).
+_EVAL_KEY = "valid_rollouts"
 PLOT_FILES = ("reward.png", "tool_calls.png", "latency.png")
 _MISSING = "—"
 
@@ -77,7 +78,7 @@ def _parse_line(line: str, path: Path, lineno: int) -> Record:
 
 
 def eval_steps(records: list[Record]) -> list[int]:
-    """Steps that hold an evaluation (a non-null valid reward mean), in order."""
+    """Steps that hold an evaluation (a validation rollout count), in order."""
     return [r["step"] for r in records if r.get(_EVAL_KEY) is not None]
 
 

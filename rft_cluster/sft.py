@@ -59,9 +59,16 @@ def sft(
     rng = random.Random(seed)
     epoch_losses = []
     t0 = time.perf_counter()
+    starts = range(0, len(samples), batch_size)
+    report_every = max(1, len(starts) // 5)  # an epoch can take minutes on CPU: show it moving
     for epoch in range(1, epochs + 1):
         rng.shuffle(samples)
-        losses = [learner.sft_step(samples[i : i + batch_size])["loss"] for i in range(0, len(samples), batch_size)]
+        losses = []
+        for n, i in enumerate(starts, start=1):
+            losses.append(learner.sft_step(samples[i : i + batch_size])["loss"])
+            if n % report_every == 0 and n < len(starts):
+                console.print(f"[sft] epoch {epoch}/{epochs}: batch {n}/{len(starts)}, loss {sum(losses[-report_every:]) / report_every:.4f} "
+                              f"({time.perf_counter() - t0:.0f} s)", markup=False)
         epoch_losses.append(sum(losses) / len(losses))
         console.print(f"[sft] epoch {epoch}/{epochs}: loss {epoch_losses[-1]:.4f} ({time.perf_counter() - t0:.0f} s)", markup=False)
     learner.save_hf(str(output))
