@@ -61,7 +61,7 @@ _LOGIT_SCALE = 0.05
 _TWIN_SHARE = 0.6
 _RECENCY_GAIN = 20.0
 
-# Pre-training defaults: ~2 min on 2 CPU cores. Short rows keep attention cheap; the copy
+# Pre-training defaults: 2-4 min on 2 CPU cores. Short rows keep attention cheap; the copy
 # distances the agent needs (a few hundred tokens) are within what the rows' offsets teach.
 PRETRAIN_STEPS = 100
 PRETRAIN_BATCH = 12
