@@ -6,14 +6,16 @@
 
 The job file decides the policy: when its `model` is the demo's own `warm-model` directory the
 tiny model is built and warm-started here; any other model (a hub name on a GPU machine) is
-trained as it is. Every stage keeps its output under `--output`, and a stage whose output exists
-is skipped, so a rerun (or a run with another RL seed) goes straight to what is left.
+trained as it is. Every stage keeps its output under `--output`; the environment, the tiny
+model and the warm start are skipped when their output exists, so a rerun (or another RL seed)
+goes straight to agent RFT, which always starts over.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -139,6 +141,9 @@ def run_demo(
         job = load_demo_job(job_path, dirs, env, seed)
         sft_losses = warm_start(dirs, size, env, stages) if job.resolve_path(job.model) == dirs.warm_model else None
         run_dir = dirs.run(job.seed)
+        if run_dir.exists():  # a rerun of a seed starts that RL run over, never appends to it
+            stages.start(f"removing the earlier run of seed {job.seed}: {run_dir}")
+            shutil.rmtree(run_dir)
         stages.start(f"agent RFT, seed {job.seed}: baseline evaluation, training, final evaluation -> {run_dir}")
         train(job, run_dir, max_steps=max_steps)
     report_dir = dirs.report(job.seed)
