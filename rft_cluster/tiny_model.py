@@ -8,12 +8,13 @@ loads through exactly the code path a hub model takes (`AutoTokenizer` / `AutoMo
 Hermes tool-calling format: tool schemas in the system turn, calls as `<tool_call>{json}</tool_call>`,
 results as `<tool_response>` blocks.
 
-Why pre-train: a randomly initialised model warm-started by SFT on a few hundred demonstrations
-learns the procedure but not to copy an identifier or a number from its context (it emits the
-most common digits), so RL would get no signal. Real LLMs copy trivially (induction heads). The
-pre-training text makes copying the only way to lower the loss: random token strings repeated
-after a separator, and tool-use conversations whose calls and answers repeat identifiers and
-numbers that appear once earlier.
+Why a copy circuit and pre-training: a randomly initialised model warm-started by SFT on a few
+hundred demonstrations learns the procedure but not to copy an identifier or a number from its
+context (it emits the most common digits), so RL would get no signal. Real LLMs copy trivially
+(induction heads), and minutes of CPU training do not grow one, so `_copy_circuit` sets one into
+the first two layers; the pre-training (random token strings repeated after a separator, and
+tool-use conversations whose calls and answers repeat identifiers and numbers that appear once
+earlier) then fits the rest of the model around it.
 """
 
 from __future__ import annotations
