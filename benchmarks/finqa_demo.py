@@ -57,7 +57,10 @@ def main() -> int:
         "baseline) and after the last step."
     )
     summary = write_report(runs, results / "finqa-demo", title="FinQA agent RFT demo: step 0 vs final over seeds", preamble=preamble)
-    (results / "finqa-demo.md").write_text((results / "finqa-demo" / "report.md").read_text().replace("](", "](finqa-demo/"))
+    # One report: moved next to the JSON, its plot links pointing into finqa-demo/.
+    report = results / "finqa-demo" / "report.md"
+    (results / "finqa-demo.md").write_text(report.read_text().replace("](", "](finqa-demo/"))
+    report.unlink()
     machine = {
         "commit": commit,
         "wall_time_s": wall[first],

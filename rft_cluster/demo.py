@@ -24,7 +24,16 @@ from typing import Any
 from rich.console import Console
 
 from rft_cluster.config import JobSpec, load_job
-from rft_cluster.envs.finqa import FinQAServers, generate_reports, split_questions, write_corpus, write_datasets, write_demonstrations
+from rft_cluster.envs.finqa import (
+    FinQAServers,
+    Report,
+    Splits,
+    generate_reports,
+    split_questions,
+    write_corpus,
+    write_datasets,
+    write_demonstrations,
+)
 from rft_cluster.envs.finqa.corpus import N_COMPANIES, YEARS
 from rft_cluster.tiny_model import PRETRAIN_STEPS
 
@@ -41,6 +50,12 @@ class DemoSize:
     pretrain_steps: int = PRETRAIN_STEPS  # tiny-model pre-training
     sft_epochs: int = 1
     sft_learning_rate: float = 2e-3
+
+    def reports(self) -> list[Report]:
+        return generate_reports(ENV_SEED, self.n_companies, self.years)
+
+    def splits(self) -> Splits:
+        return split_questions(self.reports(), ENV_SEED, self.n_train, self.n_valid)
 
 
 ENV_SEED = 0  # the environment (reports, questions, demonstrations) is one fixed world
@@ -80,9 +95,8 @@ def prepare_environment(dirs: DemoDirs, size: DemoSize, stages: Stages) -> None:
         stages.start(f"environment: reusing {dirs.data}")
         return
     stages.start(f"environment: writing {size.n_companies * len(size.years) * 4} reports to {dirs.corpus}")
-    reports = generate_reports(ENV_SEED, size.n_companies, size.years)
-    write_corpus(dirs.corpus, reports)
-    write_datasets(dirs.data, split_questions(reports, ENV_SEED, size.n_train, size.n_valid))
+    write_corpus(dirs.corpus, size.reports())
+    write_datasets(dirs.data, size.splits())
 
 
 def warm_start(dirs: DemoDirs, size: DemoSize, env: FinQAServers, stages: Stages) -> dict[str, float] | None:
@@ -99,8 +113,7 @@ def warm_start(dirs: DemoDirs, size: DemoSize, env: FinQAServers, stages: Stages
         return None
     demos = dirs.data / "sft.jsonl"
     if not demos.exists():
-        reports = generate_reports(ENV_SEED, size.n_companies, size.years)
-        pool = split_questions(reports, ENV_SEED, size.n_train, size.n_valid).demo
+        pool = size.splits().demo
         if len(pool) < size.n_demonstrations:
             raise ValueError(f"{size.n_demonstrations} demonstrations asked for, but only {len(pool)} reports are left after the datasets")
         write_demonstrations(demos, env.tools, pool[: size.n_demonstrations], ENV_SEED)

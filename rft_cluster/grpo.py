@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import statistics
 from collections import defaultdict
+from typing import Literal
 
 import torch
 
@@ -17,7 +18,12 @@ _MAX_LOG_RATIO = 20.0
 
 
 def shaped_reward(
-    score: float, tool_calls: int, reasoning_tokens: int, tool_call_penalty: float, mode: str, reasoning_token_penalty: float
+    score: float,
+    tool_calls: int,
+    reasoning_tokens: int,
+    tool_call_penalty: float,
+    mode: Literal["subtract", "scale"],
+    reasoning_token_penalty: float,
 ) -> float:
     """The reward trained on. "subtract": score - penalty * calls. "scale": score * max(0, 1 -
     penalty * calls), so a wrong answer is not made worse by its calls: with group-normalised
