@@ -194,6 +194,7 @@ class Hyperparameters(Strict):
     tool_call_penalty: float = Field(default=0.0, ge=0)
     tool_call_penalty_mode: Literal["subtract", "scale"] = "subtract"
     reasoning_token_penalty: float = Field(default=0.0, ge=0)
+    scale_advantages: bool = True  # divide by the group's reward std (GRPO); false: Dr. GRPO
 
     def resolved(self, n_train_rows: int) -> "ResolvedHyperparameters":
         """Turns every "auto" into a number (documented in README: "auto" values)."""
@@ -219,6 +220,7 @@ class Hyperparameters(Strict):
             tool_call_penalty=self.tool_call_penalty,
             tool_call_penalty_mode=self.tool_call_penalty_mode,
             reasoning_token_penalty=self.reasoning_token_penalty,
+            scale_advantages=self.scale_advantages,
         )
 
 
@@ -236,6 +238,7 @@ class ResolvedHyperparameters(Strict):
     tool_call_penalty: float
     tool_call_penalty_mode: Literal["subtract", "scale"]
     reasoning_token_penalty: float
+    scale_advantages: bool
 
 
 class ToolSettings(Strict):

@@ -154,12 +154,12 @@ class Trainer:
                                          hp.tool_call_penalty_mode, hp.reasoning_token_penalty)
 
     @staticmethod
-    def train_samples(trajs: list[Trajectory]) -> list[TrainSample]:
+    def train_samples(trajs: list[Trajectory], scale_advantages: bool = True) -> list[TrainSample]:
         """Group-relative advantages over the rollouts that were graded; discarded rollouts
         take no part in their group's statistics. A rollout with zero advantage (its group's
         rewards were all equal) adds no gradient, so it is not sent to the learner at all."""
         kept = [t for t in trajs if t.status in GRADED and t.reward is not None]
-        adv = group_advantages([t.reward for t in kept], [t.group_id for t in kept])
+        adv = group_advantages([t.reward for t in kept], [t.group_id for t in kept], scale_advantages)
         return [TrainSample(t.token_ids, t.loss_mask, t.logprobs, a) for t, a in zip(kept, adv) if a != 0.0]
 
     def rollouts(self, rows: list[dict], indices: list[int], group: int, step: int, split: str) -> tuple[list[Trajectory], float, float]:
@@ -249,7 +249,7 @@ class Trainer:
         c = self.cluster
         trajs, sampling, grading = self.rollouts(self.train_rows, indices, self.hp.group_size, step, "train")
         t2 = time.perf_counter()
-        samples = self.train_samples(trajs)
+        samples = self.train_samples(trajs, self.hp.scale_advantages)
         # No signal in the batch: no step, so the engines' weights are still current.
         learner_stats = ray.get(c.learner.train_step.remote(samples)) if samples else {}
         t3 = time.perf_counter()

@@ -37,8 +37,12 @@ def shaped_reward(
     return tool_part - reasoning_token_penalty * reasoning_tokens
 
 
-def group_advantages(rewards: list[float], group_ids: list[str], eps: float = 1e-6) -> list[float]:
+def group_advantages(rewards: list[float], group_ids: list[str], scale: bool = True, eps: float = 1e-6) -> list[float]:
     """GRPO advantage of each rollout: (r - mean of its group) / (std of its group + eps).
+
+    With `scale=False` the advantage is r - mean alone (Dr. GRPO): dividing by the std gives a
+    group's one right answer the same advantage whatever its reward, so a penalty that only
+    lowers that reward (tool calls, "scale" mode) would teach nothing in such groups.
 
     The std is the sample std (Bessel-corrected), as TRL and veRL compute it. A group whose
     rewards are all equal, or of size 1, carries no learning signal and gets 0 for every
@@ -56,7 +60,7 @@ def group_advantages(rewards: list[float], group_ids: list[str], eps: float = 1e
     out = []
     for r, g in zip(rewards, group_ids):
         s = stats[g]
-        out.append(0.0 if s is None else (r - s[0]) / (s[1] + eps))
+        out.append(0.0 if s is None else (r - s[0]) / (s[1] + eps if scale else 1.0))
     return out
 
 

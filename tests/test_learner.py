@@ -32,6 +32,16 @@ def test_group_advantages_normalise_within_each_group() -> None:
     assert adv[5] == 0.0  # c: a group of one
 
 
+def test_unscaled_advantages_keep_the_reward_gap_that_scaling_erases() -> None:
+    # Two groups, each with one right answer: 2 tool calls (reward 0.8) and 6 (reward 0.4).
+    rewards, groups = [0.8, 0.0, 0.0, 0.0, 0.4, 0.0, 0.0, 0.0], ["few"] * 4 + ["many"] * 4
+    scaled = group_advantages(rewards, groups, scale=True)
+    assert scaled[0] == pytest.approx(scaled[4], rel=1e-5)  # the std division makes them equal
+    unscaled = group_advantages(rewards, groups, scale=False)
+    assert unscaled[:2] == pytest.approx([0.6, -0.2]) and unscaled[4:6] == pytest.approx([0.3, -0.1])
+    assert group_advantages([0.3, 0.3], ["g", "g"], scale=False) == [0.0, 0.0]
+
+
 def test_group_advantages_equal_rewards_are_exactly_zero() -> None:
     # mean(0.1, 0.1, 0.1) != 0.1 in floats; divided by eps that would be a large advantage
     assert group_advantages([0.1, 0.1, 0.1], ["g"] * 3) == [0.0, 0.0, 0.0]
