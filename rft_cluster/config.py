@@ -186,6 +186,7 @@ class Hyperparameters(Strict):
     group_size: int | Auto = "auto"  # rollouts per prompt (GRPO group)
     max_steps: int | None = Field(default=None, gt=0)  # stop before the epochs are done
     base_learning_rate: float = Field(default=1e-5, gt=0)
+    warmup_steps: int = Field(default=0, ge=0)  # the rate ramps linearly up to its value over these steps
     clip_epsilon: float = Field(default=0.2, gt=0)
     temperature: float = Field(default=1.0, gt=0)
     max_tokens_per_turn: int = Field(default=256, gt=0)
@@ -211,6 +212,7 @@ class Hyperparameters(Strict):
             group_size=group,
             n_epochs=epochs,
             learning_rate=self.base_learning_rate * lrm,
+            warmup_steps=self.warmup_steps,
             total_steps=steps,
             eval_interval=max(1, steps // 4) if self.eval_interval == "auto" else self.eval_interval,
             eval_samples=1 if self.eval_samples == "auto" else self.eval_samples,
@@ -229,6 +231,7 @@ class ResolvedHyperparameters(Strict):
     group_size: int
     n_epochs: int
     learning_rate: float
+    warmup_steps: int
     total_steps: int
     eval_interval: int
     eval_samples: int

@@ -73,7 +73,9 @@ def _nll_loss(chunk: list[TrainSample], logprobs: torch.Tensor, mask: torch.Tens
 class Learner:
     """GRPO learner over one DeepSpeed engine (ZeRO stage 0-3)."""
 
-    def __init__(self, model: str, spec: LearnerSpec, learning_rate: float, clip_epsilon: float, seed: int):
+    def __init__(
+        self, model: str, spec: LearnerSpec, learning_rate: float, clip_epsilon: float, seed: int, warmup_steps: int = 0
+    ):
         from transformers import AutoModelForCausalLM, AutoTokenizer, set_seed
 
         set_seed(seed)
@@ -102,7 +104,11 @@ class Learner:
             "steps_per_print": 2**31 - 1,  # DeepSpeed's progress lines; we report our own
         }
         optimizer = torch.optim.AdamW(module.parameters(), lr=learning_rate, weight_decay=0.0)
-        self.engine, *_ = deepspeed.initialize(model=module, optimizer=optimizer, config=config)
+        # Adam's first steps move every weight by about the full rate, whatever the gradient's
+        # size: a linear ramp over `warmup_steps` keeps one noisy early batch from wrecking a
+        # small policy. DeepSpeed steps the schedule with the optimizer and checkpoints it.
+        warmup = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / (warmup_steps + 1)))
+        self.engine, *_ = deepspeed.initialize(model=module, optimizer=optimizer, lr_scheduler=warmup, config=config)
         self.model = self.engine.module
 
     # ---------------------------------------------------------------- batching
@@ -168,11 +174,12 @@ class Learner:
             metrics["loss"] += loss.item() * share
             for key, value in stats.items():
                 metrics[key] += value * share
+        lr = self._lr()  # the rate this step uses: stepping moves the schedule on
         metrics["grad_norm"] = self._step()
         return dict(metrics) | {
             "tokens": float(total_tokens),
             "samples": float(len(usable)),
-            "lr": self._lr(),
+            "lr": lr,
             "seconds": time.perf_counter() - t0,
         }
 

@@ -111,8 +111,8 @@ def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_tiny_model(tmp_path_factory.mktemp("tiny"))
 
 
-def make_learner(model_dir: Path, **spec: object) -> Learner:
-    return Learner(str(model_dir), LearnerSpec(**spec), learning_rate=LR, clip_epsilon=CLIP, seed=0)
+def make_learner(model_dir: Path, warmup_steps: int = 0, **spec: object) -> Learner:
+    return Learner(str(model_dir), LearnerSpec(**spec), learning_rate=LR, clip_epsilon=CLIP, seed=0, warmup_steps=warmup_steps)
 
 
 def make_batch(learner: Learner, advantages: list[float], seed: int, off_policy: float = 0.0) -> list[TrainSample]:
@@ -291,6 +291,20 @@ def test_save_state_and_load_state_resume_identically(model_dir: Path, tmp_path:
         assert torch.equal(wa[name], wb[name]), name
     with pytest.raises(FileNotFoundError):
         b.load_state(str(tmp_path / "empty"))
+
+
+@pytest.mark.slow
+def test_warmup_ramps_the_rate_and_a_resumed_run_continues_the_ramp(model_dir: Path, tmp_path: Path) -> None:
+    a = make_learner(model_dir, warmup_steps=2, zero_stage=2)
+    batch = make_batch(a, [1.0, -1.0, 0.5], seed=6)
+    rates = [a.train_step(batch)["lr"]]
+    a.save_state(str(tmp_path / "ckpt"))
+    rates += [a.train_step(batch)["lr"] for _ in range(3)]
+    assert rates == pytest.approx([LR / 3, 2 * LR / 3, LR, LR])
+
+    b = make_learner(model_dir, warmup_steps=2, zero_stage=2)
+    b.load_state(str(tmp_path / "ckpt"))
+    assert b.train_step(batch)["lr"] == pytest.approx(2 * LR / 3)  # a fresh schedule would be back at LR / 3
 
 
 @ray.remote(num_cpus=0)
