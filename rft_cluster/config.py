@@ -188,6 +188,9 @@ class Hyperparameters(Strict):
     base_learning_rate: float = Field(default=1e-5, gt=0)
     warmup_steps: int = Field(default=0, ge=0)  # the rate ramps linearly up to its value over these steps
     clip_epsilon: float = Field(default=0.2, gt=0)
+    # Per-token KL to the starting policy, weighted into the loss (GRPO's beta); > 0 keeps a
+    # frozen copy of the starting model in the learner, one more forward pass per step.
+    kl_coef: float = Field(default=0.0, ge=0)
     temperature: float = Field(default=1.0, gt=0)
     max_tokens_per_turn: int = Field(default=256, gt=0)
     # Reward shaping (`grpo.shaped_reward`): the tool-call penalty is subtracted per call, or with
@@ -217,6 +220,7 @@ class Hyperparameters(Strict):
             eval_interval=max(1, steps // 4) if self.eval_interval == "auto" else self.eval_interval,
             eval_samples=1 if self.eval_samples == "auto" else self.eval_samples,
             clip_epsilon=self.clip_epsilon,
+            kl_coef=self.kl_coef,
             temperature=self.temperature,
             max_tokens_per_turn=self.max_tokens_per_turn,
             tool_call_penalty=self.tool_call_penalty,
@@ -236,6 +240,7 @@ class ResolvedHyperparameters(Strict):
     eval_interval: int
     eval_samples: int
     clip_epsilon: float
+    kl_coef: float
     temperature: float
     max_tokens_per_turn: int
     tool_call_penalty: float

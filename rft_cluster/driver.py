@@ -65,7 +65,7 @@ def start_cluster(job: JobSpec, hp: ResolvedHyperparameters) -> Cluster:
         for i in range(c.rollout_workers)
     ]
     learner = ray.remote(num_cpus=c.learner_cpus, num_gpus=c.learner.num_gpus)(Learner).remote(
-        model, c.learner, hp.learning_rate, hp.clip_epsilon, job.seed, hp.warmup_steps
+        model, c.learner, hp.learning_rate, hp.clip_epsilon, job.seed, hp.warmup_steps, hp.kl_coef
     )
     t0 = time.perf_counter()
     ray.get([w.start.remote() for w in workers] + [learner.__ray_ready__.remote()])

@@ -80,8 +80,11 @@ def policy_loss(
     advantages: torch.Tensor,
     mask: torch.Tensor,
     clip_eps: float,
+    ref_logprobs: torch.Tensor | None = None,
+    kl_coef: float = 0.0,
 ) -> tuple[torch.Tensor, dict[str, float]]:
-    """PPO/GRPO clipped surrogate, averaged over the masked tokens of the whole batch.
+    """PPO/GRPO clipped surrogate, averaged over the masked tokens of the whole batch, plus
+    `kl_coef` times the KL to a reference policy when `ref_logprobs` ([B, T], no grad) are given.
 
     logprobs: [B, T] the trainer's, with grad. old_logprobs: [B, T] the rollout engine's
     sampling logprobs, so ratio = exp(logprobs - old_logprobs) is both the PPO ratio and the
@@ -95,7 +98,9 @@ def policy_loss(
 
     stats (over masked tokens): clip_fraction (share whose gradient the clip removes),
     approx_kl (k3 estimator: mean of (ratio - 1) - log ratio), logprob_gap (mean
-    |logprob - old_logprob|, the rollout/trainer gap) and ratio_mean.
+    |logprob - old_logprob|, the rollout/trainer gap), ratio_mean, and with a reference
+    ref_kl (GRPO's per-token k3 estimate of KL(policy || reference): e^d - d - 1 with
+    d = ref - logprob, never negative, zero with zero gradient where the two agree).
     """
     mask = mask.bool()
     # Masked positions may hold arbitrary old logprobs (0.0 for prompt tokens): zero their
@@ -113,6 +118,11 @@ def policy_loss(
         return torch.where(mask, x, 0.0).sum() / n
 
     loss = masked_mean(per_token)
+    ref_kl = None
+    if ref_logprobs is not None:
+        d = torch.where(mask, ref_logprobs - logprobs, 0.0).clamp(-_MAX_LOG_RATIO, _MAX_LOG_RATIO)
+        ref_kl = masked_mean(torch.exp(d) - d - 1.0)
+        loss = loss + kl_coef * ref_kl
     with torch.no_grad():
         stats = {
             "clip_fraction": masked_mean((clipped < unclipped).float()).item(),
@@ -120,4 +130,6 @@ def policy_loss(
             "logprob_gap": masked_mean(diff.abs()).item(),
             "ratio_mean": masked_mean(ratio).item(),
         }
+    if ref_kl is not None:
+        stats["ref_kl"] = ref_kl.item()
     return loss, stats

@@ -74,13 +74,21 @@ class Learner:
     """GRPO learner over one DeepSpeed engine (ZeRO stage 0-3)."""
 
     def __init__(
-        self, model: str, spec: LearnerSpec, learning_rate: float, clip_epsilon: float, seed: int, warmup_steps: int = 0
+        self,
+        model: str,
+        spec: LearnerSpec,
+        learning_rate: float,
+        clip_epsilon: float,
+        seed: int,
+        warmup_steps: int = 0,
+        kl_coef: float = 0.0,
     ):
         from transformers import AutoModelForCausalLM, AutoTokenizer, set_seed
 
         set_seed(seed)
         self.spec = spec
         self.clip_epsilon = clip_epsilon
+        self.kl_coef = kl_coef
         use_cuda = torch.cuda.is_available()
         _init_distributed(use_cuda)
         import deepspeed
@@ -110,6 +118,11 @@ class Learner:
         warmup = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / (warmup_steps + 1)))
         self.engine, *_ = deepspeed.initialize(model=module, optimizer=optimizer, lr_scheduler=warmup, config=config)
         self.model = self.engine.module
+        # The KL anchor: the starting weights, frozen (a resumed run reloads the same ones).
+        self.reference = None
+        if kl_coef > 0:
+            self.reference = AutoModelForCausalLM.from_pretrained(model, dtype=module.dtype).to(self.engine.device).eval()
+            self.reference.requires_grad_(False)
 
     # ---------------------------------------------------------------- batching
 
@@ -149,7 +162,12 @@ class Learner:
         width = logprobs.shape[1] + 1
         old = self._shifted([s.rollout_logprobs for s in chunk], width, torch.float32).to(logprobs.device)
         adv = torch.tensor([s.advantage for s in chunk], dtype=torch.float32, device=logprobs.device)[:, None]
-        return policy_loss(logprobs, old, adv, mask, self.clip_epsilon)
+        ref = None
+        if self.reference is not None:
+            with torch.no_grad():
+                ids, attn = self._collate([s.token_ids for s in chunk])
+                ref = token_logprobs(self.reference(input_ids=ids, attention_mask=attn).logits, ids)
+        return policy_loss(logprobs, old, adv, mask, self.clip_epsilon, ref, self.kl_coef)
 
     def _optimize(self, samples: list[TrainSample], chunk_loss: ChunkLoss) -> dict[str, float]:
         t0 = time.perf_counter()

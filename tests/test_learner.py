@@ -93,6 +93,25 @@ def test_policy_loss_negative_advantage_clips_below() -> None:
     assert grad.tolist()[0] == pytest.approx([1.5 / 3, 0.0, 1.1 / 3, 0.0])
 
 
+def test_kl_term_is_zero_at_the_reference_and_pulls_the_policy_back_to_it() -> None:
+    mask = torch.tensor([[1, 1, 0]])
+    old = torch.zeros(1, 3)
+    ref = torch.tensor([[-1.0, -2.0, 5.0]])  # the masked third token's value must not count
+    for adv in (0.0, 1.0):
+        at_ref = ref.clone().requires_grad_(True)
+        loss, stats = policy_loss(at_ref, old, torch.tensor([[adv]]), mask, 0.2, ref.clone(), kl_coef=0.5)
+        plain, _ = policy_loss(ref.clone(), old, torch.tensor([[adv]]), mask, 0.2)
+        assert stats["ref_kl"] == 0.0 and loss.item() == pytest.approx(plain.item())
+
+    drifted = torch.tensor([[-0.5, -3.0, 0.0]], requires_grad=True)  # token 1 up, token 2 down
+    loss, stats = policy_loss(drifted, drifted.detach(), torch.zeros(1, 1), mask, 0.2, ref, kl_coef=0.5)
+    loss.backward()
+    d = torch.tensor([-0.5, 1.0])  # ref - logprob on the sampled tokens
+    assert stats["ref_kl"] == pytest.approx((torch.exp(d) - d - 1).mean().item())
+    # descending the gradient moves each logprob back toward the reference's
+    assert drifted.grad[0, 0] > 0 and drifted.grad[0, 1] < 0 and drifted.grad[0, 2] == 0
+
+
 def test_policy_loss_is_a_token_mean_over_the_whole_batch() -> None:
     # Two sequences with 1 and 3 sampled tokens, on-policy: loss = -(1*A0 + 3*A1) / 4.
     logprobs = torch.zeros(2, 3)
@@ -305,6 +324,16 @@ def test_warmup_ramps_the_rate_and_a_resumed_run_continues_the_ramp(model_dir: P
     b = make_learner(model_dir, warmup_steps=2, zero_stage=2)
     b.load_state(str(tmp_path / "ckpt"))
     assert b.train_step(batch)["lr"] == pytest.approx(2 * LR / 3)  # a fresh schedule would be back at LR / 3
+
+
+@pytest.mark.slow
+def test_kl_coef_anchors_training_to_the_starting_weights(model_dir: Path) -> None:
+    learner = Learner(str(model_dir), LearnerSpec(zero_stage=2), learning_rate=1e-3, clip_epsilon=CLIP, seed=0, kl_coef=0.1)
+    batch = make_batch(learner, [1.0, -1.0, 0.5], seed=7)
+    first, second = learner.train_step(batch), learner.train_step(batch)
+    assert first["ref_kl"] < 1e-6  # the policy starts as the reference
+    assert second["ref_kl"] > 1e-4  # one step later it has moved, and the loss says by how much
+    assert "ref_kl" not in make_learner(model_dir, zero_stage=2).train_step(batch)  # no reference, no term
 
 
 @ray.remote(num_cpus=0)
