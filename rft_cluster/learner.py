@@ -62,11 +62,16 @@ def _init_distributed(use_cuda: bool) -> None:
             del os.environ["MASTER_PORT"]
 
 
-# (micro-batch samples, next-token logprobs [B, T-1], loss mask [B, T-1]) -> (mean loss, stats)
-ChunkLoss = Callable[[list[TrainSample], torch.Tensor, torch.Tensor], tuple[torch.Tensor, dict[str, float]]]
+# (micro-batch samples, their padded input ids and attention mask [B, T], next-token logprobs
+# [B, T-1], loss mask [B, T-1]) -> (mean loss, stats)
+ChunkLoss = Callable[
+    [list[TrainSample], torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], tuple[torch.Tensor, dict[str, float]]
+]
 
 
-def _nll_loss(chunk: list[TrainSample], logprobs: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+def _nll_loss(
+    chunk: list[TrainSample], ids: torch.Tensor, attn: torch.Tensor, logprobs: torch.Tensor, mask: torch.Tensor
+) -> tuple[torch.Tensor, dict[str, float]]:
     return -torch.where(mask, logprobs, 0.0).sum() / mask.sum(), {}
 
 
@@ -158,14 +163,15 @@ class Learner:
         """One supervised step (warm start): mean negative log-likelihood of the masked tokens."""
         return self._optimize(samples, _nll_loss)
 
-    def _policy_loss(self, chunk: list[TrainSample], logprobs: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+    def _policy_loss(
+        self, chunk: list[TrainSample], ids: torch.Tensor, attn: torch.Tensor, logprobs: torch.Tensor, mask: torch.Tensor
+    ) -> tuple[torch.Tensor, dict[str, float]]:
         width = logprobs.shape[1] + 1
         old = self._shifted([s.rollout_logprobs for s in chunk], width, torch.float32).to(logprobs.device)
         adv = torch.tensor([s.advantage for s in chunk], dtype=torch.float32, device=logprobs.device)[:, None]
         ref = None
         if self.reference is not None:
             with torch.no_grad():
-                ids, attn = self._collate([s.token_ids for s in chunk])
                 ref = token_logprobs(self.reference(input_ids=ids, attention_mask=attn).logits, ids)
         return policy_loss(logprobs, old, adv, mask, self.clip_epsilon, ref, self.kl_coef)
 
@@ -184,7 +190,7 @@ class Learner:
             chunk = usable[start : start + mbs]
             ids, attn = self._collate([s.token_ids for s in chunk])
             mask = self._shifted([s.loss_mask for s in chunk], ids.shape[1], torch.bool).to(ids.device)
-            loss, stats = chunk_loss(chunk, self._next_token_logprobs(ids, attn), mask)
+            loss, stats = chunk_loss(chunk, ids, attn, self._next_token_logprobs(ids, attn), mask)
             # The loss is a mean over this chunk's tokens; weighting by its share of the
             # batch's tokens makes the accumulated gradient that of the batch-wide token mean.
             share = mask.sum().item() / total_tokens

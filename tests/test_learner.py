@@ -130,8 +130,8 @@ def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_tiny_model(tmp_path_factory.mktemp("tiny"))
 
 
-def make_learner(model_dir: Path, warmup_steps: int = 0, **spec: object) -> Learner:
-    return Learner(str(model_dir), LearnerSpec(**spec), learning_rate=LR, clip_epsilon=CLIP, seed=0, warmup_steps=warmup_steps)
+def make_learner(model_dir: Path, learning_rate: float = LR, warmup_steps: int = 0, kl_coef: float = 0.0, **spec: object) -> Learner:
+    return Learner(str(model_dir), LearnerSpec(**spec), learning_rate, CLIP, seed=0, warmup_steps=warmup_steps, kl_coef=kl_coef)
 
 
 def make_batch(learner: Learner, advantages: list[float], seed: int, off_policy: float = 0.0) -> list[TrainSample]:
@@ -328,7 +328,7 @@ def test_warmup_ramps_the_rate_and_a_resumed_run_continues_the_ramp(model_dir: P
 
 @pytest.mark.slow
 def test_kl_coef_anchors_training_to_the_starting_weights(model_dir: Path) -> None:
-    learner = Learner(str(model_dir), LearnerSpec(zero_stage=2), learning_rate=1e-3, clip_epsilon=CLIP, seed=0, kl_coef=0.1)
+    learner = make_learner(model_dir, learning_rate=1e-3, kl_coef=0.1, zero_stage=2)
     batch = make_batch(learner, [1.0, -1.0, 0.5], seed=7)
     first, second = learner.train_step(batch), learner.train_step(batch)
     assert first["ref_kl"] < 1e-6  # the policy starts as the reference
