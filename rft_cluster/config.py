@@ -294,6 +294,10 @@ class LearnerSpec(Strict):
     num_gpus: float = Field(default=0, ge=0)
     weight_bucket_mb: int = Field(default=64, gt=0, description="size of each weight-sync bucket")
     gradient_checkpointing: bool = False
+    cpu_threads: int | None = Field(
+        default=None, gt=0,
+        description="torch threads of a CPU learner; default: Ray's OMP_NUM_THREADS, i.e. cluster.learner_cpus",
+    )
 
 
 class ClusterSpec(Strict):

@@ -95,6 +95,8 @@ class Learner:
         self.clip_epsilon = clip_epsilon
         self.kl_coef = kl_coef
         use_cuda = torch.cuda.is_available()
+        if spec.cpu_threads and not use_cuda:
+            torch.set_num_threads(spec.cpu_threads)
         _init_distributed(use_cuda)
         import deepspeed
 

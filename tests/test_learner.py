@@ -374,3 +374,15 @@ def test_publish_sends_every_bucket_to_every_worker_between_begin_and_finish(mod
         assert tensors.keys() == expected.keys()
         for name, t in tensors.items():
             assert torch.equal(t, expected[name]), name
+
+
+@pytest.mark.slow
+def test_cpu_threads_overrides_the_thread_count_ray_gives_a_learner_actor(model_dir: Path, ray_local: None) -> None:
+    # Ray caps an actor's OMP_NUM_THREADS at its num_cpus; a sync run's learner may use the cores
+    # the idle engine leaves it.
+    threads = []
+    for cpu_threads in (None, 2):
+        actor = ray.remote(num_cpus=1)(Learner).remote(str(model_dir), LearnerSpec(cpu_threads=cpu_threads), LR, CLIP, 0)
+        threads.append(ray.get(actor.__ray_call__.remote(lambda _: torch.get_num_threads())))
+        ray.kill(actor)
+    assert threads == [1, 2]

@@ -19,17 +19,18 @@ from rft_cluster.envs.finqa.tools import TOOLS, FinQATools
 
 SYSTEM_PROMPT = "Answer from the company reports: find the right report with the tools, read it, then reply with the number."
 
-# Waste in a demonstration, each step taken with its probability (in this order, around the one
-# search and the one right `cat` that solve the task). The mean is 2 + 0.9 + 0.9 + 0.9 + 1.0 + 0.3
-# = 6.0 calls, from 2 to 8: inside a 10-call budget. Most of it is harmless to drop (repeats,
-# listings), and 3 in 10 demonstrations open the right report first, so the efficient path is one
-# the warm-started policy already takes now and then: RL can find it by sampling. (Listing the
-# root is left out: its 70 lines would be a quarter of a demonstration's tokens.)
-P_REPEAT_SEARCH = 0.9
-P_LIST_COMPANY = 0.9
-P_LIST_YEAR = 0.9
-WRONG_CATS_WEIGHTS = {0: 0.3, 1: 0.4, 2: 0.3}
-P_REREAD = 0.3  # `cat` the right report a second time before answering
+# Waste in a demonstration, around the one search and the one right `cat` that solve the task,
+# in this order: repeats of the search, a `list` of the company's directory, one of the year's,
+# wrong reports `cat`-ed before the right one, and the right one read again. At each point the
+# next waste step is taken with probability 0.6, as an agent's next turn would be: no choice is
+# near-certain, so the warm-started policy samples each both ways and RL can select the cheaper
+# one turn by turn (with the search repeated and each directory listed at 0.9, RL runs kept all
+# three). The mean is 2 + 0.96 + 1.2 + 1.18 + 0.6 = 5.9 calls, from 2 to 10: inside a 10-call
+# budget. (Listing the root is left out: its 70 lines would be a quarter of a demonstration's
+# tokens.)
+P_WASTE = 0.6
+MAX_REPEAT_SEARCHES = 2
+MAX_WRONG_CATS = 3
 
 
 @dataclass(frozen=True)
@@ -110,19 +111,22 @@ def demonstration_calls(question: Question, tools: FinQATools, rng: random.Rando
     """(tool name, arguments) of one wasteful but successful trajectory, in order."""
     r = question.report
     search = ("search", {"query": search_query(question)})
-    calls: list[tuple[str, dict[str, Any]]] = [search]
-    if rng.random() < P_REPEAT_SEARCH:
-        calls.append(search)
-    if rng.random() < P_LIST_COMPANY:
+    calls: list[tuple[str, dict[str, Any]]] = [search] * (1 + _streak(rng, MAX_REPEAT_SEARCHES))
+    if _streak(rng, 1):
         calls.append(("list", {"path": r.slug}))
-    if rng.random() < P_LIST_YEAR:
+    if _streak(rng, 1):
         calls.append(("list", {"path": f"{r.slug}/{r.year}"}))
-    n_wrong = rng.choices(list(WRONG_CATS_WEIGHTS), weights=list(WRONG_CATS_WEIGHTS.values()))[0]
-    calls += [("cat", {"path": path}) for path in _wrong_reports(question, tools, n_wrong)]
-    calls.append(("cat", {"path": r.path}))
-    if rng.random() < P_REREAD:
-        calls.append(("cat", {"path": r.path}))
+    calls += [("cat", {"path": path}) for path in _wrong_reports(question, tools, _streak(rng, MAX_WRONG_CATS))]
+    calls += [("cat", {"path": r.path})] * (1 + _streak(rng, 1))
     return calls
+
+
+def _streak(rng: random.Random, n: int) -> int:
+    """How many of up to n waste steps in a row are taken: each with probability P_WASTE, until one is not."""
+    taken = 0
+    while taken < n and rng.random() < P_WASTE:
+        taken += 1
+    return taken
 
 
 def _wrong_reports(question: Question, tools: FinQATools, n: int) -> list[str]:
