@@ -37,8 +37,8 @@ def demo_batch(learner: Learner, n: int = 32, seed: int = 0) -> list[TrainSample
     vocab = len(learner.tokenizer)
     ids, masks = [], []
     for _ in range(n):
-        mask = [0] * 350
-        while len(mask) < rng.randint(600, 1400):
+        mask, length = [0] * 350, rng.randint(600, 1400)
+        while len(mask) < length:
             mask += [1] * rng.randint(15, 40) + [0] * rng.randint(20, 120)
         masks.append(mask)
         ids.append([rng.randrange(10, vocab) for _ in mask])
