@@ -8,10 +8,10 @@ conversation_ids`), so what the policy learns here is what it will sample later.
 from __future__ import annotations
 
 import json
-import random
 import time
 from pathlib import Path
 
+import torch
 from rich.console import Console
 
 from rft_cluster.chat import ChatCodec
@@ -36,6 +36,16 @@ def load_demonstrations(path: Path, codec: ChatCodec) -> list[TrainSample]:
     return samples
 
 
+def epoch_batches(lengths: list[int], batch_size: int, shuffle: torch.Generator) -> list[list[int]]:
+    """One epoch's batches of sample indices: a fresh shuffle, cut into batches of similar length.
+    A batch is padded to its longest sample, and random batches of the demo's demonstrations
+    would be ~30 % padding."""
+    from transformers.trainer_pt_utils import get_length_grouped_indices
+
+    order = get_length_grouped_indices(lengths, batch_size, generator=shuffle)
+    return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+
+
 def sft(
     model: str,
     demonstrations: Path,
@@ -56,18 +66,18 @@ def sft(
     spec = spec or LearnerSpec(micro_batch_size=batch_size)
     samples = load_demonstrations(demonstrations, ChatCodec(AutoTokenizer.from_pretrained(model)))
     learner = Learner(model, spec, learning_rate, clip_epsilon=0.2, seed=seed)
-    rng = random.Random(seed)
+    lengths = [len(s.token_ids) for s in samples]
+    shuffle = torch.Generator().manual_seed(seed)
     epoch_losses = []
     t0 = time.perf_counter()
-    starts = range(0, len(samples), batch_size)
-    report_every = max(1, len(starts) // 5)  # an epoch can take minutes on CPU: show it moving
+    n_batches = -(-len(samples) // batch_size)
+    report_every = max(1, n_batches // 5)  # an epoch can take minutes on CPU: show it moving
     for epoch in range(1, epochs + 1):
-        rng.shuffle(samples)
         losses = []
-        for n, i in enumerate(starts, start=1):
-            losses.append(learner.sft_step(samples[i : i + batch_size])["loss"])
-            if n % report_every == 0 and n < len(starts):
-                console.print(f"[sft] epoch {epoch}/{epochs}: batch {n}/{len(starts)}, loss {sum(losses[-report_every:]) / report_every:.4f} "
+        for n, batch in enumerate(epoch_batches(lengths, batch_size, shuffle), start=1):
+            losses.append(learner.sft_step([samples[i] for i in batch])["loss"])
+            if n % report_every == 0 and n < n_batches:
+                console.print(f"[sft] epoch {epoch}/{epochs}: batch {n}/{n_batches}, loss {sum(losses[-report_every:]) / report_every:.4f} "
                               f"({time.perf_counter() - t0:.0f} s)", markup=False)
         epoch_losses.append(sum(losses) / len(losses))
         console.print(f"[sft] epoch {epoch}/{epochs}: loss {epoch_losses[-1]:.4f} ({time.perf_counter() - t0:.0f} s)", markup=False)

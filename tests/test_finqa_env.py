@@ -351,3 +351,31 @@ def test_demonstrations_encode_with_the_tiny_chat_template(demonstrations: list[
     learned = codec.decode([i for i, m in zip(ids, mask) if m])
     assert '"name": "cat"' in learned and learned.rstrip().endswith(f"{question.answer}<|im_end|>")
     assert question.report.title not in learned  # tool outputs are context, not targets
+
+
+def test_sft_batches_each_demonstration_once_an_epoch_with_little_padding(
+    demonstrations: list[tuple[Question, dict[str, Any]]],
+) -> None:
+    """Batches of similar length: the demo's SFT pads each batch to its longest demonstration."""
+    import torch
+
+    from rft_cluster.chat import ChatCodec
+    from rft_cluster.sft import epoch_batches
+    from rft_cluster.tiny_model import build_tokenizer
+
+    codec = ChatCodec(build_tokenizer(0))
+    lengths = [len(codec.conversation_ids(demo["messages"], demo["tools"])[0]) for _, demo in demonstrations]
+    shuffle = torch.Generator().manual_seed(0)
+    epochs = [epoch_batches(lengths, 8, shuffle) for _ in range(2)]
+    for batches in epochs:
+        assert sorted(i for b in batches for i in b) == list(range(len(lengths)))
+        assert all(len(b) == 8 for b in batches[:-1])
+    assert epochs[0] != epochs[1]  # each epoch is a new shuffle
+
+    def padding(batches: list[list[int]]) -> float:
+        padded = sum(len(b) * max(lengths[i] for i in b) for b in batches)
+        return 1 - sum(lengths) / padded
+
+    randomly = [torch.randperm(len(lengths), generator=torch.Generator().manual_seed(s)).tolist() for s in range(4)]
+    random_padding = statistics.mean(padding([order[i : i + 8] for i in range(0, len(order), 8)]) for order in randomly)
+    assert all(padding(batches) < 0.6 * random_padding for batches in epochs)
