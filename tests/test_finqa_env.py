@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import statistics
+import subprocess
+import sys
 import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -224,6 +226,29 @@ def test_embeddings_are_cached_in_the_corpus_dir(corpus: Path) -> None:
     assert cache.stat().st_mtime_ns == mtime  # read, not rewritten
     assert again.search(again.titles[3], 1).startswith(again.paths[3])
 
+
+
+def test_the_embedding_searcher_keeps_its_one_thread_to_itself() -> None:
+    """Its worker runs on one torch thread; the process's other threads (the demo builds and
+    warm-starts the tiny model beside the server) must keep theirs. Torch's thread counts are
+    process state, hence a fresh interpreter."""
+    code = """
+import threading, torch
+torch.set_num_threads(2)
+from rft_cluster.envs.finqa.search import EmbeddingSearcher
+searcher = EmbeddingSearcher(["net income 2021", "revenue 2020"])
+seen = []
+def new_thread():
+    torch.ones(4).sum()  # a thread takes its count at its first torch op
+    seen.append(torch.get_num_threads())
+thread = threading.Thread(target=new_thread)
+thread.start()
+thread.join()
+torch.ones(4).sum()
+print(torch.get_num_threads(), seen[0], searcher._worker.submit(torch.get_num_threads).result())
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["2", "2", "1"]  # main thread, a later thread, the searcher's worker
 
 # --- grader ---------------------------------------------------------------------------------------
 

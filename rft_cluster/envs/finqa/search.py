@@ -57,8 +57,7 @@ class Bm25Searcher:
 class EmbeddingSearcher:
     """Cosine top-k over unit embeddings. The model runs on one worker thread with ONE OpenMP
     thread: beside a busy learner or engine on 2 cores, two threads stall each other (a query took
-    0.4 s with two, 25 ms with one). OpenMP thread counts are per calling thread, so the rest of
-    the process keeps its own."""
+    0.4 s with two, 25 ms with one)."""
 
     backend = "embedding"
     _MAX_TOKENS = 256  # the model's own max_seq_length (sentence_bert_config.json)
@@ -67,8 +66,13 @@ class EmbeddingSearcher:
     def __init__(self, texts: Sequence[str], cache_dir: Path | None = None):
         import torch
 
+        process_threads = torch.get_num_threads()
         self._worker = ThreadPoolExecutor(1, "finqa-embedding", initializer=torch.set_num_threads, initargs=(1,))
         self._worker.submit(self._load_model).result()
+        # torch.set_num_threads also sets the count every thread starts with, so without this the
+        # process's next torch thread (the demo's tiny-model build and SFT) would run on one core.
+        # The worker keeps its own OpenMP count of one.
+        torch.set_num_threads(process_threads)
         # Agents repeat queries (the waste RL should remove); a repeat costs no model call.
         self._query_vector = functools.lru_cache(maxsize=4096)(lambda query: self.embed([_spell_out_quarters(query)])[0])
         documents = [_spell_out_quarters(t) for t in texts]
