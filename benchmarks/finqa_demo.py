@@ -20,7 +20,8 @@ from pathlib import Path
 
 from rft_cluster.report import load_metrics, write_report
 
-RESULTS = Path(__file__).resolve().parent / "results"
+from common import RESULTS  # benchmarks/common.py, beside this script
+
 REPO = RESULTS.parent.parent
 
 

@@ -13,7 +13,6 @@ step costs the same as a trained one's.
 from __future__ import annotations
 
 import argparse
-import json
 import random
 import statistics
 import sys
@@ -27,7 +26,8 @@ from rft_cluster.config import LearnerSpec
 from rft_cluster.learner import Learner
 from rft_cluster.types import TrainSample
 
-RESULTS = Path(__file__).resolve().parent / "results"
+from common import RESULTS, write_result  # benchmarks/common.py, beside this script
+
 
 
 def demo_batch(learner: Learner, n: int = 32, seed: int = 0) -> list[TrainSample]:
@@ -78,10 +78,7 @@ def main() -> int:
         "median_s": {str(n): m for n, m in median.items()},
         f"speedup_vs_{base}": {str(n): round(median[base] / m, 2) for n, m in median.items()},
     }
-    out = Path(args.results) / "learner-threads.json"
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps(result, indent=2))
-    print(f"[bench] written to {out}")
+    write_result(args.results, "learner-threads.json", result)
     return 0
 
 

@@ -12,7 +12,6 @@ writes them), and writes benchmarks/results/sft-batching.json.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -25,7 +24,8 @@ from rft_cluster.config import LearnerSpec
 from rft_cluster.learner import Learner
 from rft_cluster.sft import epoch_batches, load_demonstrations
 
-RESULTS = Path(__file__).resolve().parent / "results"
+from common import RESULTS, write_result  # benchmarks/common.py, beside this script
+
 BATCH = 8  # the demo's SFT batch
 
 
@@ -62,10 +62,7 @@ def main() -> int:
         **result,
         "speedup": round(result["random"]["epoch_s"] / result["length_grouped"]["epoch_s"], 2),
     }
-    out = Path(args.results) / "sft-batching.json"
-    out.write_text(json.dumps(summary, indent=2) + "\n")
-    print(json.dumps(summary, indent=2))
-    print(f"[bench] written to {out}")
+    write_result(args.results, "sft-batching.json", summary)
     return 0
 
 
