@@ -29,7 +29,6 @@ from rft_cluster.types import TrainSample
 from common import RESULTS, write_result  # benchmarks/common.py, beside this script
 
 
-
 def demo_batch(learner: Learner, n: int = 32, seed: int = 0) -> list[TrainSample]:
     """n agent-shaped rollouts: a ~350-token prompt, then sampled turns (trained) between tool
     outputs (not trained); rollout logprobs are the learner's own."""

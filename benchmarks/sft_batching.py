@@ -22,7 +22,7 @@ from transformers import AutoTokenizer
 from rft_cluster.chat import ChatCodec
 from rft_cluster.config import LearnerSpec
 from rft_cluster.learner import Learner
-from rft_cluster.sft import epoch_batches, load_demonstrations
+from rft_cluster.sft import epoch_batches, load_demonstrations, padding_fraction
 
 from common import RESULTS, write_result  # benchmarks/common.py, beside this script
 
@@ -47,13 +47,13 @@ def main() -> int:
     learner.sft_step([samples[i] for i in orders["random"][0]])  # first-step allocations, not counted
     result: dict[str, dict[str, float]] = {}
     for name, batches in orders.items():
-        padded = sum(len(b) * max(lengths[i] for i in b) for b in batches)
         t0 = time.perf_counter()
         for n, batch in enumerate(batches, start=1):
             learner.sft_step([samples[i] for i in batch])
             if n % 10 == 0:
                 print(f"[bench] {name}: batch {n}/{len(batches)} ({time.perf_counter() - t0:.0f} s)", flush=True)
-        result[name] = {"epoch_s": round(time.perf_counter() - t0, 1), "padded_tokens": padded, "padding_fraction": round(1 - sum(lengths) / padded, 3)}
+        padding = padding_fraction(lengths, batches)
+        result[name] = {"epoch_s": round(time.perf_counter() - t0, 1), "padded_tokens": round(sum(lengths) / (1 - padding)), "padding_fraction": round(padding, 3)}
         print(f"[bench] {name}: {result[name]}", flush=True)
     summary = {
         "demonstrations": len(samples),

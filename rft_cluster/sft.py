@@ -46,6 +46,11 @@ def epoch_batches(lengths: list[int], batch_size: int, shuffle: torch.Generator)
     return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
 
 
+def padding_fraction(lengths: list[int], batches: list[list[int]]) -> float:
+    """The share of padding in what these batches compute: each is padded to its longest sample."""
+    return 1 - sum(lengths) / sum(len(b) * max(lengths[i] for i in b) for b in batches)
+
+
 def sft(
     model: str,
     demonstrations: Path,

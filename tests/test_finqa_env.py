@@ -227,7 +227,6 @@ def test_embeddings_are_cached_in_the_corpus_dir(corpus: Path) -> None:
     assert again.search(again.titles[3], 1).startswith(again.paths[3])
 
 
-
 def test_the_embedding_searcher_keeps_its_one_thread_to_itself() -> None:
     """Its worker runs on one torch thread; the process's other threads (the demo builds and
     warm-starts the tiny model beside the server) must keep theirs. Torch's thread counts are
@@ -249,6 +248,7 @@ print(torch.get_num_threads(), seen[0], searcher._worker.submit(torch.get_num_th
 """
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.split() == ["2", "2", "1"]  # main thread, a later thread, the searcher's worker
+
 
 # --- grader ---------------------------------------------------------------------------------------
 
@@ -385,7 +385,7 @@ def test_sft_batches_each_demonstration_once_an_epoch_with_little_padding(
     import torch
 
     from rft_cluster.chat import ChatCodec
-    from rft_cluster.sft import epoch_batches
+    from rft_cluster.sft import epoch_batches, padding_fraction
     from rft_cluster.tiny_model import build_tokenizer
 
     codec = ChatCodec(build_tokenizer(0))
@@ -397,10 +397,6 @@ def test_sft_batches_each_demonstration_once_an_epoch_with_little_padding(
         assert all(len(b) == 8 for b in batches[:-1])
     assert epochs[0] != epochs[1]  # each epoch is a new shuffle
 
-    def padding(batches: list[list[int]]) -> float:
-        padded = sum(len(b) * max(lengths[i] for i in b) for b in batches)
-        return 1 - sum(lengths) / padded
-
     randomly = [torch.randperm(len(lengths), generator=torch.Generator().manual_seed(s)).tolist() for s in range(4)]
-    random_padding = statistics.mean(padding([order[i : i + 8] for i in range(0, len(order), 8)]) for order in randomly)
-    assert all(padding(batches) < 0.6 * random_padding for batches in epochs)
+    random_padding = statistics.mean(padding_fraction(lengths, [order[i : i + 8] for i in range(0, len(order), 8)]) for order in randomly)
+    assert all(padding_fraction(lengths, batches) < 0.6 * random_padding for batches in epochs)
