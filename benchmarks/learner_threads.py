@@ -2,7 +2,7 @@
 
     .venv/bin/python benchmarks/learner_threads.py [--model DIR] [--threads 1 2] [--repeats 3]
 
-A learner actor of `learner_cpus: 1` gets one thread from Ray (OMP_NUM_THREADS). In the demo's
+A learner actor of `resources.learner.cpus: 1` gets one thread from Ray (OMP_NUM_THREADS). In the demo's
 synchronous loop the engine waits while the learner trains, so the learner may use both cores.
 This times the demo's step side by side at each thread count, alternating them on one learner:
 32 rollouts of 600-1400 tokens, micro-batches of 8, ZeRO 2, the KL reference on. It writes

@@ -284,31 +284,75 @@ class EngineSpec(Strict):
     cpu_kv_cache_gb: float = Field(default=1.0, gt=0, description="VLLM_CPU_KVCACHE_SPACE")
     max_num_seqs: int = Field(default=64, gt=0)
     enforce_eager: bool = True
-    num_gpus: float = Field(default=0, ge=0, description="per rollout worker")
+    tensor_parallel_size: int = Field(default=1, gt=0, description="GPUs one engine spans (vLLM tensor parallelism)")
 
 
 class LearnerSpec(Strict):
     zero_stage: Literal[0, 1, 2, 3] = 2
     dtype: Literal["float32", "bfloat16"] = "float32"
+    ranks: int = Field(default=1, gt=0, description="processes of the learner's DeepSpeed world, one Ray actor each")
     micro_batch_size: int = Field(default=4, gt=0)
-    num_gpus: float = Field(default=0, ge=0)
     weight_bucket_mb: int = Field(default=64, gt=0, description="size of each weight-sync bucket")
     gradient_checkpointing: bool = False
     cpu_threads: int | None = Field(
         default=None, gt=0,
-        description="torch threads of a CPU learner; default: Ray's OMP_NUM_THREADS, i.e. cluster.learner_cpus",
+        description="torch threads of a CPU learner rank; default: Ray's OMP_NUM_THREADS, i.e. resources.learner.cpus",
     )
 
 
+class RoleResources(Strict):
+    """What one actor of a role needs from the node it is placed on (a placement-group bundle)."""
+
+    cpus: float = Field(default=1, ge=0)
+    gpus: float = Field(default=0, ge=0)
+    memory_gb: float | None = Field(default=None, gt=0, description="Ray memory reserved per actor")
+    resources: dict[str, float] = Field(default_factory=dict, description="custom Ray resources per actor")
+    node_labels: dict[str, str] = Field(default_factory=dict, description="Ray node labels the node must carry")
+
+    @field_validator("resources")
+    @classmethod
+    def _positive(cls, value: dict[str, float]) -> dict[str, float]:
+        bad = [k for k, v in value.items() if not (math.isfinite(v) and v > 0) or k in ("CPU", "GPU", "memory")]
+        if bad:
+            raise ValueError(f"custom resources must be positive and not CPU/GPU/memory (use cpus, gpus, memory_gb): {bad}")
+        return value
+
+
+def _network_role() -> RoleResources:
+    # Tool proxies and graders wait on the network: by default they reserve no CPU.
+    return RoleResources(cpus=0)
+
+
+class ClusterResources(Strict):
+    """Per-actor needs of each role; a learner's entry is per rank."""
+
+    rollout_worker: RoleResources = Field(default_factory=RoleResources)
+    learner: RoleResources = Field(default_factory=RoleResources)
+    tool_proxy: RoleResources = Field(default_factory=_network_role)
+    grader: RoleResources = Field(default_factory=_network_role)
+
+
 class ClusterSpec(Strict):
-    ray_address: str | None = None  # None: start a local Ray cluster
+    ray_address: str | None = None  # None: RAY_ADDRESS if set (e.g. inside a Ray job), else a fresh local cluster
     rollout_workers: int = Field(default=1, gt=0)
-    rollout_worker_cpus: float = Field(default=1, ge=0, description="Ray CPUs reserved per rollout worker")
-    learner_cpus: float = Field(default=1, ge=0)
     tool_proxies: int = Field(default=1, gt=0)
     graders: int = Field(default=1, gt=0)
+    resources: ClusterResources = Field(default_factory=ClusterResources)
+    placement_timeout_s: float = Field(
+        default=120.0, gt=0, description="how long to wait for every role to be placed before failing with what is missing"
+    )
     engine: EngineSpec = Field(default_factory=EngineSpec)
     learner: LearnerSpec = Field(default_factory=LearnerSpec)
+
+    @model_validator(mode="after")
+    def _engine_fits_its_gpus(self) -> "ClusterSpec":
+        gpus = self.resources.rollout_worker.gpus
+        if gpus and self.engine.tensor_parallel_size > gpus:
+            raise ValueError(
+                f"engine.tensor_parallel_size {self.engine.tensor_parallel_size} needs that many GPUs per rollout worker; "
+                f"resources.rollout_worker.gpus is {gpus:g}"
+            )
+        return self
 
 
 class WandbSpec(Strict):
@@ -340,6 +384,9 @@ class JobSpec(Strict):
     integrations: list[WandbIntegration] = Field(default_factory=list)
     method: Method
     cluster: ClusterSpec = Field(default_factory=ClusterSpec)
+    # Where a run writes everything (`--output` overrides): a local path or a pyarrow.fs URI
+    # (s3://, gs://, hdfs://, file://), written by whichever actor holds the data.
+    storage: str | None = None
     wandb: WandbSpec = Field(default_factory=WandbSpec)
     # Where the job file lives; relative paths in it resolve against this directory.
     source_path: Path | None = Field(default=None, exclude=True)

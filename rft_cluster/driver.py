@@ -59,12 +59,12 @@ def start_cluster(job: JobSpec, hp: ResolvedHyperparameters) -> Cluster:
     graders = [ray.remote(num_cpus=0)(GraderActor).remote(rl.grader, rl.tool_settings) for _ in range(c.graders)]
     model = str(_model_path(job))
     workers = [
-        ray.remote(num_cpus=c.rollout_worker_cpus, num_gpus=c.engine.num_gpus)(RolloutWorker).remote(
+        ray.remote(num_cpus=c.resources.rollout_worker.cpus, num_gpus=c.resources.rollout_worker.gpus)(RolloutWorker).remote(
             model, c.engine, job.seed + i, proxies
         )
         for i in range(c.rollout_workers)
     ]
-    learner = ray.remote(num_cpus=c.learner_cpus, num_gpus=c.learner.num_gpus)(Learner).remote(
+    learner = ray.remote(num_cpus=c.resources.learner.cpus, num_gpus=c.resources.learner.gpus)(Learner).remote(
         model, c.learner, hp.learning_rate, hp.clip_epsilon, job.seed, hp.warmup_steps, hp.kl_coef
     )
     t0 = time.perf_counter()

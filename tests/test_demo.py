@@ -74,4 +74,4 @@ def test_gpu_config_is_a_valid_job_for_the_same_environment(monkeypatch, tmp_pat
     assert (gpu.training_file, gpu.validation_file) == (local.training_file, local.validation_file)
     assert [t.name for t in gpu.rl.tools] == [t.name for t in local.rl.tools] and gpu.rl.grader == local.rl.grader
     assert gpu.rl.max_episode_steps == 10
-    assert gpu.cluster.engine.num_gpus == 1 and gpu.cluster.learner.num_gpus == 1
+    assert gpu.cluster.resources.rollout_worker.gpus == 1 and gpu.cluster.resources.learner.gpus == 1
