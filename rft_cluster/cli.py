@@ -84,6 +84,28 @@ def _sft(args: argparse.Namespace) -> int:
     return 0
 
 
+def _k8s(args: argparse.Namespace) -> int:
+    """KubeRay manifests for a job (rft_cluster.k8s): to stdout, or files under --output."""
+    from rft_cluster.config import SpecError
+    from rft_cluster.k8s import K8sError, K8sOptions, default_image, render
+
+    options = K8sOptions(args.name, args.namespace, args.image, args.secret, args.storage, args.min_rollout_replicas, args.max_rollout_replicas)
+    try:
+        manifests = render(Path(args.job), options)
+    except (SpecError, K8sError) as e:
+        print(e, file=sys.stderr)
+        return 1
+    if args.image is None:
+        image = manifests.raycluster["spec"]["headGroupSpec"]["template"]["spec"]["containers"][0]["image"]
+        print(f"note: {image} has no rft-cluster installed; build an image with it and pass --image (README: Run on Kubernetes)", file=sys.stderr)
+    if args.output:
+        for path in manifests.write(Path(args.output)):
+            print(path)
+    else:
+        print(manifests.to_yaml(), end="")
+    return 0
+
+
 def _make_tiny_model(args: argparse.Namespace) -> int:
     from rft_cluster.tiny_model import make_tiny_model
 
@@ -137,6 +159,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--epochs", type=int, default=3)
     p.add_argument("--learning-rate", type=float, default=1e-4)
     p.set_defaults(fn=_sft)
+
+    p = sub.add_parser("k8s", help="KubeRay RayCluster + RayJob manifests whose resources match the job's `cluster` section")
+    p.add_argument("job")
+    p.add_argument("--output", default=None, metavar="DIR", help="write one file per object here (default: one YAML stream to stdout)")
+    p.add_argument("--image", default=None, help="a Ray image with rft-cluster installed (default: the plain Ray image, which lacks it)")
+    p.add_argument("--name", default=None, help="RayCluster/RayJob name (default: from the job file's name)")
+    p.add_argument("--namespace", default=None, help="default: kubectl's current namespace")
+    p.add_argument("--secret", default="rft-cluster-env", help="the Kubernetes Secret whose keys become the pods' environment")
+    p.add_argument("--storage", default=None, metavar="URI", help="where the run writes (s3://, gs://, ...); default: the job's storage")
+    p.add_argument("--min-rollout-replicas", type=int, default=None, help="autoscaling floor of the rollout group (default: cluster.rollout_workers)")
+    p.add_argument("--max-rollout-replicas", type=int, default=None, help="autoscaling ceiling of the rollout group (default: cluster.rollout_workers)")
+    p.set_defaults(fn=_k8s)
 
     p = sub.add_parser("make-tiny-model", help="build a small Qwen2-style model + tokenizer offline")
     p.add_argument("dir")

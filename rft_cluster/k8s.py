@@ -1,0 +1,438 @@
+"""Kubernetes manifests for a job (KubeRay operator v1.7, `ray.io/v1`).
+
+`render` turns a job file into a ConfigMap holding the job file as written, a RayCluster whose
+groups match the job's `cluster` section, and a RayJob that runs `rft-cluster train` on that
+cluster (`clusterSelector`), plus an example Secret with placeholder values:
+
+- head: runs the driver (the Ray job's entrypoint) and no actors (`num-cpus: 0`);
+- `rollout`: one pod per rollout worker, autoscaled between min and max replicas;
+- `learner`: one pod per learner rank (a fixed world size);
+- `services`: one CPU pod for every tool proxy and grader.
+
+A group's pods advertise the custom Ray resources and node labels its roles ask for (KubeRay's
+group-level `resources`/`labels`), so the driver's placement groups land on them. Secrets stay
+out of the manifests: the job file keeps its `${VAR}` references, which resolve in the pods from
+a Kubernetes Secret (`envFrom`), and the Secret example holds placeholders only.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import shlex
+from dataclasses import dataclass
+from decimal import Decimal
+from importlib.metadata import version
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from rft_cluster.config import _ENV_REF, JobSpec, RoleResources, load_job
+
+RAY_VERSION = version("ray")
+JOB_DIR = "/home/ray/rft-job"  # where the head pod mounts the job's ConfigMap
+DEFAULT_SECRET = "rft-cluster-env"
+PLACEHOLDER = "REPLACE-ME"
+HEAD_RESOURCES = {"cpu": "2", "memory": "8Gi"}  # the driver: tokenizer, Parquet, metrics
+GI_PER_CPU = 4  # pod memory when a role does not say how much it reserves
+# Ray's object store takes 30% of a pod's memory by default; the rest holds reserved actor memory.
+HEAP_SHARE = 0.7
+MAX_NAME = {"RayCluster": 53, "RayJob": 47}  # the operator's limits (a RayJob's pods append a suffix)
+SUBMISSION_MODES = ("K8sJobMode", "HTTPMode", "InteractiveMode", "SidecarMode")
+
+
+class K8sError(ValueError):
+    """A job or option that cannot become working manifests; the message names which and why."""
+
+
+@dataclass(frozen=True)
+class K8sOptions:
+    name: str | None = None  # default: from the job file's name
+    namespace: str | None = None  # default: kubectl's current namespace
+    image: str | None = None  # default: DEFAULT_IMAGE, which lacks rft-cluster (README)
+    secret: str = DEFAULT_SECRET
+    storage: str | None = None  # default: the job's `storage`
+    min_rollout_replicas: int | None = None  # default: cluster.rollout_workers
+    max_rollout_replicas: int | None = None  # default: cluster.rollout_workers
+
+
+def default_image(gpu: bool) -> str:
+    return f"rayproject/ray:{RAY_VERSION}-py311{'-gpu' if gpu else ''}"
+
+
+@dataclass(frozen=True)
+class Manifests:
+    configmap: dict[str, Any]
+    raycluster: dict[str, Any]
+    rayjob: dict[str, Any]
+    secret_example: dict[str, Any]
+    source: str  # the job file's name, for the headers
+
+    def to_yaml(self) -> str:
+        """What `kubectl apply -f -` takes: the ConfigMap, RayCluster and RayJob (no Secret,
+        whose placeholders would replace real values)."""
+        keys = ", ".join(self.secret_example["stringData"])
+        header = (
+            f"# rft-cluster k8s {self.source}: KubeRay v1.7 (ray.io/v1) manifests.\n"
+            f"# The pods take their environment from the Secret {self.secret_example['metadata']['name']!r}:"
+            f" create it first with the keys {keys}.\n"
+        )
+        return header + "---\n".join(_dump(d) for d in (self.configmap, self.raycluster, self.rayjob))
+
+    def write(self, directory: Path) -> list[Path]:
+        """One file per object. The Secret example's suffix keeps `kubectl apply -f DIR` off it."""
+        directory.mkdir(parents=True, exist_ok=True)
+        header = f"# Rendered by `rft-cluster k8s {self.source}`; re-render instead of editing.\n"
+        secret_header = (
+            "# Example only: put real values in place of the placeholders and apply it yourself\n"
+            "# (kubectl apply -f secret.yaml.example), or use `kubectl create secret generic`.\n"
+        )
+        files = {
+            "configmap.yaml": header + _dump(self.configmap),
+            "raycluster.yaml": header + _dump(self.raycluster),
+            "rayjob.yaml": header + _dump(self.rayjob),
+            "secret.yaml.example": secret_header + _dump(self.secret_example),
+        }
+        for name, text in files.items():
+            (directory / name).write_text(text)
+        return [directory / name for name in files]
+
+
+def render(job_path: Path, options: K8sOptions = K8sOptions()) -> Manifests:
+    """The manifests for the job file at `job_path`; SpecError for a bad job, K8sError for a job
+    or option that could not run on Kubernetes."""
+    # `${VAR}`s stay unresolved where unset: they resolve in the pods, from the Secret.
+    job = load_job(job_path, unset_env_ok=True)
+    text = job_path.read_text()
+    # Strings are taken from the file as written, so a value from this machine's env never lands in a manifest.
+    raw: dict[str, Any] = yaml.safe_load(text)
+    name = options.name or _name_from(job_path)
+    storage = _storage(options.storage or raw.get("storage"))
+    for field in ("training_file", "validation_file"):
+        _check_dataset(field, raw.get(field))
+    file_key = job_path.name
+    if not re.fullmatch(r"[-._a-zA-Z0-9]+", file_key):
+        raise K8sError(f"{job_path}: rename the job file to letters, digits, '-', '_' and '.' (it becomes a ConfigMap key)")
+
+    cluster = job.cluster
+    res = cluster.resources
+    rollout, learner = _shape("rollout", (res.rollout_worker, 1)), _shape("learner", (res.learner, 1))
+    services = _shape("services", (res.tool_proxy, cluster.tool_proxies), (res.grader, cluster.graders))
+    gpu = bool(rollout.gpus or learner.gpus or services.gpus)
+    image = options.image or default_image(gpu)
+    min_r, replicas, max_r = _rollout_replicas(cluster.rollout_workers, options)
+
+    meta = _metadata(name, options.namespace, name)
+    configmap = {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": _metadata(f"{name}-job", options.namespace, name),
+        "data": {file_key: text},
+    }
+    job_volume = {"name": "job", "configMap": {"name": configmap["metadata"]["name"]}}
+    head_pod = _pod("ray-head", image, options.secret, {"requests": dict(HEAD_RESOURCES), "limits": dict(HEAD_RESOURCES)},
+                    mounts=({"name": "job", "mountPath": JOB_DIR, "readOnly": True},), volumes=(job_volume,))
+    head_pod["spec"]["containers"][0]["ports"] = [
+        {"containerPort": 6379, "name": "gcs-server"},
+        {"containerPort": 8265, "name": "dashboard"},
+        {"containerPort": 10001, "name": "client"},
+    ]
+    raycluster = {
+        "apiVersion": "ray.io/v1",
+        "kind": "RayCluster",
+        "metadata": meta,
+        "spec": {
+            "rayVersion": RAY_VERSION,
+            # Ray's token authentication, with the token in a Secret KubeRay creates and shares with every pod.
+            "authOptions": {"mode": "token"},
+            "enableInTreeAutoscaling": True,
+            "headGroupSpec": {"rayStartParams": {"num-cpus": "0"}, "template": head_pod},
+            "workerGroupSpecs": [
+                _worker_group("rollout", rollout, image, options.secret, replicas, min_r, max_r),
+                _worker_group("learner", learner, image, options.secret, *(cluster.learner.ranks,) * 3),
+                _worker_group("services", services, image, options.secret, 1, 1, 1),
+            ],
+        },
+    }
+    rayjob = {
+        "apiVersion": "ray.io/v1",
+        "kind": "RayJob",
+        "metadata": meta,
+        "spec": {
+            "clusterSelector": {"ray.io/cluster": name},
+            "submissionMode": "K8sJobMode",
+            "entrypoint": shlex.join(["rft-cluster", "train", f"{JOB_DIR}/{file_key}", "--output", storage]),
+        },
+    }
+    secret_example = {
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "metadata": _metadata(options.secret, options.namespace, name),
+        "type": "Opaque",
+        "stringData": {key: PLACEHOLDER for key in _secret_keys(text, storage, job)},
+    }
+    manifests = Manifests(configmap, raycluster, rayjob, secret_example, job_path.name)
+    problems = [p for doc in (configmap, raycluster, rayjob, secret_example) for p in manifest_problems(doc)]
+    if problems:
+        raise K8sError("; ".join(problems))
+    return manifests
+
+
+# --- groups ------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PodShape:
+    """What the actors placed on one pod of a group need together."""
+
+    cpus: float
+    gpus: float
+    memory_gb: float  # Ray memory the actors reserve
+    resources: dict[str, float]
+    labels: dict[str, str]
+
+
+def _shape(group: str, *roles: tuple[RoleResources, int]) -> PodShape:
+    """`count` actors of each role on one pod; their node labels must agree (one node carries them)."""
+    labels: dict[str, str] = {}
+    resources: dict[str, float] = {}
+    for role, count in roles:
+        for key, value in role.node_labels.items():
+            if labels.setdefault(key, value) != value:
+                raise K8sError(
+                    f"cluster.resources: the roles sharing a {group} pod ask for node label "
+                    f"{key}={labels[key]!r} and {key}={value!r}"
+                )
+        for key, amount in role.resources.items():
+            resources[key] = resources.get(key, 0) + amount * count
+    return PodShape(
+        cpus=sum(r.cpus * n for r, n in roles),
+        gpus=sum(r.gpus * n for r, n in roles),
+        memory_gb=sum((r.memory_gb or 0) * n for r, n in roles),
+        resources=resources,
+        labels=labels,
+    )
+
+
+def _container_resources(shape: PodShape) -> dict[str, dict[str, str]]:
+    """Whole CPUs and GPUs (KubeRay rounds them for Ray anyway), and room for the reserved memory
+    beside the object store. Requests equal limits: the pod gets exactly what Ray is told it has."""
+    cpus = max(1, math.ceil(shape.cpus))
+    amounts = {"cpu": str(cpus), "memory": f"{max(math.ceil(shape.memory_gb / HEAP_SHARE), GI_PER_CPU * cpus)}Gi"}
+    if shape.gpus:
+        amounts["nvidia.com/gpu"] = str(math.ceil(shape.gpus))
+    return {"requests": amounts, "limits": dict(amounts)}
+
+
+def _worker_group(group: str, shape: PodShape, image: str, secret: str, replicas: int, min_r: int, max_r: int) -> dict[str, Any]:
+    spec: dict[str, Any] = {"groupName": group, "replicas": replicas, "minReplicas": min_r, "maxReplicas": max_r}
+    if shape.resources:
+        spec["resources"] = {key: _decimal(amount) for key, amount in sorted(shape.resources.items())}
+    if shape.labels:
+        spec["labels"] = dict(sorted(shape.labels.items()))
+    spec["template"] = _pod("ray-worker", image, secret, _container_resources(shape))
+    return spec
+
+
+def _pod(container: str, image: str, secret: str, resources: dict[str, Any],
+         mounts: tuple[dict[str, Any], ...] = (), volumes: tuple[dict[str, Any], ...] = ()) -> dict[str, Any]:
+    """A Ray pod: env from the Secret, and /dev/shm in memory (Ray's object store, NCCL and vLLM use it)."""
+    spec: dict[str, Any] = {
+        "containers": [{
+            "name": container,
+            "image": image,
+            "imagePullPolicy": "IfNotPresent",
+            "envFrom": [{"secretRef": {"name": secret}}],
+            "resources": resources,
+            "volumeMounts": [{"name": "dshm", "mountPath": "/dev/shm"}, *mounts],
+        }],
+        "volumes": [{"name": "dshm", "emptyDir": {"medium": "Memory"}}, *volumes],
+    }
+    if "nvidia.com/gpu" in resources["limits"]:
+        # GPU nodes are commonly tainted so that only pods asking for GPUs land there.
+        spec["tolerations"] = [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
+    return {"spec": spec}
+
+
+def _rollout_replicas(workers: int, options: K8sOptions) -> tuple[int, int, int]:
+    """(min, initial, max) pods of the rollout group; by default exactly the job's rollout workers."""
+    max_r = options.max_rollout_replicas if options.max_rollout_replicas is not None else max(workers, options.min_rollout_replicas or 0)
+    min_r = options.min_rollout_replicas if options.min_rollout_replicas is not None else min(workers, max_r)
+    if not 0 <= min_r <= max_r or max_r < 1:
+        raise K8sError(f"--min-rollout-replicas {min_r} and --max-rollout-replicas {max_r}: need 0 <= min <= max and max >= 1")
+    return min_r, min(max(workers, min_r), max_r), max_r
+
+
+# --- inputs --------------------------------------------------------------------------------------
+
+
+def _name_from(job_path: Path) -> str:
+    """A DNS-1035 label from the job file's name (`finqa-gpu.yaml` -> `finqa-gpu`)."""
+    name = re.sub(r"[^a-z0-9-]+", "-", job_path.stem.lower())
+    name = re.sub(r"^[^a-z]+", "", name)[: MAX_NAME["RayJob"]].strip("-")
+    if not name:
+        raise K8sError(f"{job_path}: cannot make a Kubernetes name from the file name; pass --name")
+    return name
+
+
+def _storage(uri: str | None) -> str:
+    if not uri:
+        raise K8sError("no storage: pass --storage URI or set `storage` in the job (pods share no disk: s3://, gs://, hdfs://)")
+    if "${" in uri:
+        raise K8sError(f"storage {uri!r} uses an environment variable; pass the URI itself with --storage")
+    if "://" not in uri:
+        raise K8sError(
+            f"storage {uri!r} is a local path, which pods do not share: use s3://, gs://, hdfs:// "
+            "(or file:// on a volume that every pod mounts)"
+        )
+    return uri
+
+
+def _check_dataset(field: str, path: str | None) -> None:
+    """The head pod reads the job from a ConfigMap, so a path relative to the job file finds nothing."""
+    if path is not None and not path.startswith(("/", "~", "${")):
+        raise K8sError(
+            f"{field} {path!r} is relative to the job file; on Kubernetes give a path inside the image "
+            "(absolute, or under a ${VAR} set in the Secret)"
+        )
+
+
+def _secret_keys(text: str, storage: str, job: JobSpec) -> list[str]:
+    """Every `${VAR}` the job names, plus the credentials its storage and W&B mode read."""
+    keys = set(_ENV_REF.findall(text))
+    if storage.startswith("s3://"):
+        keys |= {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"}
+    if job.wandb.mode == "online":
+        keys.add("WANDB_API_KEY")
+    return sorted(keys)
+
+
+def _metadata(name: str, namespace: str | None, run: str) -> dict[str, Any]:
+    """`run` labels every object of one render alike."""
+    meta: dict[str, Any] = {"name": name}
+    if namespace:
+        meta["namespace"] = namespace
+    meta["labels"] = {"app.kubernetes.io/name": "rft-cluster", "app.kubernetes.io/instance": run}
+    return meta
+
+
+def _decimal(amount: float) -> str:
+    """A Kubernetes quantity without an exponent (`0.5`, `2`)."""
+    return format(Decimal(repr(amount)).normalize(), "f")
+
+
+# --- checks the CRDs cannot express -----------------------------------------------------------
+
+_DNS1035 = re.compile(r"[a-z]([-a-z0-9]*[a-z0-9])?")
+_DNS1123_SUBDOMAIN = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*")
+_LABEL_NAME = re.compile(r"([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9]")
+_QUANTITY = re.compile(r"([+-]?(?:\d+\.?\d*|\.\d+))(Ki|Mi|Gi|Ti|Pi|Ei|[numkMGTPE]|[eE][+-]?\d+)?")
+_BINARY = {"Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40, "Pi": 2**50, "Ei": 2**60}
+_DECIMAL = {"n": -9, "u": -6, "m": -3, "": 0, "k": 3, "M": 6, "G": 9, "T": 12, "P": 15, "E": 18}
+
+
+def quantity(text: str | int | float) -> Decimal:
+    """A Kubernetes quantity's value (`500m` -> 0.5, `8Gi` -> 8589934592); ValueError if malformed."""
+    m = _QUANTITY.fullmatch(str(text))
+    if m is None:
+        raise ValueError(f"not a Kubernetes quantity: {text!r}")
+    number, suffix = Decimal(m.group(1)), m.group(2) or ""
+    if suffix in _BINARY:
+        return number * _BINARY[suffix]
+    if suffix[:1] in ("e", "E"):
+        return number.scaleb(int(suffix[1:]))
+    return number.scaleb(_DECIMAL[suffix])
+
+
+def manifest_problems(doc: dict[str, Any]) -> list[str]:
+    """What the apiserver or the KubeRay operator would refuse in `doc` beyond its CRD's schema:
+    names, group names, label syntax, requests <= limits, min <= replicas <= max."""
+    kind, name = doc.get("kind", "?"), doc.get("metadata", {}).get("name", "")
+    where = f"{kind} {name!r}"
+    problems = []
+    if kind in MAX_NAME:
+        if not _DNS1035.fullmatch(name) or len(name) > MAX_NAME[kind]:
+            problems.append(f"{where}: the name must be a DNS-1035 label of at most {MAX_NAME[kind]} characters")
+    elif not _DNS1123_SUBDOMAIN.fullmatch(name) or len(name) > 253:
+        problems.append(f"{where}: the name must be a DNS-1123 subdomain")
+    spec = doc.get("spec", {})
+    if kind == "RayJob":
+        if spec.get("submissionMode", "K8sJobMode") not in SUBMISSION_MODES:
+            problems.append(f"{where}: submissionMode must be one of {', '.join(SUBMISSION_MODES)}")
+        if not spec.get("clusterSelector", {}).get("ray.io/cluster") and "rayClusterSpec" not in spec:
+            problems.append(f"{where}: needs clusterSelector['ray.io/cluster'] or rayClusterSpec")
+        spec = spec.get("rayClusterSpec", {})
+    if kind in MAX_NAME and spec:
+        problems += [f"{where}: {p}" for p in _cluster_problems(spec)]
+    return problems
+
+
+def _cluster_problems(spec: dict[str, Any]) -> list[str]:
+    problems = []
+    groups = [("head", spec.get("headGroupSpec", {}))] + [(g.get("groupName", ""), g) for g in spec.get("workerGroupSpecs", [])]
+    names = [n for n, _ in groups[1:]]
+    problems += [f"worker group name {n!r} is used more than once" for n in sorted(set(names)) if names.count(n) > 1]
+    for group, g in groups:
+        start = g.get("rayStartParams", {})
+        if "labels" in start:
+            problems.append(f"group {group}: node labels go in the group's `labels`, not rayStartParams")
+        if g.get("resources") and any(k in start for k in ("num-cpus", "num-gpus", "memory", "resources")):
+            problems.append(f"group {group}: Ray resources set in both `resources` and rayStartParams")
+        for key, value in g.get("labels", {}).items():
+            if not _label_key_ok(key) or not (value == "" or (len(value) <= 63 and _LABEL_NAME.fullmatch(value))):
+                problems.append(f"group {group}: label {key}={value!r} is not a valid Kubernetes label")
+        if group != "head":
+            low, count, high = g.get("minReplicas", 0), g.get("replicas", g.get("minReplicas", 0)), g.get("maxReplicas", 2**31 - 1)
+            if not low <= count <= high:
+                problems.append(f"group {group}: needs minReplicas <= replicas <= maxReplicas, got {low} <= {count} <= {high}")
+        pod = g.get("template", {}).get("spec", {})
+        for c in pod.get("initContainers", []) + pod.get("containers", []):
+            problems += [f"group {group}: container {c.get('name')!r}: {p}" for p in _request_problems(c.get("resources", {}))]
+    if spec.get("authOptions", {}).get("mode") == "token" and not spec.get("rayVersion"):
+        problems.append("authOptions.mode token needs rayVersion (>= 2.52.0)")
+    return problems
+
+
+def _label_key_ok(key: str) -> bool:
+    prefix, _, label = key.rpartition("/")
+    return (not prefix or (len(prefix) <= 253 and bool(_DNS1123_SUBDOMAIN.fullmatch(prefix)))) and (
+        len(label) <= 63 and bool(_LABEL_NAME.fullmatch(label))
+    )
+
+
+def _request_problems(resources: dict[str, dict[str, Any]]) -> list[str]:
+    """Requests must not exceed limits; extended resources (GPUs) must request exactly their limit."""
+    requests, limits = resources.get("requests", {}), resources.get("limits", {})
+    problems = []
+    for amounts in (requests, limits):
+        for key, amount in amounts.items():
+            try:
+                quantity(amount)
+            except ValueError as e:
+                problems.append(f"{key}: {e}")
+    if problems:
+        return problems
+    for key in sorted(requests.keys() & limits.keys()):
+        if quantity(requests[key]) > quantity(limits[key]):
+            problems.append(f"{key} request {requests[key]} exceeds its limit {limits[key]}")
+        elif "/" in key and quantity(requests[key]) != quantity(limits[key]):
+            problems.append(f"{key} is an extended resource: its request must equal its limit")
+    return problems
+
+
+# --- YAML ----------------------------------------------------------------------------------------
+
+
+class _Dumper(yaml.SafeDumper):
+    """Block style for multi-line strings, so the job file in the ConfigMap reads as it was written."""
+
+
+_Dumper.add_representer(
+    str,
+    lambda dumper, s: dumper.represent_scalar("tag:yaml.org,2002:str", s, style="|" if "\n" in s else None),
+)
+
+
+def _dump(doc: dict[str, Any]) -> str:
+    return yaml.dump(doc, Dumper=_Dumper, sort_keys=False, width=120)
