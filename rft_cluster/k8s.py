@@ -17,6 +17,7 @@ a Kubernetes Secret (`envFrom`), and the Secret example holds placeholders only.
 
 from __future__ import annotations
 
+import json
 import math
 import re
 import shlex
@@ -38,7 +39,7 @@ HEAD_RESOURCES = {"cpu": "2", "memory": "8Gi"}  # the driver: tokenizer, Parquet
 GI_PER_CPU = 4  # pod memory when a role does not say how much it reserves
 # Ray's object store takes 30% of a pod's memory by default; the rest holds reserved actor memory.
 HEAP_SHARE = 0.7
-MAX_NAME = {"RayCluster": 53, "RayJob": 47}  # the operator's limits (a RayJob's pods append a suffix)
+MAX_NAME = {"RayCluster": 53, "RayJob": 47}  # the operator's limits (a RayJob's own cluster adds 6 characters)
 SUBMISSION_MODES = ("K8sJobMode", "HTTPMode", "InteractiveMode", "SidecarMode")
 
 
@@ -50,7 +51,7 @@ class K8sError(ValueError):
 class K8sOptions:
     name: str | None = None  # default: from the job file's name
     namespace: str | None = None  # default: kubectl's current namespace
-    image: str | None = None  # default: DEFAULT_IMAGE, which lacks rft-cluster (README)
+    image: str | None = None  # default: default_image(), which lacks rft-cluster (README)
     secret: str = DEFAULT_SECRET
     storage: str | None = None  # default: the job's `storage`
     min_rollout_replicas: int | None = None  # default: cluster.rollout_workers
@@ -122,35 +123,27 @@ def render(job_path: Path, options: K8sOptions = K8sOptions()) -> Manifests:
     gpu = bool(rollout.gpus or learner.gpus or services.gpus)
     image = options.image or default_image(gpu)
     min_r, replicas, max_r = _rollout_replicas(cluster.rollout_workers, options)
+    ranks = cluster.learner.ranks
 
-    meta = _metadata(name, options.namespace, name)
     configmap = {
         "apiVersion": "v1",
         "kind": "ConfigMap",
         "metadata": _metadata(f"{name}-job", options.namespace, name),
         "data": {file_key: text},
     }
-    job_volume = {"name": "job", "configMap": {"name": configmap["metadata"]["name"]}}
-    head_pod = _pod("ray-head", image, options.secret, {"requests": dict(HEAD_RESOURCES), "limits": dict(HEAD_RESOURCES)},
-                    mounts=({"name": "job", "mountPath": JOB_DIR, "readOnly": True},), volumes=(job_volume,))
-    head_pod["spec"]["containers"][0]["ports"] = [
-        {"containerPort": 6379, "name": "gcs-server"},
-        {"containerPort": 8265, "name": "dashboard"},
-        {"containerPort": 10001, "name": "client"},
-    ]
     raycluster = {
         "apiVersion": "ray.io/v1",
         "kind": "RayCluster",
-        "metadata": meta,
+        "metadata": _metadata(name, options.namespace, name),
         "spec": {
             "rayVersion": RAY_VERSION,
             # Ray's token authentication, with the token in a Secret KubeRay creates and shares with every pod.
             "authOptions": {"mode": "token"},
             "enableInTreeAutoscaling": True,
-            "headGroupSpec": {"rayStartParams": {"num-cpus": "0"}, "template": head_pod},
+            "headGroupSpec": _head_group(image, options.secret, configmap["metadata"]["name"]),
             "workerGroupSpecs": [
                 _worker_group("rollout", rollout, image, options.secret, replicas, min_r, max_r),
-                _worker_group("learner", learner, image, options.secret, *(cluster.learner.ranks,) * 3),
+                _worker_group("learner", learner, image, options.secret, ranks, ranks, ranks),
                 _worker_group("services", services, image, options.secret, 1, 1, 1),
             ],
         },
@@ -158,7 +151,7 @@ def render(job_path: Path, options: K8sOptions = K8sOptions()) -> Manifests:
     rayjob = {
         "apiVersion": "ray.io/v1",
         "kind": "RayJob",
-        "metadata": meta,
+        "metadata": _metadata(name, options.namespace, name),
         "spec": {
             "clusterSelector": {"ray.io/cluster": name},
             "submissionMode": "K8sJobMode",
@@ -170,7 +163,7 @@ def render(job_path: Path, options: K8sOptions = K8sOptions()) -> Manifests:
         "kind": "Secret",
         "metadata": _metadata(options.secret, options.namespace, name),
         "type": "Opaque",
-        "stringData": {key: PLACEHOLDER for key in _secret_keys(text, storage, job)},
+        "stringData": {key: PLACEHOLDER for key in _secret_keys(raw, storage, job)},
     }
     manifests = Manifests(configmap, raycluster, rayjob, secret_example, job_path.name)
     problems = [p for doc in (configmap, raycluster, rayjob, secret_example) for p in manifest_problems(doc)]
@@ -223,6 +216,19 @@ def _container_resources(shape: PodShape) -> dict[str, dict[str, str]]:
     if shape.gpus:
         amounts["nvidia.com/gpu"] = str(math.ceil(shape.gpus))
     return {"requests": amounts, "limits": dict(amounts)}
+
+
+def _head_group(image: str, secret: str, configmap: str) -> dict[str, Any]:
+    """The driver's pod: no actors (`num-cpus: 0`), the job file mounted from its ConfigMap."""
+    pod = _pod("ray-head", image, secret, {"requests": dict(HEAD_RESOURCES), "limits": dict(HEAD_RESOURCES)},
+               mounts=({"name": "job", "mountPath": JOB_DIR, "readOnly": True},),
+               volumes=({"name": "job", "configMap": {"name": configmap}},))
+    pod["spec"]["containers"][0]["ports"] = [
+        {"containerPort": 6379, "name": "gcs-server"},
+        {"containerPort": 8265, "name": "dashboard"},
+        {"containerPort": 10001, "name": "client"},
+    ]
+    return {"rayStartParams": {"num-cpus": "0"}, "template": pod}
 
 
 def _worker_group(group: str, shape: PodShape, image: str, secret: str, replicas: int, min_r: int, max_r: int) -> dict[str, Any]:
@@ -281,6 +287,12 @@ def _storage(uri: str | None) -> str:
         raise K8sError("no storage: pass --storage URI or set `storage` in the job (pods share no disk: s3://, gs://, hdfs://)")
     if "${" in uri:
         raise K8sError(f"storage {uri!r} uses an environment variable; pass the URI itself with --storage")
+    if shlex.quote(uri) != uri:
+        # K8sJobMode's submitter hands the entrypoint through bash and then Ray's shell, unquoted.
+        raise K8sError(
+            f"storage {uri!r} holds characters a shell would change on the way to the head pod; "
+            "for an S3-compatible endpoint set AWS_ENDPOINT_URL in the Secret instead of ?endpoint_override="
+        )
     if "://" not in uri:
         raise K8sError(
             f"storage {uri!r} is a local path, which pods do not share: use s3://, gs://, hdfs:// "
@@ -298,9 +310,9 @@ def _check_dataset(field: str, path: str | None) -> None:
         )
 
 
-def _secret_keys(text: str, storage: str, job: JobSpec) -> list[str]:
+def _secret_keys(raw: dict[str, Any], storage: str, job: JobSpec) -> list[str]:
     """Every `${VAR}` the job names, plus the credentials its storage and W&B mode read."""
-    keys = set(_ENV_REF.findall(text))
+    keys = set(_ENV_REF.findall(json.dumps(raw, default=str)))  # values and keys, not comments
     if storage.startswith("s3://"):
         keys |= {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"}
     if job.wandb.mode == "online":

@@ -231,6 +231,7 @@ def test_the_output_directory_keeps_kubectl_apply_off_the_secret_example(tmp_pat
         (["--name", "a" * 48], "", "DNS-1035 label of at most 47"),
         (["--min-rollout-replicas", "3", "--max-rollout-replicas", "2"], "", "need 0 <= min <= max"),
         (["--storage", "runs/x"], "", "is a local path"),
+        (["--storage", "s3://b/r?endpoint_override=minio:9000&scheme=http"], "", "set AWS_ENDPOINT_URL in the Secret"),
         ([], "validation_file: data/valid.jsonl\n", "validation_file 'data/valid.jsonl' is relative"),
         ([], "cluster:\n  resources:\n    learner: {node_labels: {'bad key!': x}}\n", "not a valid Kubernetes label"),
         ([], "cluster:\n  rollout_workers: 0\n", "cluster.rollout_workers"),  # the job's own validation
