@@ -76,8 +76,8 @@ def problems(doc: dict[str, Any], validators: dict[str, jsonschema.Draft4Validat
     return found + manifest_problems(doc)
 
 
-def _job(tmp_path: Path, cluster: str = "", extra: str = "", name: str = "job.yaml") -> Path:
-    path = tmp_path / name
+def _job(tmp_path: Path, cluster: str = "", extra: str = "") -> Path:
+    path = tmp_path / "job.yaml"
     path.write_text(
         "model: Qwen/Qwen3-1.7B\n"
         "training_file: /data/train.jsonl\n"
@@ -123,6 +123,13 @@ def test_every_committed_manifest_validates(validators: dict[str, jsonschema.Dra
 
 
 # --- rendered manifests ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("job", sorted((REPO / "cluster_configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_job_renders_manifests_that_validate(job: Path, validators: dict[str, jsonschema.Draft4Validator]) -> None:
+    manifests = render(job, K8sOptions(storage="s3://bucket/runs/x"))
+    docs = [manifests.configmap, manifests.raycluster, manifests.rayjob, manifests.secret_example]
+    assert [p for d in docs for p in problems(d, validators)] == []
 
 
 def test_stdout_is_one_stream_that_validates_and_runs_the_job_from_its_configmap(
