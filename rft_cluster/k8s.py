@@ -234,7 +234,8 @@ def _head_group(image: str, secret: str, configmap: str) -> dict[str, Any]:
 def _worker_group(group: str, shape: PodShape, image: str, secret: str, replicas: int, min_r: int, max_r: int) -> dict[str, Any]:
     spec: dict[str, Any] = {"groupName": group, "replicas": replicas, "minReplicas": min_r, "maxReplicas": max_r}
     if shape.resources:
-        spec["resources"] = {key: _decimal(amount) for key, amount in sorted(shape.resources.items())}
+        # Ray keeps resource amounts to 4 decimals: 3 x 0.1 is 0.3, not 0.30000000000000004.
+        spec["resources"] = {key: _decimal(round(amount, 4)) for key, amount in sorted(shape.resources.items())}
     if shape.labels:
         spec["labels"] = dict(sorted(shape.labels.items()))
     spec["template"] = _pod("ray-worker", image, secret, _container_resources(shape))

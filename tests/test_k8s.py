@@ -156,13 +156,13 @@ def test_stdout_is_one_stream_that_validates_and_runs_the_job_from_its_configmap
 
 def test_resources_follow_the_job(tmp_path: Path, validators: dict[str, jsonschema.Draft4Validator]) -> None:
     cluster = (
-        "  rollout_workers: 3\n  tool_proxies: 2\n  graders: 3\n"
+        "  rollout_workers: 3\n  tool_proxies: 3\n  graders: 3\n"
         "  learner: {ranks: 3}\n"
         "  engine: {tensor_parallel_size: 2}\n"
         "  resources:\n"
         "    rollout_worker: {cpus: 8, gpus: 2, memory_gb: 70, resources: {vllm_node: 1}, node_labels: {pool: rollout}}\n"
-        "    learner: {cpus: 6, gpus: 2, node_labels: {pool: train, ray.io/accelerator-type: H100}}\n"
-        "    tool_proxy: {cpus: 0.5, resources: {tools: 0.25}, node_labels: {pool: cpu}}\n"
+        "    learner: {cpus: 6, gpus: 2, node_labels: {pool: train, example.com/accelerator: h100}}\n"
+        "    tool_proxy: {cpus: 0.5, resources: {tools: 0.1}, node_labels: {pool: cpu}}\n"
         "    grader: {cpus: 1, memory_gb: 3}\n"
     )
     manifests = render(_job(tmp_path, cluster), K8sOptions(min_rollout_replicas=1, max_rollout_replicas=5))
@@ -178,14 +178,15 @@ def test_resources_follow_the_job(tmp_path: Path, validators: dict[str, jsonsche
 
     learner = _group(spec, "learner")
     assert (learner["minReplicas"], learner["replicas"], learner["maxReplicas"]) == (3, 3, 3)
-    assert learner["labels"] == {"pool": "train", "ray.io/accelerator-type": "H100"} and "resources" not in learner
+    assert learner["labels"] == {"pool": "train", "example.com/accelerator": "h100"} and "resources" not in learner
     assert _limits(learner) == {"cpu": "6", "memory": "24Gi", "nvidia.com/gpu": "2"}
 
-    # 2 proxies x 0.5 CPU + 3 graders x 1 CPU; 3 x 3 GiB reserved -> 13 GiB with the object store, 16 by CPU count.
+    # 3 proxies x 0.5 CPU + 3 graders x 1 CPU = 4.5 -> 5 CPUs; 3 x 3 GiB reserved -> 13 GiB with the
+    # object store, 20 GiB by CPU count; 3 x 0.1 `tools` advertised as 0.3.
     services = _group(spec, "services")
     assert (services["minReplicas"], services["replicas"], services["maxReplicas"]) == (1, 1, 1)
-    assert services["resources"] == {"tools": "0.5"} and services["labels"] == {"pool": "cpu"}
-    assert _limits(services) == {"cpu": "4", "memory": "16Gi"}
+    assert services["resources"] == {"tools": "0.3"} and services["labels"] == {"pool": "cpu"}
+    assert _limits(services) == {"cpu": "5", "memory": "20Gi"}
     assert "tolerations" not in services["template"]["spec"]
     assert spec["spec"]["headGroupSpec"]["rayStartParams"] == {"num-cpus": "0"}  # the driver only
 
@@ -241,6 +242,8 @@ def test_the_output_directory_keeps_kubectl_apply_off_the_secret_example(tmp_pat
         (["--storage", "s3://b/r?endpoint_override=minio:9000&scheme=http"], "", "set AWS_ENDPOINT_URL in the Secret"),
         ([], "validation_file: data/valid.jsonl\n", "validation_file 'data/valid.jsonl' is relative"),
         ([], "cluster:\n  resources:\n    learner: {node_labels: {'bad key!': x}}\n", "not a valid Kubernetes label"),
+        ([], "cluster:\n  resources:\n    tool_proxy: {node_labels: {pool: a}}\n    grader: {node_labels: {pool: b}}\n",
+         "the roles sharing a services pod ask for node label pool='a' and pool='b'"),
         ([], "cluster:\n  rollout_workers: 0\n", "cluster.rollout_workers"),  # the job's own validation
     ],
 )
