@@ -16,7 +16,8 @@ import pytest
 import yaml
 
 from rft_cluster.cli import main
-from rft_cluster.k8s import K8sError, K8sOptions, manifest_problems, quantity, render
+from rft_cluster.k8s import K8sError, K8sOptions, render
+from rft_cluster.k8s_rules import manifest_problems, quantity
 
 REPO = Path(__file__).resolve().parents[1]
 GPU_JOB = REPO / "cluster_configs" / "finqa-gpu.yaml"
