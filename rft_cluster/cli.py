@@ -168,8 +168,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--namespace", default=None, help="default: kubectl's current namespace")
     p.add_argument("--secret", default="rft-cluster-env", help="the Kubernetes Secret whose keys become the pods' environment")
     p.add_argument("--storage", default=None, metavar="URI", help="where the run writes (s3://, gs://, ...); default: the job's storage")
-    p.add_argument("--min-rollout-replicas", type=int, default=None, help="autoscaling floor of the rollout group (default: cluster.rollout_workers)")
-    p.add_argument("--max-rollout-replicas", type=int, default=None, help="autoscaling ceiling of the rollout group (default: cluster.rollout_workers)")
+    p.add_argument("--min-rollout-replicas", type=int, default=None, metavar="N", help="autoscaling floor of the rollout group (default: cluster.rollout_workers)")
+    p.add_argument("--max-rollout-replicas", type=int, default=None, metavar="N", help="autoscaling ceiling of the rollout group (default: cluster.rollout_workers)")
     p.set_defaults(fn=_k8s)
 
     p = sub.add_parser("make-tiny-model", help="build a small Qwen2-style model + tokenizer offline")
