@@ -87,7 +87,7 @@ def _sft(args: argparse.Namespace) -> int:
 def _k8s(args: argparse.Namespace) -> int:
     """KubeRay manifests for a job (rft_cluster.k8s): to stdout, or files under --output."""
     from rft_cluster.config import SpecError
-    from rft_cluster.k8s import K8sError, K8sOptions, default_image, render
+    from rft_cluster.k8s import K8sError, K8sOptions, render
 
     options = K8sOptions(args.name, args.namespace, args.image, args.secret, args.storage, args.min_rollout_replicas, args.max_rollout_replicas)
     try:
@@ -96,8 +96,7 @@ def _k8s(args: argparse.Namespace) -> int:
         print(e, file=sys.stderr)
         return 1
     if args.image is None:
-        image = manifests.raycluster["spec"]["headGroupSpec"]["template"]["spec"]["containers"][0]["image"]
-        print(f"note: {image} has no rft-cluster installed; build an image with it and pass --image (README: Run on Kubernetes)", file=sys.stderr)
+        print(f"note: {manifests.image} has no rft-cluster installed; build an image with it and pass --image (README: Run on Kubernetes)", file=sys.stderr)
     if args.output:
         for path in manifests.write(Path(args.output)):
             print(path)

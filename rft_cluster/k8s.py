@@ -69,6 +69,10 @@ class Manifests:
     secret_example: dict[str, Any]
     source: str  # the job file's name, for the headers
 
+    @property
+    def image(self) -> str:
+        return self.raycluster["spec"]["headGroupSpec"]["template"]["spec"]["containers"][0]["image"]
+
     def to_yaml(self) -> str:
         """What `kubectl apply -f -` takes: the ConfigMap, RayCluster and RayJob (no Secret,
         whose placeholders would replace real values)."""
