@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import shutil
+import sys
 import tempfile
 from collections import Counter
 from pathlib import Path
@@ -151,11 +152,19 @@ class RunLogger:
         self._lines = [x for x in self._lines if json.loads(x)["step"] <= step]
         self.storage.write_text(self.METRICS, "".join(self._lines))
 
-    def upload_wandb(self) -> None:
+    def upload_wandb(self, *, final: bool = False) -> None:
         """Copies the W&B run directory into `<run>/wandb/` when W&B does not write there
-        itself (it flushes on its own schedule: the latest records may wait for the next upload)."""
-        if self._staging is not None and self.wandb_run_dir is not None:
+        itself (it flushes on its own schedule: the latest records may wait for the next upload).
+        A snapshot taken while W&B writes can meet a file it just removed: that upload is
+        reported and left to the next one, only the final upload's failure is an error."""
+        if self._staging is None or self.wandb_run_dir is None:
+            return
+        try:
             self.storage.upload_dir(self.wandb_run_dir, f"wandb/{self.wandb_run_dir.name}", replace=False)
+        except OSError as e:
+            if final:
+                raise
+            print(f"[rft] W&B upload to {self.storage.uri_for('wandb')} skipped until the next checkpoint: {e}", file=sys.stderr)
 
     def finish(self) -> None:
         if self._run is not None:
@@ -166,7 +175,7 @@ class RunLogger:
             # log (seen empty 1 time in 6); teardown waits for the service to flush and exit.
             wandb.teardown()
             self._run = None
-            self.upload_wandb()
+            self.upload_wandb(final=True)
         if self._staging is not None:
             shutil.rmtree(self._staging, ignore_errors=True)
             self._staging = None
