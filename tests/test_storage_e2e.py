@@ -24,7 +24,7 @@ from rft_cluster.store import TrajectoryStore
 from tests.conftest import S3Server
 from tests.wandb_log import wandb_history
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(1800)]  # two runs, each with its own engine and learner
 STEPS = 4
 # Names only a run's outputs have; none may appear on the local disk.
 OUTPUT_NAMES = ("trajectories", "checkpoints", "state", "final", "metrics.jsonl", "index.json", "driver.json", "latest")
