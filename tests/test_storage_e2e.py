@@ -5,6 +5,7 @@ TMPDIR, so anything written locally would be found there."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -35,6 +36,12 @@ def local_outputs(root: Path) -> list[str]:
         str(p) for p in root.rglob("*")
         if p.name in OUTPUT_NAMES or p.name.startswith(("offline-run-", "step-", "rft-")) or p.suffix in (".parquet", ".safetensors", ".wandb")
     )
+
+
+def stop_group(proc: subprocess.Popen) -> None:
+    """Kills what a run started (its process group: the CLI and its local Ray), if any is left."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
 
 
 def test_a_run_on_s3_keeps_every_output_in_the_bucket_and_resumes_from_it(
@@ -72,7 +79,7 @@ def test_a_run_on_s3_keeps_every_output_in_the_bucket_and_resumes_from_it(
         first.send_signal(signal.SIGKILL)  # the driver only, mid-run
         first.wait()
     finally:
-        os.killpg(first.pid, signal.SIGKILL)  # then its local Ray
+        stop_group(first)  # then its local Ray
     t_first = time.monotonic() - t0
     keys = s3_server.keys(s3_prefix)
     assert CheckpointDir(uri).resumable_step() == 2 and "trajectories/kind=train/step-000003.parquet" in keys
@@ -85,7 +92,7 @@ def test_a_run_on_s3_keeps_every_output_in_the_bucket_and_resumes_from_it(
     try:
         assert second.wait(timeout=900) == 0, (tmp_path / "train-resume.log").read_text()[-3000:]
     finally:
-        os.killpg(second.pid, signal.SIGKILL)
+        stop_group(second)
         shutil.rmtree(ray_tmp, ignore_errors=True)
     t_second = time.monotonic() - t0 - t_first
     log = (tmp_path / "train-resume.log").read_text()
