@@ -1,22 +1,26 @@
 """Checkpoints of a run: HF model directories at validation steps (the best few kept) and the
-resume state (learner weights + optimizer, and the driver's step), under the run's output.
+resume state (learner weights + optimizer, and the driver's step), in the run's storage.
 
     <run>/checkpoints/step-000012/        HF model directory (vLLM and transformers load it)
     <run>/checkpoints/index.json          [{step, valid_reward_mean, path}], best first
-    <run>/state/learner/                  DeepSpeed checkpoint of the latest checkpoint step
+    <run>/state/learner/step-12/          DeepSpeed checkpoint of the latest checkpoint step
     <run>/state/driver.json               {"step": 12}: the last step whose state is saved
 
-Batches are a pure function of (seed, step), so the step is the whole data position.
+`<run>` is a local path or a pyarrow.fs URI (`rft_cluster.storage`); `path` in index.json is the
+checkpoint's local path or URI (without the URI's query options). The learner writes the model
+directories and the DeepSpeed state; this class writes the two JSON files, each atomically, after
+what they name is complete. Batches are a pure function of (seed, step), so the step is the
+whole data position.
 """
 
 from __future__ import annotations
 
 import json
 import math
-import os
-import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
+
+from rft_cluster.storage import RunStorage
 
 
 @dataclass
@@ -26,48 +30,49 @@ class Checkpoint:
     path: str
 
 
-def _write_json(path: Path, obj: object) -> None:
-    """Atomic: a kill mid-write leaves the previous file."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=1))
-    os.replace(tmp, path)
-
-
 class CheckpointDir:
-    def __init__(self, run: Path, keep: int = 3):
-        self.dir = run / "checkpoints"
-        self.state = run / "state"
+    INDEX = "checkpoints/index.json"
+    DRIVER = "state/driver.json"
+    LEARNER_STATE = "state/learner"
+
+    def __init__(self, run: RunStorage | str | Path, keep: int = 3):
+        self.storage = run if isinstance(run, RunStorage) else RunStorage(run)
         self.keep = keep
 
-    def model_dir(self, step: int) -> Path:
-        return self.dir / f"step-{step:06d}"
+    @staticmethod
+    def model_rel(step: int) -> str:
+        return f"checkpoints/step-{step:06d}"
+
+    @staticmethod
+    def state_tag(step: int) -> str:
+        """The DeepSpeed tag of `step`'s learner state, under LEARNER_STATE."""
+        return f"step-{step}"
 
     def index(self) -> list[Checkpoint]:
-        path = self.dir / "index.json"
-        return [Checkpoint(**c) for c in json.loads(path.read_text())] if path.exists() else []
+        if not self.storage.exists(self.INDEX):
+            return []
+        return [Checkpoint(**c) for c in json.loads(self.storage.read_text(self.INDEX))]
 
     def add(self, step: int, valid_reward_mean: float | None) -> list[Checkpoint]:
-        """Records the model saved at `model_dir(step)` and deletes all but the best `keep`
+        """Records the model saved at `model_rel(step)` and deletes all but the best `keep`
         (by valid_reward_mean, later steps first among equals; unvalidated ones rank last)."""
         entries = [c for c in self.index() if c.step != step]
-        entries.append(Checkpoint(step, valid_reward_mean, str(self.model_dir(step))))
+        entries.append(Checkpoint(step, valid_reward_mean, self.storage.uri_for(self.model_rel(step))))
         reward = lambda c: c.valid_reward_mean if c.valid_reward_mean is not None and math.isfinite(c.valid_reward_mean) else -math.inf
         entries.sort(key=lambda c: (reward(c), c.step), reverse=True)
         kept, dropped = entries[: self.keep], entries[self.keep :]
-        self.dir.mkdir(parents=True, exist_ok=True)
-        _write_json(self.dir / "index.json", [asdict(c) for c in kept])
+        self.storage.write_text(self.INDEX, json.dumps([asdict(c) for c in kept], indent=1))
         for c in dropped:
-            shutil.rmtree(c.path, ignore_errors=True)
+            self.storage.delete(self.model_rel(c.step))
         return kept
-
-    def learner_state(self) -> Path:
-        return self.state / "learner"
 
     def save_step(self, step: int) -> None:
         """Marks the learner state just written as that of `step` (written after it, so a kill
-        in between resumes from the previous, complete state)."""
-        _write_json(self.state / "driver.json", {"step": step})
+        in between resumes from the previous, complete state), then deletes older states."""
+        self.storage.write_text(self.DRIVER, json.dumps({"step": step}))
+        for name in self.storage.list(self.LEARNER_STATE):
+            if name.startswith("step-") and name != self.state_tag(step):
+                self.storage.delete(f"{self.LEARNER_STATE}/{name}")
 
     def resumable_step(self) -> int | None:
-        path = self.state / "driver.json"
-        return json.loads(path.read_text())["step"] if path.exists() else None
+        return json.loads(self.storage.read_text(self.DRIVER))["step"] if self.storage.exists(self.DRIVER) else None

@@ -41,8 +41,8 @@ def _train(args: argparse.Namespace) -> int:
     from rft_cluster.driver import train
 
     job = _load_or_exit(Path(args.job))
-    result = train(job, Path(args.output), max_steps=args.max_steps, resume=args.resume)
-    print(f"done: {result['steps']} steps; outputs in {args.output}")
+    result = train(job, args.output, max_steps=args.max_steps, resume=args.resume)
+    print(f"done: {result['steps']} steps; outputs in {result['output']}")
     return 0
 
 
@@ -128,9 +128,11 @@ def main(argv: list[str] | None = None) -> int:
         p = sub.add_parser(name, help=helptext)
         if name == "train":
             p.add_argument("job")
+            p.add_argument("--output", default=None, help="where everything is written: a local path or a pyarrow.fs URI "
+                           "(s3://, gs://, hdfs://, file://); default: the job's `storage`, else runs/train")
         else:
             p.add_argument("job", nargs="?", default=str(DEFAULT_JOB))
-        p.add_argument("--output", default=f"runs/{'local' if name == 'demo' else 'train'}", help="where everything is written")
+            p.add_argument("--output", default="runs/local", help="where everything is written (a local directory)")
         p.add_argument("--max-steps", type=int, default=None, help="stop after this many steps")
         if name == "train":
             p.add_argument("--resume", action="store_true", help="continue the run in --output from its last checkpoint")

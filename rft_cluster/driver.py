@@ -3,14 +3,15 @@
     for each step:  sample (rollout workers, tool proxies)  ->  grade (grader actors)
                     ->  train (learner)  ->  publish weights (learner -> rollout workers)
 
-Everything a run writes goes under its output directory: `trajectories/` (Parquet),
-`metrics.jsonl`, `wandb/` (offline run), `final/` (HF model directory).
+Everything a run writes goes to its storage (a local directory or a pyarrow.fs URI, see
+`rft_cluster.storage`): `trajectories/` (Parquet), `metrics.jsonl`, `wandb/` (offline run),
+`checkpoints/`, `state/`, `final/` (HF model directory). The driver writes the first two, the
+learner the model directories and its state, each through its own filesystem client.
 """
 
 from __future__ import annotations
 
 import random
-import shutil
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -27,6 +28,7 @@ from rft_cluster.grpo import group_advantages, shaped_reward
 from rft_cluster.learner import Learner
 from rft_cluster.metrics import RunLogger, StepPrinter, rollout_metrics
 from rft_cluster.rollout_worker import RolloutRequest, RolloutWorker, SamplingSettings
+from rft_cluster.storage import RunStorage
 from rft_cluster.store import TrajectoryStore
 from rft_cluster.tool_proxy import ToolProxy
 from rft_cluster.types import RolloutStatus, TrainSample, Trajectory, new_trace_id
@@ -108,14 +110,14 @@ class Trainer:
     """One run: actors, data, outputs. `run()` executes the configured steps."""
 
     def __init__(
-        self, job: JobSpec, output: Path, max_steps: int | None = None, resume: bool = False, printer: StepPrinter | None = None
+        self, job: JobSpec, output: RunStorage, max_steps: int | None = None, resume: bool = False, printer: StepPrinter | None = None
     ):
         self.job = job
-        self.output = output
+        self.storage = output
         self.checkpoints = CheckpointDir(output)
         self.resume_from = self.checkpoints.resumable_step() if resume else None
         if resume and self.resume_from is None:
-            raise SystemExit(f"--resume: {output} holds no checkpoint to resume from (state/driver.json)")
+            raise SystemExit(f"--resume: {output.uri_for()} holds no checkpoint to resume from (state/driver.json)")
         self.train_rows = load_rows(job.resolve_path(job.training_file))
         self.valid_rows = load_rows(job.resolve_path(job.validation_file)) if job.validation_file else []
         self.hp = job.rl.hyperparameters.resolved(len(self.train_rows))
@@ -181,10 +183,9 @@ class Trainer:
     # ------------------------------------------------------------------ loop
 
     def run(self) -> dict[str, Any]:
-        self.output.mkdir(parents=True, exist_ok=True)
         name = (self.job.suffix or "rft") + (f"-resumed-at-{self.resume_from}" if self.resume_from else "")
         logger = RunLogger(
-            self.output,
+            self.storage,
             name,
             {"job": self.job.model_dump(mode="json"), "resolved": self.hp.model_dump()},
             wandb_mode=self.job.wandb.mode,
@@ -212,33 +213,29 @@ class Trainer:
                     metrics.update(self.evaluate(step))
                 if validate or step % self.hp.eval_interval == 0:
                     self.checkpoint(step, metrics.get("valid_reward_mean"))
+                    logger.upload_wandb()
                 logger.log(step, metrics)
                 self.printer.print_step(step, metrics)
-            final = self.output / "final"
-            ray.get(self.cluster.learner.save_hf.remote(str(final)))
+            final = ray.get(self.cluster.learner.save_hf.remote(self.storage, "final"))
             self.printer.console.print(f"[rft] final policy saved to {final}", markup=False)
-            return {"final": final, "steps": self.steps, "roles": self.cluster.roles()}
+            return {"final": final, "output": self.storage.uri_for(), "steps": self.steps, "roles": self.cluster.roles()}
         finally:
             logger.finish()
 
     def checkpoint(self, step: int, valid_reward_mean: float | None) -> None:
         """An HF model directory (best few kept), then the resume state, then the step marker:
         a kill anywhere in between resumes from the previous complete state."""
-        learner = self.cluster.learner
-        ray.get(learner.save_hf.remote(str(self.checkpoints.model_dir(step))))
-        self.checkpoints.add(step, valid_reward_mean)
-        state = self.checkpoints.learner_state()
-        ray.get(learner.save_state.remote(str(state), f"step-{step}"))
-        self.checkpoints.save_step(step)
-        for old in state.glob("step-*"):
-            if old.name != f"step-{step}":
-                shutil.rmtree(old, ignore_errors=True)
+        learner, ckpt = self.cluster.learner, self.checkpoints
+        ray.get(learner.save_hf.remote(self.storage, ckpt.model_rel(step)))
+        ckpt.add(step, valid_reward_mean)
+        ray.get(learner.save_state.remote(self.storage, ckpt.LEARNER_STATE, ckpt.state_tag(step)))
+        ckpt.save_step(step)
 
     def _restore(self, step: int, logger: RunLogger) -> int:
         """Loads the learner state of `step`, publishes it to the engines and forgets every
         output of later steps (they are redone). Returns the first step to run."""
         learner = self.cluster.learner
-        ray.get(learner.load_state.remote(str(self.checkpoints.learner_state()), f"step-{step}"))
+        ray.get(learner.load_state.remote(self.storage, CheckpointDir.LEARNER_STATE, CheckpointDir.state_tag(step)))
         ray.get(learner.publish.remote(self.cluster.workers, step))
         dropped = self.store.drop_after(step)
         logger.drop_after(step)
@@ -282,8 +279,20 @@ def init_ray(job: JobSpec) -> None:
         ray.init(address=job.cluster.ray_address, include_dashboard=False)
 
 
-def train(job: JobSpec, output: Path, max_steps: int | None = None, resume: bool = False) -> dict[str, Any]:
-    trainer = Trainer(job, output, max_steps, resume)
+DEFAULT_OUTPUT = "runs/train"
+
+
+def run_storage(job: JobSpec, output: str | Path | None = None) -> RunStorage:
+    """Where a run writes: `output` (`--output`) wins, else the job's `storage` (a relative path
+    resolves against the job file, as its other paths do), else runs/train."""
+    if output is None and job.storage:
+        output = job.storage if "://" in job.storage else job.resolve_path(job.storage)
+    return RunStorage(output or DEFAULT_OUTPUT)
+
+
+def train(job: JobSpec, output: str | Path | None = None, max_steps: int | None = None, resume: bool = False) -> dict[str, Any]:
+    """Runs the job, writing to `run_storage(job, output)`."""
+    trainer = Trainer(job, run_storage(job, output), max_steps, resume)
     init_ray(job)
     try:
         return trainer.run()

@@ -17,13 +17,13 @@ from collections import defaultdict
 import socket
 import time
 from collections.abc import Callable, Iterator, Sequence
-from pathlib import Path
 from typing import Any
 
 import torch
 
 from rft_cluster.config import LearnerSpec
 from rft_cluster.grpo import policy_loss, token_logprobs
+from rft_cluster.storage import RunStorage
 from rft_cluster.types import TrainSample
 from rft_cluster.weight_sync import pack_buckets
 
@@ -284,23 +284,34 @@ class Learner:
             "weight_sync_buckets": float(buckets),
         }
 
-    def save_hf(self, path: str) -> str:
+    def save_hf(self, storage: RunStorage, rel: str) -> str:
         """Writes a plain HF model directory (config, safetensors, tokenizer with its chat
-        template, generation config) that transformers and vLLM load directly."""
-        out = Path(path)
-        out.mkdir(parents=True, exist_ok=True)
-        self.model.save_pretrained(out, state_dict=dict(self.named_weights()), safe_serialization=True)
-        self.tokenizer.save_pretrained(out)
-        return str(out)
+        template, generation config) that transformers and vLLM load directly, to `rel` in the
+        run's storage; returns its location. Every rank must call it (gathering ZeRO-3 shards
+        is collective); rank 0 alone writes."""
+        import torch.distributed as dist
+
+        writer = dist.get_rank() == 0
+        weights = {name: t for name, t in self.named_weights() if writer}
+        if writer:
+            with storage.staged_dir(rel) as out:
+                self.model.save_pretrained(out, state_dict=weights, safe_serialization=True)
+                self.tokenizer.save_pretrained(out)
+        return storage.uri_for(rel)
 
     # ---------------------------------------------------------------- resume
 
-    def save_state(self, path: str, tag: str | None = None) -> None:
-        """DeepSpeed checkpoint (weights, optimizer, step counters) for resuming a run."""
-        self.engine.save_checkpoint(path, tag=tag)
+    def save_state(self, storage: RunStorage, rel: str, tag: str) -> None:
+        """DeepSpeed checkpoint (weights, optimizer, step counters) for resuming a run, at
+        `rel/tag` (and `rel/latest`). Every rank must call it: each writes its own shard files
+        (rank 0 also `latest`) and uploads only those, beside the other ranks'."""
+        with storage.staged_dir(rel, replace=False) as local:
+            self.engine.save_checkpoint(str(local), tag=tag)
 
-    def load_state(self, path: str, tag: str | None = None) -> None:
-        """Restores what `save_state(path, tag)` wrote (without a tag: the latest)."""
-        loaded, _ = self.engine.load_checkpoint(path, tag=tag)
+    def load_state(self, storage: RunStorage, rel: str, tag: str) -> None:
+        """Restores what `save_state(storage, rel, tag)` wrote; every rank fetches the tag's
+        files to its own disk (unless the storage is local) and loads its part."""
+        with storage.fetched_dir(f"{rel}/{tag}") as local:
+            loaded, _ = self.engine.load_checkpoint(str(local.parent), tag=tag)
         if loaded is None:
-            raise FileNotFoundError(f"no DeepSpeed checkpoint under {path}")
+            raise FileNotFoundError(f"no DeepSpeed checkpoint at {storage.uri_for(f'{rel}/{tag}')}")

@@ -10,6 +10,9 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
+import sys
+import tempfile
 from collections import Counter
 from pathlib import Path
 from statistics import fmean
@@ -18,6 +21,7 @@ from typing import Any, Literal
 from rich.console import Console
 from rich.text import Text
 
+from rft_cluster.storage import RunStorage
 from rft_cluster.types import RolloutStatus, ToolCallStatus, Trajectory
 
 REDACTED = "<redacted>"
@@ -99,46 +103,68 @@ def _redact_headers(headers: Any) -> Any:
 
 
 class RunLogger:
-    """Writes each step's metrics to `out_dir/metrics.jsonl` and to W&B (offline by default)."""
+    """Writes each step's metrics to `<run>/metrics.jsonl` and to W&B (offline by default).
+
+    The run is a local path or a pyarrow.fs URI (`rft_cluster.storage`). Object stores cannot
+    append, so the lines are kept here and the whole (small) file is rewritten atomically per
+    step; a run into an output that already has one continues it. W&B writes only to a local
+    directory: for a local run that is `<run>/wandb/` itself; otherwise a temporary directory
+    that `upload_wandb()` (at checkpoints) and `finish()` copy into `<run>/wandb/`, so a killed
+    run keeps what was last uploaded.
+    """
+
+    METRICS = "metrics.jsonl"
 
     def __init__(
         self,
-        out_dir: Path,
+        run: RunStorage | str | Path,
         job_name: str,
         config: dict[str, Any],
         wandb_mode: Literal["offline", "online", "disabled"] = "offline",
         project: str = "rft-cluster",
     ):
-        self.out_dir = Path(out_dir)
-        self.out_dir.mkdir(parents=True, exist_ok=True)
-        self.jsonl_path = self.out_dir / "metrics.jsonl"
+        self.storage = run if isinstance(run, RunStorage) else RunStorage(run)
+        self._lines = self.storage.read_text(self.METRICS).splitlines(keepends=True) if self.storage.exists(self.METRICS) else []
         self._run = None
-        self.wandb_run_dir: Path | None = None  # holds files/wandb-summary.json; `wandb sync` it
+        self._staging: Path | None = None  # a temporary W&B directory, for a run that is not local
+        self.wandb_run_dir: Path | None = None  # W&B's local run directory; `wandb sync` it
         if wandb_mode != "disabled":
             import wandb  # imported only when used: it is slow to import
 
-            self._run = wandb.init(
-                mode=wandb_mode,
-                dir=self.out_dir,
-                project=project,
-                name=job_name,
-                config=redact(config),
-            )
+            local = self.storage.local_path()
+            if local is None:
+                self._staging = Path(tempfile.mkdtemp(prefix="rft-wandb-"))
+            parent = local or self._staging
+            parent.mkdir(parents=True, exist_ok=True)
+            self._run = wandb.init(mode=wandb_mode, dir=parent, project=project, name=job_name, config=redact(config))
             self.wandb_run_dir = Path(self._run.dir).parent
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
         # Strict JSON has no NaN/Infinity; write null so every JSON reader accepts the file.
         record = {"step": step, **{k: v if math.isfinite(v) else None for k, v in metrics.items()}}
-        with self.jsonl_path.open("a") as f:
-            f.write(json.dumps(record) + "\n")
+        self._lines.append(json.dumps(record) + "\n")
+        self.storage.write_text(self.METRICS, "".join(self._lines))
         if self._run is not None:
             self._run.log(metrics, step=step)
 
     def drop_after(self, step: int) -> None:
         """Forgets logged steps after `step` in metrics.jsonl (a resumed run logs them again)."""
-        if self.jsonl_path.exists():
-            lines = self.jsonl_path.read_text().splitlines(keepends=True)
-            self.jsonl_path.write_text("".join(x for x in lines if json.loads(x)["step"] <= step))
+        self._lines = [x for x in self._lines if json.loads(x)["step"] <= step]
+        self.storage.write_text(self.METRICS, "".join(self._lines))
+
+    def upload_wandb(self, *, final: bool = False) -> None:
+        """Copies the W&B run directory into `<run>/wandb/` when W&B does not write there
+        itself (it flushes on its own schedule: the latest records may wait for the next upload).
+        A snapshot taken while W&B writes can meet a file it just removed: that upload is
+        reported and left to the next one, only the final upload's failure is an error."""
+        if self._staging is None or self.wandb_run_dir is None:
+            return
+        try:
+            self.storage.upload_dir(self.wandb_run_dir, f"wandb/{self.wandb_run_dir.name}", replace=False)
+        except OSError as e:
+            if final:
+                raise
+            print(f"[rft] W&B upload to {self.storage.uri_for('wandb')} skipped until the next checkpoint: {e}", file=sys.stderr)
 
     def finish(self) -> None:
         if self._run is not None:
@@ -149,6 +175,10 @@ class RunLogger:
             # log (seen empty 1 time in 6); teardown waits for the service to flush and exit.
             wandb.teardown()
             self._run = None
+            self.upload_wandb(final=True)
+        if self._staging is not None:
+            shutil.rmtree(self._staging, ignore_errors=True)
+            self._staging = None
 
 
 # Short labels keep the status column narrow; statuses that did not occur are not shown.

@@ -17,6 +17,7 @@ from rich.console import Console
 from rft_cluster.chat import ChatCodec
 from rft_cluster.config import LearnerSpec
 from rft_cluster.learner import Learner
+from rft_cluster.storage import RunStorage
 from rft_cluster.types import TrainSample
 
 
@@ -86,6 +87,6 @@ def sft(
                               f"({time.perf_counter() - t0:.0f} s)", markup=False)
         epoch_losses.append(sum(losses) / len(losses))
         console.print(f"[sft] epoch {epoch}/{epochs}: loss {epoch_losses[-1]:.4f} ({time.perf_counter() - t0:.0f} s)", markup=False)
-    learner.save_hf(str(output))
+    learner.save_hf(RunStorage(output), "")
     console.print(f"[sft] warm-started model saved to {output}", markup=False)
     return {"first_epoch_loss": epoch_losses[0], "last_epoch_loss": epoch_losses[-1]}

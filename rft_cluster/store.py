@@ -1,10 +1,13 @@
 """Every trajectory, train and eval, as Parquet: one file per (kind, step), inspectable with any
 Parquet reader (pyarrow, pandas, DuckDB, Polars).
 
-Layout: `<run>/trajectories/kind=<train|eval>/step-<NNNNNN>.parquet`. The `kind=` directories are
+Layout: `<run>/trajectories/kind=<train|eval>/step-<NNNNNN>.parquet`, where `<run>` is the run's
+storage (a local path or a pyarrow.fs URI, see `rft_cluster.storage`). The `kind=` directories are
 Hive-style partitions, so `pandas.read_parquet("<run>/trajectories")` or DuckDB's
 `read_parquet('<run>/trajectories/**/*.parquet', hive_partitioning=true)` recover a `kind` column.
 Writing a step again (e.g. after a resume) replaces that step's file instead of duplicating it.
+Each step file appears whole or not at all (`RunStorage.write_bytes`): a local temp file renamed,
+or one object-store upload.
 
 | column | type | meaning |
 |---|---|---|
@@ -33,13 +36,13 @@ Writing a step again (e.g. after a resume) replaces that step's file instead of 
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any, Literal
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from rft_cluster.storage import RunStorage
 from rft_cluster.types import ToolResult, Trajectory
 
 Kind = Literal["train", "eval"]
@@ -128,56 +131,60 @@ def _row(t: Trajectory) -> dict[str, Any]:
 
 
 class TrajectoryStore:
-    """Appends trajectories as one Parquet file per (kind, step) under `root/trajectories/`."""
+    """Appends trajectories as one Parquet file per (kind, step) under `<run>/trajectories/`.
+    File names returned are relative to the run (`trajectories/kind=train/step-000003.parquet`)."""
 
-    def __init__(self, root: Path):
-        self.dir = Path(root) / "trajectories"
+    DIR = "trajectories"
 
-    def path_for(self, step: int, kind: Kind = "train") -> Path:
-        return self.dir / f"kind={kind}" / f"step-{step:06d}.parquet"
+    def __init__(self, run: RunStorage | str | Path):
+        self.storage = run if isinstance(run, RunStorage) else RunStorage(run)
 
-    def append(self, trajectories: list[Trajectory], kind: Kind = "train") -> Path:
+    def rel_for(self, step: int, kind: Kind = "train") -> str:
+        return f"{self.DIR}/kind={kind}/step-{step:06d}.parquet"
+
+    def append(self, trajectories: list[Trajectory], kind: Kind = "train") -> str:
         """Writes one step's trajectories atomically; replaces an earlier file of that step."""
         if kind not in KINDS:
             raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
         steps = {t.step for t in trajectories}
         if len(steps) != 1:
             raise ValueError(f"append needs trajectories of exactly one step, got steps {sorted(steps)}")
-        path = self.path_for(steps.pop(), kind)
-        path.parent.mkdir(parents=True, exist_ok=True)
+        rel = self.rel_for(steps.pop(), kind)
         table = pa.Table.from_pylist([_row(t) for t in trajectories], schema=SCHEMA)
-        # A dot-prefixed temp name in the same directory: readers (ours, pyarrow datasets) skip
-        # it, and the rename is atomic, so a crash never leaves a half-written step visible.
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        pq.write_table(table, tmp)
-        os.replace(tmp, path)
-        return path
+        # Serialized in memory (one step is small) and stored in one atomic write.
+        sink = pa.BufferOutputStream()
+        pq.write_table(table, sink)
+        self.storage.write_bytes(rel, sink.getvalue().to_pybytes())
+        return rel
 
-    def files(self, kind: Kind | None = None) -> list[Path]:
+    def files(self, kind: Kind | None = None) -> list[str]:
         """Step files in (kind, step) order; all kinds when `kind` is None."""
-        pattern = f"kind={kind or '*'}/step-*.parquet"
-        return sorted(self.dir.glob(pattern))
+        return [
+            f"{self.DIR}/kind={k}/{name}"
+            for k in sorted([kind] if kind else KINDS)
+            for name in self.storage.list(f"{self.DIR}/kind={k}")
+            if name.startswith("step-") and name.endswith(".parquet")
+        ]
+
+    def _read(self, rel: str, **kw: Any) -> pa.Table:
+        return pq.read_table(self.storage.path(rel), filesystem=self.storage.fs, **kw)
 
     def read(self, kind: Kind | None = None) -> pa.Table:
         """All stored trajectories (of one kind, or all kinds): SCHEMA's columns plus `kind`."""
         tables = []
         for f in self.files(kind):
-            table = pq.read_table(f, schema=SCHEMA)
-            file_kind = f.parent.name.removeprefix("kind=")
+            table = self._read(f, schema=SCHEMA)
+            file_kind = f.split("/")[-2].removeprefix("kind=")
             tables.append(table.append_column(READ_SCHEMA.field("kind"), pa.array([file_kind] * len(table))))
         return pa.concat_tables(tables) if tables else READ_SCHEMA.empty_table()
 
     def trace_ids(self, kind: Kind | None = None) -> set[str]:
-        return {
-            tid
-            for f in self.files(kind)
-            for tid in pq.read_table(f, columns=["trace_id"]).column("trace_id").to_pylist()
-        }
+        return {tid for f in self.files(kind) for tid in self._read(f, columns=["trace_id"]).column("trace_id").to_pylist()}
 
     def drop_after(self, step: int) -> int:
         """Removes every step file after `step` (a resumed run redoes those steps); returns how
         many were removed."""
-        stale = [f for f in self.files() if int(f.stem.removeprefix("step-")) > step]
+        stale = [f for f in self.files() if int(f.rsplit("/", 1)[-1].removeprefix("step-").removesuffix(".parquet")) > step]
         for f in stale:
-            f.unlink()
+            self.storage.delete(f)
         return len(stale)

@@ -4,7 +4,13 @@ from __future__ import annotations
 
 import hashlib
 import shutil
-from collections.abc import Iterator
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -22,6 +28,88 @@ def ray_local() -> Iterator[None]:
     ray.init(num_cpus=6, include_dashboard=False)
     yield
     ray.shutdown()
+
+
+@dataclass(frozen=True)
+class S3Server:
+    """moto's standalone S3 server on 127.0.0.1, with one bucket."""
+
+    port: int
+    bucket: str = "rft-test"
+
+    @property
+    def endpoint_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def uri(self, prefix: str) -> str:
+        """A pyarrow.fs URI of `prefix` in the bucket, through this server."""
+        return f"s3://{self.bucket}/{prefix}?endpoint_override=127.0.0.1:{self.port}&scheme=http"
+
+    def keys(self, prefix: str) -> list[str]:
+        """Every object under `prefix`, relative to it (read with boto3, not with our code),
+        less the empty `name/` markers pyarrow writes for directories."""
+        import boto3
+
+        pages = boto3.client("s3", endpoint_url=self.endpoint_url).get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=prefix + "/")
+        keys = (o["Key"] for page in pages for o in page.get("Contents", []))
+        return sorted(k.removeprefix(prefix + "/") for k in keys if not k.endswith("/"))
+
+
+@pytest.fixture(scope="session")
+def s3_server() -> Iterator[S3Server]:
+    """A local S3-compatible server on a free port, with dummy credentials in the environment
+    (inherited by Ray clusters and subprocesses started later); killed by its PID at the end."""
+    import boto3
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        server = S3Server(s.getsockname()[1])
+    proc = subprocess.Popen(
+        [str(Path(sys.executable).with_name("moto_server")), "-H", "127.0.0.1", "-p", str(server.port)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    try:
+        with pytest.MonkeyPatch.context() as env:
+            for var, value in (("AWS_ACCESS_KEY_ID", "testing"), ("AWS_SECRET_ACCESS_KEY", "testing"), ("AWS_DEFAULT_REGION", "us-east-1")):
+                env.setenv(var, value)
+            deadline = time.monotonic() + 60
+            while True:
+                try:
+                    boto3.client("s3", endpoint_url=server.endpoint_url).create_bucket(Bucket=server.bucket)
+                    break
+                except Exception:  # not listening yet
+                    assert proc.poll() is None and time.monotonic() < deadline, "moto_server did not start"
+                    time.sleep(0.2)
+            yield server
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+@pytest.fixture
+def s3_prefix(s3_server: S3Server) -> str:
+    """A fresh, empty prefix in the bucket (one per test)."""
+    return f"runs/{uuid.uuid4().hex[:12]}"
+
+
+@dataclass(frozen=True)
+class RunLocation:
+    """Where a test's run writes (`uri`: what `--output` would be given) and how to see what is
+    there without going through our storage code."""
+
+    uri: str
+    files: Callable[[], list[str]]  # every file under it, relative, `/`-separated, sorted
+
+
+@pytest.fixture(params=["local", "s3"])
+def run_location(request: pytest.FixtureRequest, tmp_path: Path) -> RunLocation:
+    """The same test on a local directory and on S3 (the local server)."""
+    if request.param == "local":
+        root = tmp_path / "run"
+        return RunLocation(str(root), lambda: sorted(p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file()))
+    server: S3Server = request.getfixturevalue("s3_server")
+    prefix = request.getfixturevalue("s3_prefix")
+    return RunLocation(server.uri(prefix), lambda: server.keys(prefix))
 
 
 @pytest.fixture(scope="session")

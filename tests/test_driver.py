@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import pytest
 
-from rft_cluster.driver import Trainer, _request, batches
+from rft_cluster.config import load_job
+from rft_cluster.driver import Trainer, _request, batches, run_storage
 from rft_cluster.grpo import group_advantages, shaped_reward
 from rft_cluster.types import RolloutStatus, Trajectory
 
@@ -52,3 +56,22 @@ def test_scaled_tool_call_penalty_charges_only_rollouts_that_earned_credit() -> 
     assert shaped_reward(0.5, 6, 0, 0.05, "scale", 0.0) == pytest.approx(0.35)
     assert shaped_reward(1.0, 30, 0, 0.05, "scale", 0.0) == 0.0  # never below zero
     assert shaped_reward(1.0, 2, 10, 0.05, "scale", 0.01) == pytest.approx(0.8)
+
+
+def test_run_storage_prefers_output_then_the_jobs_storage_then_runs_train(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    job_file = tmp_path / "jobs" / "job.json"
+    job_file.parent.mkdir()
+    job_file.write_text(json.dumps({
+        "model": "some/model", "training_file": "train.jsonl", "storage": "out/run",
+        "method": {"type": "reinforcement", "reinforcement": {
+            "grader": {"type": "string_check", "input": "{{sample.output_text}}", "reference": "{{item.answer}}", "operation": "eq"}}},
+    }))
+    job = load_job(job_file)
+    monkeypatch.chdir(tmp_path)
+    assert run_storage(job, f"file://{tmp_path}/x").uri == f"file://{tmp_path}/x"
+    assert run_storage(job, "here").uri == str(tmp_path / "here")  # --output: relative to the working directory
+    assert run_storage(job).uri == str(tmp_path / "jobs" / "out" / "run")  # storage: relative to the job file, as its other paths
+    job.storage = f"file://{tmp_path}/y"
+    assert run_storage(job).uri == f"file://{tmp_path}/y"
+    job.storage = None
+    assert run_storage(job).uri == str(tmp_path / "runs" / "train")

@@ -13,8 +13,10 @@ import torch
 from rft_cluster.config import LearnerSpec
 from rft_cluster.grpo import group_advantages, policy_loss, token_logprobs
 from rft_cluster.learner import Learner
+from rft_cluster.storage import RunStorage
 from rft_cluster.types import TrainSample
 from rft_cluster.weight_sync import WeightBucket, pack_buckets
+from tests.conftest import RunLocation
 
 LR = 2e-5
 CLIP = 0.2
@@ -274,7 +276,8 @@ def test_save_hf_loads_in_transformers_with_the_same_logprobs(model_dir: Path, t
     seqs = [s.token_ids for s in batch]
     initial = learner.compute_logprobs(seqs)
     learner.train_step(batch)  # the saved weights must be the trained ones, not the initial
-    path = learner.save_hf(str(tmp_path / "hf"))
+    path = learner.save_hf(RunStorage(tmp_path), "hf")
+    assert path == str(tmp_path / "hf")
 
     model = AutoModelForCausalLM.from_pretrained(path).eval()
     tokenizer = AutoTokenizer.from_pretrained(path)
@@ -289,15 +292,19 @@ def test_save_hf_loads_in_transformers_with_the_same_logprobs(model_dir: Path, t
 
 
 @pytest.mark.slow
-def test_save_state_and_load_state_resume_identically(model_dir: Path, tmp_path: Path) -> None:
+def test_save_state_and_load_state_resume_identically(model_dir: Path, run_location: RunLocation) -> None:
+    st = RunStorage(run_location.uri)
     a = make_learner(model_dir, zero_stage=2)
     batch1 = make_batch(a, [1.0, -1.0, 0.5], seed=4)
     batch2 = make_batch(a, [-0.5, 1.0, 0.2], seed=5)
     a.train_step(batch1)
-    a.save_state(str(tmp_path / "ckpt"))
+    a.save_state(st, "state", "step-1")
+    files = run_location.files()
+    assert "state/latest" in files and "state/step-1/mp_rank_00_model_states.pt" in files
+    assert any(f.startswith("state/step-1/zero_pp_rank_0_") for f in files)  # the rank's optimizer shard
 
     b = make_learner(model_dir, zero_stage=2)
-    b.load_state(str(tmp_path / "ckpt"))
+    b.load_state(st, "state", "step-1")
     wa, wb = weights(a), weights(b)
     for name in wa:
         assert torch.equal(wa[name], wb[name]), name
@@ -308,8 +315,8 @@ def test_save_state_and_load_state_resume_identically(model_dir: Path, tmp_path:
     wa, wb = weights(a), weights(b)
     for name in wa:
         assert torch.equal(wa[name], wb[name]), name
-    with pytest.raises(FileNotFoundError):
-        b.load_state(str(tmp_path / "empty"))
+    with pytest.raises(FileNotFoundError, match="step-2"):
+        b.load_state(st, "state", "step-2")
 
 
 @pytest.mark.slow
@@ -317,12 +324,12 @@ def test_warmup_ramps_the_rate_and_a_resumed_run_continues_the_ramp(model_dir: P
     a = make_learner(model_dir, warmup_steps=2, zero_stage=2)
     batch = make_batch(a, [1.0, -1.0, 0.5], seed=6)
     rates = [a.train_step(batch)["lr"]]
-    a.save_state(str(tmp_path / "ckpt"))
+    a.save_state(RunStorage(tmp_path), "ckpt", "step-1")
     rates += [a.train_step(batch)["lr"] for _ in range(3)]
     assert rates == pytest.approx([LR / 3, 2 * LR / 3, LR, LR])
 
     b = make_learner(model_dir, warmup_steps=2, zero_stage=2)
-    b.load_state(str(tmp_path / "ckpt"))
+    b.load_state(RunStorage(tmp_path), "ckpt", "step-1")
     assert b.train_step(batch)["lr"] == pytest.approx(2 * LR / 3)  # a fresh schedule would be back at LR / 3
 
 

@@ -8,7 +8,9 @@ import pytest
 from rich.console import Console
 
 from rft_cluster.metrics import RunLogger, StepPrinter, redact, rollout_metrics
+from rft_cluster.storage import RunStorage
 from rft_cluster.types import RolloutStatus, ToolCallStatus, ToolResult, Trajectory
+from tests.conftest import RunLocation, S3Server
 from tests.wandb_log import wandb_history, wandb_records
 
 
@@ -142,6 +144,41 @@ def test_run_logger_disabled_writes_only_jsonl(tmp_path: Path) -> None:
     logger.finish()
     assert logger.wandb_run_dir is None
     assert [p.name for p in tmp_path.iterdir()] == ["metrics.jsonl"]
+
+
+def test_run_logger_continues_and_drops_after_what_storage_holds(run_location: RunLocation) -> None:
+    first = RunLogger(run_location.uri, "job-1", {}, wandb_mode="disabled")
+    for step in (0, 1, 2):
+        first.log(step, {"train_rollouts": float(step)})
+    # A resumed run (a new process) reads the file back, forgets step 2 and logs it again.
+    again = RunLogger(run_location.uri, "job-1-resumed-at-1", {}, wandb_mode="disabled")
+    again.drop_after(1)
+    again.log(2, {"train_rollouts": 20.0})
+    text = RunStorage(run_location.uri).read_text("metrics.jsonl")
+    assert [json.loads(x) for x in text.splitlines()] == [
+        {"step": 0, "train_rollouts": 0.0}, {"step": 1, "train_rollouts": 1.0}, {"step": 2, "train_rollouts": 20.0}
+    ]
+    assert run_location.files() == ["metrics.jsonl"]
+
+
+@pytest.mark.usefixtures("offline_wandb")
+def test_run_logger_on_s3_uploads_wandb_at_checkpoints_and_finish(s3_server: S3Server, s3_prefix: str, tmp_path: Path) -> None:
+    logger = RunLogger(s3_server.uri(s3_prefix), "job-1", {"tools": [{"headers": {"Authorization": "Bearer s3cret-token"}}]})
+    staging = logger.wandb_run_dir
+    assert staging is not None and not staging.is_relative_to(tmp_path)
+    logger.log(1, {"train_reward_mean": 0.25})
+    logger.upload_wandb()  # a checkpoint: a run killed after it keeps this much
+    run = f"wandb/{staging.name}"
+    assert any(k.startswith(f"{run}/") and k.endswith(".wandb") for k in s3_server.keys(s3_prefix))
+    logger.log(2, {"train_reward_mean": 0.75})
+    logger.finish()
+    assert not staging.exists()  # the local staging directory is gone; the bucket has it all
+
+    keys = s3_server.keys(s3_prefix)
+    assert "metrics.jsonl" in keys and all(k == "metrics.jsonl" or k.startswith(f"{run}/") for k in keys)
+    local = RunStorage(s3_server.uri(s3_prefix)).download_dir(run, tmp_path / "down")
+    assert wandb_history(local) == {1: {"train_reward_mean": 0.25}, 2: {"train_reward_mean": 0.75}}
+    assert [p for p in local.rglob("*") if p.is_file() and b"s3cret-token" in p.read_bytes()] == []
 
 
 STEP_METRICS = rollout_metrics(BATCH) | {

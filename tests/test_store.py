@@ -1,7 +1,8 @@
+"""The Parquet trajectory store, on a local directory and on S3 (`run_location`)."""
+
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -9,6 +10,7 @@ import pytest
 
 from rft_cluster.store import SCHEMA, TrajectoryStore
 from rft_cluster.types import RolloutStatus, ToolCallStatus, ToolResult, Trajectory
+from tests.conftest import RunLocation
 
 
 def traj(trace_id: str, step: int = 3, **kw) -> Trajectory:
@@ -27,7 +29,7 @@ def traj(trace_id: str, step: int = 3, **kw) -> Trajectory:
     return Trajectory(**(fields | kw))
 
 
-def test_round_trip_keeps_every_column(tmp_path: Path) -> None:
+def test_round_trip_keeps_every_column(run_location: RunLocation) -> None:
     calls = [
         ToolResult("call_1", "search", '{"q": "x"}', "hits", ToolCallStatus.OK, 200, 0.5, 1),
         ToolResult("call_2", "cat", "{}", "", ToolCallStatus.CONNECTION_ERROR, None, 2.25, 4),
@@ -45,9 +47,9 @@ def test_round_trip_keeps_every_column(tmp_path: Path) -> None:
         grader_latency_s=0.75,
         error="cat: connection refused",
     )
-    store = TrajectoryStore(tmp_path)
-    path = store.append([t])
-    assert path == tmp_path / "trajectories" / "kind=train" / "step-000003.parquet"
+    store = TrajectoryStore(run_location.uri)
+    assert store.append([t]) == "trajectories/kind=train/step-000003.parquet"
+    assert run_location.files() == ["trajectories/kind=train/step-000003.parquet"]
 
     table = store.read()
     assert table.schema == SCHEMA.append(pa.field("kind", pa.string(), nullable=False))
@@ -83,25 +85,25 @@ def test_round_trip_keeps_every_column(tmp_path: Path) -> None:
     }
 
 
-def test_reward_is_null_not_zero_or_nan(tmp_path: Path) -> None:
-    store = TrajectoryStore(tmp_path)
+def test_reward_is_null_not_zero_or_nan(run_location: RunLocation) -> None:
+    store = TrajectoryStore(run_location.uri)
     store.append([traj("trace_a", reward=None, status=RolloutStatus.GRADER_FAILED), traj("trace_b", reward=0.0)])
     rewards = store.read().column("reward").to_pylist()
     assert rewards == [None, 0.0]
     assert not any(r is not None and math.isnan(r) for r in rewards)
 
 
-def test_rewriting_a_step_replaces_it(tmp_path: Path) -> None:
-    store = TrajectoryStore(tmp_path)
+def test_rewriting_a_step_replaces_it(run_location: RunLocation) -> None:
+    store = TrajectoryStore(run_location.uri)
     store.append([traj("trace_old1"), traj("trace_old2")])
     store.append([traj("trace_new")])  # the same step again, e.g. redone after a resume
     assert store.read().column("trace_id").to_pylist() == ["trace_new"]
     # Only the final file remains: no temp files are left behind.
-    assert [p.name for p in (tmp_path / "trajectories").rglob("*") if p.is_file()] == ["step-000003.parquet"]
+    assert run_location.files() == ["trajectories/kind=train/step-000003.parquet"]
 
 
-def test_files_sort_by_step_and_kinds_are_separate(tmp_path: Path) -> None:
-    store = TrajectoryStore(tmp_path)
+def test_files_sort_by_step_and_kinds_are_separate(run_location: RunLocation) -> None:
+    store = TrajectoryStore(run_location.uri)
     for step in (10, 2, 1):
         store.append([traj(f"trace_{step}", step=step)])
     store.append([traj("trace_eval", step=2)], kind="eval")
@@ -115,17 +117,29 @@ def test_files_sort_by_step_and_kinds_are_separate(tmp_path: Path) -> None:
         ("eval", 2), ("train", 1), ("train", 2), ("train", 10)
     ]
     # Other Parquet readers recover `kind` from the Hive-style directories.
-    assert set(pq.read_table(store.dir).column("kind").to_pylist()) == {"train", "eval"}
+    st = store.storage
+    assert set(pq.read_table(st.path("trajectories"), filesystem=st.fs).column("kind").to_pylist()) == {"train", "eval"}
 
 
-def test_empty_store_reads_as_empty_table(tmp_path: Path) -> None:
-    store = TrajectoryStore(tmp_path)
+def test_drop_after_removes_later_steps_of_every_kind(run_location: RunLocation) -> None:
+    store = TrajectoryStore(run_location.uri)
+    for step in (1, 2, 3):
+        store.append([traj(f"trace_{step}", step=step)])
+    store.append([traj("trace_eval_0", step=0)], kind="eval")
+    store.append([traj("trace_eval_3", step=3)], kind="eval")
+    assert store.drop_after(1) == 3
+    assert store.trace_ids() == {"trace_1", "trace_eval_0"}
+    assert run_location.files() == ["trajectories/kind=eval/step-000000.parquet", "trajectories/kind=train/step-000001.parquet"]
+
+
+def test_empty_store_reads_as_empty_table(run_location: RunLocation) -> None:
+    store = TrajectoryStore(run_location.uri)
     assert store.read().num_rows == 0
     assert store.trace_ids() == set()
 
 
-def test_append_rejects_mixed_or_no_steps_and_unknown_kind(tmp_path: Path) -> None:
-    store = TrajectoryStore(tmp_path)
+def test_append_rejects_mixed_or_no_steps_and_unknown_kind(run_location: RunLocation) -> None:
+    store = TrajectoryStore(run_location.uri)
     with pytest.raises(ValueError, match="exactly one step"):
         store.append([traj("a", step=1), traj("b", step=2)])
     with pytest.raises(ValueError, match="exactly one step"):
