@@ -458,8 +458,10 @@ def _expand_env(node: Any, path: tuple[str, ...], missing: list[tuple[tuple[str,
     return node
 
 
-def load_job(path: str | Path) -> JobSpec:
-    """Parses and validates a job file (YAML or JSON); raises SpecError naming file:line:field."""
+def load_job(path: str | Path, unset_env_ok: bool = False) -> JobSpec:
+    """Parses and validates a job file (YAML or JSON); raises SpecError naming file:line:field.
+    `unset_env_ok` (validating a job for submission: its `${VAR}`s resolve on the cluster)
+    leaves an unset variable's `${VAR}` in place instead of reporting it."""
     path = Path(path)
     try:
         text = path.read_text()
@@ -475,7 +477,7 @@ def load_job(path: str | Path) -> JobSpec:
     lines = _yaml_lines(text)
     missing: list[tuple[tuple[str, ...], str]] = []
     data = _expand_env(data, (), missing)
-    if missing:
+    if missing and not unset_env_ok:
         raise SpecError(
             [f"{path}:{lines.get(p, 1)}: {'.'.join(p)}: environment variable ${{{var}}} is not set" for p, var in missing]
         )
