@@ -40,9 +40,13 @@ def _load_or_exit(job_path: Path):
 
 def _train(args: argparse.Namespace) -> int:
     from rft_cluster.driver import train
+    from rft_cluster.placement import PlacementError
 
     job = _load_or_exit(Path(args.job))
-    result = train(job, Path(args.output), max_steps=args.max_steps, resume=args.resume)
+    try:
+        result = train(job, Path(args.output), max_steps=args.max_steps, resume=args.resume)
+    except PlacementError as e:
+        sys.exit(str(e))
     print(f"done: {result['steps']} steps; outputs in {args.output}")
     return 0
 
@@ -95,7 +99,7 @@ def _jobs_api(args: argparse.Namespace) -> int:
             print(submission_id, flush=True)
             return submit.follow(args.address, submission_id) if args.follow else 0
         if args.command == "status":
-            submit.status(args.address, args.submission_id)
+            print(f"{args.submission_id}: {submit.status(args.address, args.submission_id)}")
         elif args.command == "logs":
             if args.follow:
                 return submit.follow(args.address, args.submission_id)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import random
+import socket
 import shutil
 import time
 from collections.abc import Iterator
@@ -309,14 +310,19 @@ def init_ray(job: JobSpec) -> None:
     else starts a fresh local cluster (never one a `ray start` left recorded in Ray's temp dir)."""
     if ray.is_initialized():
         return
+    source = "cluster.ray_address" if job.cluster.ray_address else "RAY_ADDRESS"
     address = job.cluster.ray_address or os.environ.get("RAY_ADDRESS")
     if not address:
         ray.init(address="local", include_dashboard=False)
         return
-    try:
-        ray.init(address=address)
-    except ConnectionError as e:
-        raise SystemExit(f"cannot connect to the Ray cluster at {address}: {str(e).splitlines()[0]}") from None
+    # ray.init retries an unreachable GCS for minutes; a refused connection is reported at once.
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    if port.isdigit():
+        try:
+            socket.create_connection((host, int(port)), timeout=10).close()
+        except OSError as e:
+            raise SystemExit(f"cannot connect to the Ray cluster at {address} ({source}): {e.strerror or e}") from None
+    ray.init(address=address)
 
 
 def train(job: JobSpec, output: Path, max_steps: int | None = None, resume: bool = False) -> dict[str, Any]:

@@ -21,6 +21,8 @@ import shlex
 import shutil
 import sys
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -116,20 +118,34 @@ def _mib(n: int) -> str:
     return f"{n / 2**20:.1f} MiB"
 
 
-def client(address: str):
-    """A JobSubmissionClient for `address`. With token authentication (Ray 2.60's default) the
-    token comes from RAY_AUTH_TOKEN, the file RAY_AUTH_TOKEN_PATH names, or ~/.ray/auth_token;
-    as `ray start` does, a token that is present turns token mode on when RAY_AUTH_MODE is unset."""
+@contextmanager
+def jobs_api(address: str) -> Iterator[Any]:
+    """A JobSubmissionClient for `address`, its errors turned into one-line SubmitErrors.
+
+    With token authentication (Ray 2.60's default) the token comes from RAY_AUTH_TOKEN, the file
+    RAY_AUTH_TOKEN_PATH names, or ~/.ray/auth_token; as `ray start` does, a token that is present
+    turns token mode on when RAY_AUTH_MODE is unset."""
     from ray._private.authentication.authentication_token_setup import AUTH_MODE_ENV_VAR, _enable_token_auth
     from ray._raylet import AuthenticationTokenLoader
+    from ray.exceptions import AuthenticationError
     from ray.job_submission import JobSubmissionClient
 
     if AUTH_MODE_ENV_VAR not in os.environ and AuthenticationTokenLoader.instance().has_token(ignore_auth_mode=True):
         _enable_token_auth()
     try:
-        return JobSubmissionClient(address)
+        yield JobSubmissionClient(address)
     except ConnectionError as e:
-        raise SubmitError(f"cannot reach the Ray Jobs API at {address}: {str(e).splitlines()[0]}") from None
+        raise SubmitError(f"cannot reach the Ray Jobs API at {address}: {_first_line(e)}") from None
+    except AuthenticationError as e:
+        raise SubmitError(
+            f"{address}: {_first_line(e)} (the cluster's token goes in RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token)"
+        ) from None
+    except RuntimeError as e:  # the Jobs API's HTTP errors, e.g. 404 for an unknown submission id
+        raise SubmitError(f"{address}: {_first_line(e)}") from None
+
+
+def _first_line(e: Exception) -> str:
+    return str(e).strip().splitlines()[0]
 
 
 def submit(job_path: Path, address: str, output: str | None = None, forward_env: list[str] = (),
@@ -149,49 +165,43 @@ def submit(job_path: Path, address: str, output: str | None = None, forward_env:
         runtime_env: dict[str, Any] = {"working_dir": workdir}
         if forward_env:
             runtime_env["env_vars"] = {v: os.environ[v] for v in forward_env}
-        jobs = client(address)
         entrypoint = f"python -m rft_cluster.cli train {shlex.quote(name)} --output {shlex.quote(output)}"
-        try:
+        with jobs_api(address) as jobs:
             return jobs.submit_job(entrypoint=entrypoint, runtime_env=runtime_env, metadata={"rft_job": job_path.name})
-        except RuntimeError as e:
-            raise SubmitError(f"{address} refused the submission: {str(e).splitlines()[0]}") from None
 
 
 def follow(address: str, submission_id: str) -> int:
-    """Streams the job's logs to stdout until it ends; 0 only when it SUCCEEDED."""
-    jobs = client(address)
+    """Streams the job's logs to stdout until it ends, then prints its status; 0 only when it SUCCEEDED."""
+    with jobs_api(address) as jobs:
 
-    async def tail() -> None:
-        async for chunk in jobs.tail_job_logs(submission_id):
-            sys.stdout.write(chunk)
-            sys.stdout.flush()
+        async def tail() -> None:
+            async for chunk in jobs.tail_job_logs(submission_id):
+                sys.stdout.write(chunk)
+                sys.stdout.flush()
 
-    asyncio.run(tail())
-    return report(jobs, submission_id)
+        asyncio.run(tail())
+        return _report(jobs, submission_id)
 
 
-def report(jobs: Any, submission_id: str) -> int:
-    """Prints the job's status line; 0 only when it SUCCEEDED."""
-    info = _ask(jobs.get_job_info, submission_id)
+def status(address: str, submission_id: str) -> str:
+    """The job's status (PENDING, RUNNING, SUCCEEDED, FAILED, STOPPED) and Ray's message about it."""
+    with jobs_api(address) as jobs:
+        info = jobs.get_job_info(submission_id)
+        return info.status.value + (f" ({info.message})" if info.message else "")
+
+
+def _report(jobs: Any, submission_id: str) -> int:
+    info = jobs.get_job_info(submission_id)
     print(f"{submission_id}: {info.status.value}" + (f" ({info.message})" if info.message else ""))
     return 0 if info.status.value == "SUCCEEDED" else 1
 
 
-def status(address: str, submission_id: str) -> int:
-    return report(client(address), submission_id)
-
-
 def logs(address: str, submission_id: str) -> str:
-    return _ask(client(address).get_job_logs, submission_id)
+    with jobs_api(address) as jobs:
+        return jobs.get_job_logs(submission_id)
 
 
 def stop(address: str, submission_id: str) -> bool:
     """Asks the cluster to stop the job; False when it had already ended."""
-    return _ask(client(address).stop_job, submission_id)
-
-
-def _ask(call: Any, submission_id: str) -> Any:
-    try:
-        return call(submission_id)
-    except RuntimeError as e:  # the Jobs API's HTTP errors, e.g. 404 for an unknown id
-        raise SubmitError(f"{submission_id}: {str(e).splitlines()[0]}") from None
+    with jobs_api(address) as jobs:
+        return jobs.stop_job(submission_id)
