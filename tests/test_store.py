@@ -44,6 +44,7 @@ def test_round_trip_keeps_every_column(tmp_path: Path) -> None:
         latency_s=9.5,
         grader_latency_s=0.75,
         error="cat: connection refused",
+        node_id="node-1",
     )
     store = TrajectoryStore(tmp_path)
     path = store.append([t])
@@ -79,6 +80,7 @@ def test_round_trip_keeps_every_column(tmp_path: Path) -> None:
         "error": "cat: connection refused",
         "generated_tokens": 3,
         "reasoning_tokens": 7,
+        "node_id": "node-1",
         "kind": "train",
     }
 

@@ -9,6 +9,7 @@ cluster's environment only, never in the submitting process's.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import time
@@ -113,6 +114,16 @@ def test_unreachable_address_is_one_line(tmp_path: Path, ledger_data: Path) -> N
     assert r.stderr.strip().splitlines() == [f"cannot reach the Ray Jobs API at {address}: Failed to connect to Ray at address: {address}."]
 
 
+def test_train_names_an_unreachable_ray_address(tmp_path: Path, ledger_data: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("RFT_DEMO_URL", "http://127.0.0.1:1")
+    monkeypatch.setenv("RFT_DEMO_TOKEN", "unused")
+    address = f"127.0.0.1:{free_port()}"
+    env = {**os.environ, "RAY_ADDRESS": address}  # what a Ray job's driver is given
+    r = cli("train", str(ledger_job(tmp_path / "job.yaml", ledger_data)), "--output", str(tmp_path / "out"), env=env)
+    assert r.returncode == 1
+    assert r.stderr.strip().splitlines()[-1] == f"cannot connect to the Ray cluster at {address} (RAY_ADDRESS): Connection refused"
+
+
 def test_job_failing_validation_is_refused_before_submitting(tmp_path: Path, ledger_data: Path) -> None:
     job = ledger_job(tmp_path / "job.yaml", ledger_data, seed="forty-two")
     address = f"http://127.0.0.1:{free_port()}"  # nothing listens: a contact would say so
@@ -131,13 +142,16 @@ def test_literal_header_values_are_refused(tmp_path: Path, ledger_data: Path) ->
         submit(job, "http://127.0.0.1:1", "s3://bucket/run")
 
 
-def test_staging_keeps_variables_unexpanded_and_limits_sizes(tmp_path: Path, ledger_data: Path, tiny_model_dir: Path,
-                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+def test_staging_keeps_variables_unexpanded_and_limits_sizes(tmp_path: Path, ledger_data: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from rft_cluster.config import load_job
     from rft_cluster.submit import STAGED_JOB, stage
 
     monkeypatch.setenv("RFT_DEMO_TOKEN", "planted-secret")  # set here too: it must still not be staged
-    job_file = ledger_job(tmp_path / "job.yaml", ledger_data, model=str(tiny_model_dir))
+    model_dir = tmp_path / "model-dir"  # staging copies a directory; what is in it does not matter
+    model_dir.mkdir()
+    (model_dir / "config.json").write_text("{}")
+    (model_dir / "model.safetensors").write_bytes(bytes(700_000))
+    job_file = ledger_job(tmp_path / "job.yaml", ledger_data, model=str(model_dir))
     job = load_job(job_file, unset_env_ok=True)
     dest = tmp_path / "staged"
     dest.mkdir()
@@ -150,8 +164,7 @@ def test_staging_keeps_variables_unexpanded_and_limits_sizes(tmp_path: Path, led
     assert "Bearer ${RFT_DEMO_TOKEN}" in text and "${RFT_DEMO_URL}/tool" in text
     assert not [p for p in dest.rglob("*") if p.is_file() and b"planted-secret" in p.read_bytes()]
 
-    model_mib = sum(f.stat().st_size for f in tiny_model_dir.rglob("*") if f.is_file()) / 2**20
-    with pytest.raises(SubmitError, match=rf"model directory {tiny_model_dir} is {model_mib:.1f} MiB, over the 0.5 MiB that travel"):
+    with pytest.raises(SubmitError, match=rf"model directory {model_dir} is 0.7 MiB, over the 0.5 MiB that travel"):
         submit(job_file, "http://127.0.0.1:1", "s3://bucket/run", model_limit=2**19)
     with pytest.raises(SubmitError, match=r"the staged working_dir \(job, datasets, model\) is [\d.]+ MiB, over Ray's 0.0 MiB package limit"):
         submit(job_file, "http://127.0.0.1:1", "s3://bucket/run", working_dir_limit=1024)
