@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import os
 import random
-import socket
 import shutil
+import socket
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
