@@ -186,14 +186,18 @@ def follow(address: str, submission_id: str) -> int:
 def status(address: str, submission_id: str) -> str:
     """The job's status (PENDING, RUNNING, SUCCEEDED, FAILED, STOPPED) and Ray's message about it."""
     with jobs_api(address) as jobs:
-        info = jobs.get_job_info(submission_id)
-        return info.status.value + (f" ({info.message})" if info.message else "")
+        return _status_line(jobs.get_job_info(submission_id))
 
 
 def _report(jobs: Any, submission_id: str) -> int:
     info = jobs.get_job_info(submission_id)
-    print(f"{submission_id}: {info.status.value}" + (f" ({info.message})" if info.message else ""))
+    print(f"{submission_id}: {_status_line(info)}")
     return 0 if info.status.value == "SUCCEEDED" else 1
+
+
+def _status_line(info: Any) -> str:
+    # A failed job's message goes on with its last logs, which the caller has seen or can fetch.
+    return info.status.value + (f" ({info.message.strip().splitlines()[0]})" if info.message else "")
 
 
 def logs(address: str, submission_id: str) -> str:

@@ -107,6 +107,20 @@ def test_submit_to_a_live_two_node_cluster(tmp_path: Path, demo_job, ledger_env,
 # --------------------------------------------------------------------------- refusals
 
 
+def test_a_cluster_without_the_resources_fails_the_job_naming_the_role(tmp_path: Path, ledger_data: Path) -> None:
+    raw = yaml.safe_load(LEDGER_JOB.read_text())
+    raw["cluster"].update(placement_timeout_s=5, resources={"rollout_worker": {"cpus": 1, "resources": {"rollout_node": 1}}})
+    job = ledger_job(tmp_path / "job.yaml", ledger_data, cluster=raw["cluster"])
+    with RayCluster(env={"RFT_DEMO_URL": "http://127.0.0.1:1", "RFT_DEMO_TOKEN": "unused"}, head_cpus=2) as cluster:
+        r = cli("submit", str(job), "--address", cluster.dashboard, "--output", str(tmp_path / "out"), "--follow",
+                env=cluster.client_env(), timeout=300)
+    assert r.returncode == 1
+    submission_id = r.stdout.splitlines()[0]
+    assert "could not place rollout_worker within 5 s: rollout_worker needs 1 x {CPU=1, rollout_node=1}" in r.stdout
+    assert "rollout_node: 0 free of 0" in r.stdout
+    assert f"{submission_id}: FAILED" in r.stdout.splitlines()[-1]
+
+
 def test_unreachable_address_is_one_line(tmp_path: Path, ledger_data: Path) -> None:
     address = f"http://127.0.0.1:{free_port()}"
     r = cli("submit", str(ledger_job(tmp_path / "job.yaml", ledger_data)), "--address", address, "--output", "s3://bucket/run")
