@@ -35,7 +35,8 @@ from rft_cluster.dataset import validate_job_and_data
 # A local model directory up to this size travels in the working_dir; a larger one must be a hub
 # name or a path the cluster's nodes can read (the working_dir is held in the head's memory).
 MODEL_STAGE_LIMIT = 100 * 2**20
-# Ray refuses a working_dir package at or over this size (its gRPC message limit, 512 MiB).
+# Ray refuses a working_dir package at or over this size (its gRPC message limit, 512 MiB). The
+# staged files are measured unzipped: a conservative check, made before anything is uploaded.
 WORKING_DIR_LIMIT = GCS_STORAGE_MAX_SIZE
 STAGED_JOB = "job.yaml"
 
