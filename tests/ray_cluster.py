@@ -93,8 +93,10 @@ class RayCluster:
         self.stop()
 
     def add_node(self, num_cpus: int, resources: dict[str, float] | None = None) -> None:
+        # A temp dir of its own: nodes sharing one would share runtime_resources/, where one
+        # node's runtime-env agent deletes a job's working_dir while another node's driver runs in it.
         self._start(f"--address=127.0.0.1:{self.gcs_port}", f"--num-cpus={num_cpus}",
-                    f"--resources={json.dumps(resources or {})}")
+                    f"--resources={json.dumps(resources or {})}", f"--temp-dir={self.tmp}/n{len(self.procs)}")
 
     def _start(self, *args: str) -> None:
         log = open(Path(self.tmp) / f"ray-start-{len(self.procs)}.log", "w")
