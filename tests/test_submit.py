@@ -73,7 +73,7 @@ def test_submit_to_a_live_two_node_cluster(tmp_path: Path, demo_job, ledger_env,
         print(f"\n[timing] cluster up {t_up - t0:.1f} s; submit --follow {t_run - t_up:.1f} s")
         assert run.returncode == 0, run.stdout[-5000:] + run.stderr[-3000:]
         submission_id = run.stdout.splitlines()[0]
-        assert run.stdout.rstrip().endswith(f"{submission_id}: SUCCEEDED")
+        assert run.stdout.splitlines()[-1].startswith(f"{submission_id}: SUCCEEDED")
 
         assert cli("status", submission_id, "--address", cluster.dashboard, env=env).stdout.startswith(f"{submission_id}: SUCCEEDED")
         stopped = cli("stop", submission_id, "--address", cluster.dashboard, env=env)
