@@ -1,4 +1,5 @@
-"""`rft-cluster` command line: validate, train, demo, tool-run, grader-run, sft, make-tiny-model."""
+"""`rft-cluster` command line: validate, train, demo, submit/status/logs/stop, tool-run, grader-run,
+sft, make-tiny-model."""
 
 from __future__ import annotations
 
@@ -39,9 +40,13 @@ def _load_or_exit(job_path: Path):
 
 def _train(args: argparse.Namespace) -> int:
     from rft_cluster.driver import train
+    from rft_cluster.placement import PlacementError
 
     job = _load_or_exit(Path(args.job))
-    result = train(job, args.output, max_steps=args.max_steps, resume=args.resume)
+    try:
+        result = train(job, args.output, max_steps=args.max_steps, resume=args.resume)
+    except PlacementError as e:
+        sys.exit(str(e))
     print(f"done: {result['steps']} steps; outputs in {result['output']}")
     return 0
 
@@ -105,6 +110,30 @@ def _k8s(args: argparse.Namespace) -> int:
     return 0
 
 
+def _jobs_api(args: argparse.Namespace) -> int:
+    """submit / status / logs / stop: a job on a running Ray cluster (rft_cluster.submit)."""
+    from rft_cluster import submit
+
+    try:
+        if args.command == "submit":
+            submission_id = submit.submit(Path(args.job), args.address, args.output, args.forward_env)
+            print(submission_id, flush=True)
+            return submit.follow(args.address, submission_id) if args.follow else 0
+        if args.command == "status":
+            print(f"{args.submission_id}: {submit.status(args.address, args.submission_id)}")
+        elif args.command == "logs":
+            if args.follow:
+                return submit.follow(args.address, args.submission_id)
+            print(submit.logs(args.address, args.submission_id), end="")
+        else:
+            stopped = submit.stop(args.address, args.submission_id)
+            print(f"{args.submission_id}: {'stop requested' if stopped else 'had already ended'}")
+        return 0
+    except submit.SubmitError as e:
+        print(e, file=sys.stderr)
+        return 1
+
+
 def _make_tiny_model(args: argparse.Namespace) -> int:
     from rft_cluster.tiny_model import make_tiny_model
 
@@ -139,6 +168,23 @@ def main(argv: list[str] | None = None) -> int:
         else:
             p.add_argument("--seed", type=int, default=None, help="RL seed (default: the job's); the warm start is shared")
         p.set_defaults(fn=fn)
+
+    address = {"required": True, "help": "the cluster's Jobs API (its dashboard), e.g. http://HEAD:8265"}
+    p = sub.add_parser("submit", help="submit a job to a running Ray cluster (Ray's Jobs API)")
+    p.add_argument("job")
+    p.add_argument("--address", **address)
+    p.add_argument("--output", default=None, help="where the run writes: a URI (s3://...) or an absolute path on the cluster; default: the job's storage")
+    p.add_argument("--follow", action="store_true", help="stream the logs; exit with the job's status (0 only on SUCCEEDED)")
+    p.add_argument("--forward-env", action="append", default=[], metavar="VAR",
+                   help="send this variable's value with the job (visible to anyone who can list the cluster's jobs)")
+    p.set_defaults(fn=_jobs_api)
+    for name, helptext in (("status", "a submitted job's status"), ("logs", "a submitted job's logs"), ("stop", "stop a submitted job")):
+        p = sub.add_parser(name, help=helptext)
+        p.add_argument("submission_id")
+        p.add_argument("--address", **address)
+        if name == "logs":
+            p.add_argument("--follow", action="store_true", help="stream until the job ends; exit with its status")
+        p.set_defaults(fn=_jobs_api)
 
     p = sub.add_parser("tool-run", help="send one tool call exactly as training would, and show what the model sees")
     p.add_argument("job")

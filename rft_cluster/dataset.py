@@ -52,10 +52,11 @@ def load_rows(path: Path, max_row_bytes: int = DEFAULT_MAX_ROW_BYTES) -> list[di
     return [row for _, row in rows]
 
 
-def validate_job_and_data(job_path: Path) -> list[str]:
-    """Every problem of a job file and its datasets, including undeclared tool names in rows."""
+def validate_job_and_data(job_path: Path, unset_env_ok: bool = False) -> list[str]:
+    """Every problem of a job file and its datasets, including undeclared tool names in rows
+    (`unset_env_ok`: see `load_job`)."""
     try:
-        job = load_job(job_path)
+        job = load_job(job_path, unset_env_ok)
     except SpecError as e:
         return e.problems
     declared = {tool.name for tool in job.rl.tools}

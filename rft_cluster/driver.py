@@ -11,7 +11,9 @@ learner the model directories and its state, each through its own filesystem cli
 
 from __future__ import annotations
 
+import os
 import random
+import socket
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -27,6 +29,7 @@ from rft_cluster.grader import GraderActor
 from rft_cluster.grpo import group_advantages, shaped_reward
 from rft_cluster.learner import Learner
 from rft_cluster.metrics import RunLogger, StepPrinter, rollout_metrics
+from rft_cluster.placement import Placement, actor_nodes, place
 from rft_cluster.rollout_worker import RolloutRequest, RolloutWorker, SamplingSettings
 from rft_cluster.storage import RunStorage
 from rft_cluster.store import TrajectoryStore
@@ -40,38 +43,47 @@ GRADED = (RolloutStatus.OK, RolloutStatus.BUDGET_EXHAUSTED)
 
 @dataclass
 class Cluster:
-    """Handles of every actor of a run."""
+    """Handles of every actor of a run, and the placement groups that hold them."""
 
     workers: list[Any]
     proxies: list[Any]
     graders: list[Any]
     learner: Any
+    placement: Placement
     startup: dict[str, float] = field(default_factory=dict)
+    nodes: dict[str, list[str]] = field(default_factory=dict)  # role -> node id of each actor
 
     def roles(self) -> dict[str, int]:
-        return {"rollout_worker": len(self.workers), "tool_proxy": len(self.proxies), "grader": len(self.graders), "learner": 1}
+        return {role: len(ids) for role, ids in self.nodes.items()}
 
 
 def start_cluster(job: JobSpec, hp: ResolvedHyperparameters) -> Cluster:
-    """Starts every actor; engines and learner start in parallel."""
+    """Places every role (placement.place: fails fast with what is missing), then starts the
+    actors in their bundles; engines and learner start in parallel."""
     c = job.cluster
     rl = job.rl
-    # Tool proxies and graders wait on the network: they need no CPU reservation.
-    proxies = [ray.remote(num_cpus=0)(ToolProxy).remote(rl.tools, rl.tool_settings) for _ in range(c.tool_proxies)]
-    graders = [ray.remote(num_cpus=0)(GraderActor).remote(rl.grader, rl.tool_settings) for _ in range(c.graders)]
-    model = str(_model_path(job))
-    workers = [
-        ray.remote(num_cpus=c.resources.rollout_worker.cpus, num_gpus=c.resources.rollout_worker.gpus)(RolloutWorker).remote(
-            model, c.engine, job.seed + i, proxies
+    placement = place(c)
+    try:
+        proxies = [ray.remote(ToolProxy).options(**o).remote(rl.tools, rl.tool_settings) for o in placement["tool_proxy"].all_options()]
+        graders = [ray.remote(GraderActor).options(**o).remote(rl.grader, rl.tool_settings) for o in placement["grader"].all_options()]
+        model = str(_model_path(job))
+        workers = [
+            ray.remote(RolloutWorker).options(**o).remote(model, c.engine, job.seed + i, proxies)
+            for i, o in enumerate(placement["rollout_worker"].all_options())
+        ]
+        # One Learner actor in rank 0's bundle until the multi-rank LearnerGroup takes all of them.
+        learner = ray.remote(Learner).options(**placement["learner"].options(0)).remote(
+            model, c.learner, hp.learning_rate, hp.clip_epsilon, job.seed, hp.warmup_steps, hp.kl_coef
         )
-        for i in range(c.rollout_workers)
-    ]
-    learner = ray.remote(num_cpus=c.resources.learner.cpus, num_gpus=c.resources.learner.gpus)(Learner).remote(
-        model, c.learner, hp.learning_rate, hp.clip_epsilon, job.seed, hp.warmup_steps, hp.kl_coef
-    )
-    t0 = time.perf_counter()
-    ray.get([w.start.remote() for w in workers] + [learner.__ray_ready__.remote()])
-    return Cluster(workers, proxies, graders, learner, {"startup_s": time.perf_counter() - t0})
+        t0 = time.perf_counter()
+        ray.get([w.start.remote() for w in workers] + [learner.__ray_ready__.remote()])
+        startup = time.perf_counter() - t0
+        roles = {"rollout_worker": workers, "learner": [learner], "tool_proxy": proxies, "grader": graders}
+        nodes = {role: actor_nodes(actors) for role, actors in roles.items()}
+    except BaseException:
+        placement.remove()  # kills whatever started in it
+        raise
+    return Cluster(workers, proxies, graders, learner, placement, {"startup_s": startup}, nodes)
 
 
 def _model_path(job: JobSpec) -> str | Path:
@@ -106,6 +118,19 @@ def batches(n_rows: int, batch_size: int, seed: int) -> Iterator[list[int]]:
         epoch += 1
 
 
+def spread_groups(requests: list[RolloutRequest], n_workers: int) -> list[list[RolloutRequest]]:
+    """Shares of the requests, one per worker, that keep each GRPO group on one worker (its
+    rollouts share a prompt prefix, which that engine's prefix cache then computes once),
+    largest groups first onto the least-loaded worker."""
+    groups: dict[str, list[RolloutRequest]] = {}
+    for r in requests:
+        groups.setdefault(r.group_id, []).append(r)
+    shares: list[list[RolloutRequest]] = [[] for _ in range(n_workers)]
+    for group in sorted(groups.values(), key=len, reverse=True):
+        min(shares, key=len).extend(group)
+    return shares
+
+
 class Trainer:
     """One run: actors, data, outputs. `run()` executes the configured steps."""
 
@@ -135,9 +160,9 @@ class Trainer:
     # ------------------------------------------------------------------ phases
 
     def sample(self, requests: list[RolloutRequest]) -> list[Trajectory]:
-        """Spreads the requests over the rollout workers; each runs its share concurrently."""
+        """Spreads the requests over the rollout workers, whole groups each; each runs its share concurrently."""
         workers = self.cluster.workers
-        shares = [requests[i :: len(workers)] for i in range(len(workers))]
+        shares = spread_groups(requests, len(workers))
         refs = [w.rollout.remote(share, self.settings) for w, share in zip(workers, shares) if share]
         return [t for part in ray.get(refs) for t in part]
 
@@ -183,19 +208,21 @@ class Trainer:
     # ------------------------------------------------------------------ loop
 
     def run(self) -> dict[str, Any]:
+        self.cluster = start_cluster(self.job, self.hp)
+        nodes = self.cluster.nodes
+        self.printer.console.print(
+            f"[rft] actors up in {self.cluster.startup['startup_s']:.1f} s: {self.cluster.roles()} "
+            f"on {len({n for ids in nodes.values() for n in ids})} node(s); "
+            f"{self.steps} steps × {self.hp.batch_size} prompts × {self.hp.group_size} rollouts",
+            markup=False,
+        )
         name = (self.job.suffix or "rft") + (f"-resumed-at-{self.resume_from}" if self.resume_from else "")
         logger = RunLogger(
             self.storage,
             name,
-            {"job": self.job.model_dump(mode="json"), "resolved": self.hp.model_dump()},
+            {"job": self.job.model_dump(mode="json"), "resolved": self.hp.model_dump(), "nodes": nodes},
             wandb_mode=self.job.wandb.mode,
             project=self.job.wandb.project,
-        )
-        self.cluster = start_cluster(self.job, self.hp)
-        self.printer.console.print(
-            f"[rft] actors up in {self.cluster.startup['startup_s']:.1f} s: {self.cluster.roles()}; "
-            f"{self.steps} steps × {self.hp.batch_size} prompts × {self.hp.group_size} rollouts",
-            markup=False,
         )
         try:
             order = batches(len(self.train_rows), self.hp.batch_size, self.job.seed)
@@ -205,7 +232,7 @@ class Trainer:
                 for _ in range(self.resume_from):
                     next(order)
             elif self.valid_rows:
-                logger.log(0, self.evaluate(0))
+                logger.log(0, self.evaluate(0), nodes=nodes)
             for step in range(first, self.steps + 1):
                 metrics = self.step(step, next(order))
                 validate = self.valid_rows and (step % self.hp.eval_interval == 0 or step == self.steps)
@@ -214,7 +241,7 @@ class Trainer:
                 if validate or step % self.hp.eval_interval == 0:
                     self.checkpoint(step, metrics.get("valid_reward_mean"))
                     logger.upload_wandb()
-                logger.log(step, metrics)
+                logger.log(step, metrics, nodes=nodes)
                 self.printer.print_step(step, metrics)
             final = ray.get(self.cluster.learner.save_hf.remote(self.storage, "final"))
             self.printer.console.print(f"[rft] final policy saved to {final}", markup=False)
@@ -270,13 +297,29 @@ class Trainer:
         if self.cluster is not None:
             c = self.cluster
             ray.get([w.shutdown.remote() for w in c.workers] + [a.close.remote() for a in c.proxies + c.graders])
+            c.placement.remove()
             self.cluster = None
 
 
 def init_ray(job: JobSpec) -> None:
-    """Connects to the job's Ray cluster, or starts a local one."""
-    if not ray.is_initialized():
-        ray.init(address=job.cluster.ray_address, include_dashboard=False)
+    """Connects to `cluster.ray_address`, else to RAY_ADDRESS (set for a Ray job's driver, so
+    `ray job submit ... -- rft-cluster train job.yaml` runs in the cluster it was submitted to),
+    else starts a fresh local cluster (never one a `ray start` left recorded in Ray's temp dir)."""
+    if ray.is_initialized():
+        return
+    source = "cluster.ray_address" if job.cluster.ray_address else "RAY_ADDRESS"
+    address = job.cluster.ray_address or os.environ.get("RAY_ADDRESS")
+    if not address:
+        ray.init(address="local", include_dashboard=False)
+        return
+    # ray.init retries an unreachable GCS for minutes; a refused connection is reported at once.
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    if port.isdigit():
+        try:
+            socket.create_connection((host, int(port)), timeout=10).close()
+        except OSError as e:
+            raise SystemExit(f"cannot connect to the Ray cluster at {address} ({source}): {e.strerror or e}") from None
+    ray.init(address=address)
 
 
 DEFAULT_OUTPUT = "runs/train"

@@ -139,9 +139,13 @@ class RunLogger:
             self._run = wandb.init(mode=wandb_mode, dir=parent, project=project, name=job_name, config=redact(config))
             self.wandb_run_dir = Path(self._run.dir).parent
 
-    def log(self, step: int, metrics: dict[str, float]) -> None:
+    def log(self, step: int, metrics: dict[str, float], nodes: dict[str, list[str]] | None = None) -> None:
+        """`nodes` (role -> node id of each actor) goes into the JSONL record only; W&B gets it
+        once, in the run's config, since its step values are numbers."""
         # Strict JSON has no NaN/Infinity; write null so every JSON reader accepts the file.
         record = {"step": step, **{k: v if math.isfinite(v) else None for k, v in metrics.items()}}
+        if nodes is not None:
+            record["nodes"] = nodes
         self._lines.append(json.dumps(record) + "\n")
         self.storage.write_text(self.METRICS, "".join(self._lines))
         if self._run is not None:

@@ -15,6 +15,8 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
+import ray
+
 from rft_cluster.chat import ChatCodec, ParsedCall, parse_tool_calls
 from rft_cluster.config import EngineSpec
 from rft_cluster.types import RolloutStatus, ToolCallStatus, ToolResult, Trajectory, grader_sample
@@ -75,6 +77,7 @@ class RolloutWorker:
         self.engine: Any = None
         self.codec: ChatCodec | None = None
         self._next_proxy = 0
+        self.node_id = ray.get_runtime_context().get_node_id()
 
     async def start(self) -> dict[str, Any]:
         """Starts the engine (seconds to a minute); returns facts about it."""
@@ -90,6 +93,9 @@ class RolloutWorker:
             gpu_memory_utilization=self.spec.gpu_memory_utilization,
             max_num_seqs=self.spec.max_num_seqs,
             enforce_eager=self.spec.enforce_eager,
+            # Unrun here (one CPU engine): on GPUs, TP > 1 makes vLLM start one worker per GPU
+            # of the actor's bundle (resources.rollout_worker.gpus >= tensor_parallel_size).
+            tensor_parallel_size=self.spec.tensor_parallel_size,
             seed=self.seed,
             worker_extension_cls="rft_cluster.weight_sync.WeightSyncExtension",
         )
@@ -193,6 +199,7 @@ class RolloutWorker:
             reasoning_tokens=ep.reasoning_tokens,
             latency_s=latency,
             error=error,
+            node_id=self.node_id,
             sample=grader_sample(output_text, ep.tool_calls),
         )
 

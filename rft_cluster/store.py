@@ -32,6 +32,7 @@ or one object-store upload.
 | `error` | string, nullable | why the rollout ended abnormally (engine error, timeout, failed tool) |
 | `generated_tokens` | int32 | tokens sampled by the policy (sum of `loss_mask`) |
 | `reasoning_tokens` | int32 | sampled tokens inside `<think>…</think>` (models that reason) |
+| `node_id` | string, nullable | the Ray node of the rollout worker that ran the rollout |
 """
 
 from __future__ import annotations
@@ -84,6 +85,7 @@ SCHEMA = pa.schema(
         pa.field("error", pa.string()),
         pa.field("generated_tokens", pa.int32(), nullable=False),
         pa.field("reasoning_tokens", pa.int32(), nullable=False),
+        pa.field("node_id", pa.string()),
     ]
 )
 # What `read()` returns: the stored columns plus the partition, as Hive-aware readers show it.
@@ -127,6 +129,7 @@ def _row(t: Trajectory) -> dict[str, Any]:
         "error": t.error,
         "generated_tokens": t.generated_tokens,
         "reasoning_tokens": t.reasoning_tokens,
+        "node_id": t.node_id,
     }
 
 

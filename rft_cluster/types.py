@@ -119,6 +119,7 @@ class Trajectory:
     latency_s: float = 0.0
     grader_latency_s: float = 0.0
     error: str | None = None
+    node_id: str | None = None  # the Ray node of the rollout worker that ran it
     # The OpenAI-shaped sample the grader sees (output_text, output_json, output_tools, choices).
     sample: dict[str, Any] = field(default_factory=dict)
 

@@ -46,6 +46,7 @@ def test_round_trip_keeps_every_column(run_location: RunLocation) -> None:
         latency_s=9.5,
         grader_latency_s=0.75,
         error="cat: connection refused",
+        node_id="node-1",
     )
     store = TrajectoryStore(run_location.uri)
     assert store.append([t]) == "trajectories/kind=train/step-000003.parquet"
@@ -81,6 +82,7 @@ def test_round_trip_keeps_every_column(run_location: RunLocation) -> None:
         "error": "cat: connection refused",
         "generated_tokens": 3,
         "reasoning_tokens": 7,
+        "node_id": "node-1",
         "kind": "train",
     }
 
