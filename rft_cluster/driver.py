@@ -24,7 +24,7 @@ from rft_cluster.config import JobSpec, ResolvedHyperparameters
 from rft_cluster.dataset import load_rows, row_item
 from rft_cluster.grader import GraderActor
 from rft_cluster.grpo import group_advantages, shaped_reward
-from rft_cluster.learner import Learner
+from rft_cluster.learner_group import LearnerGroup
 from rft_cluster.metrics import RunLogger, StepPrinter, rollout_metrics
 from rft_cluster.rollout_worker import RolloutRequest, RolloutWorker, SamplingSettings
 from rft_cluster.store import TrajectoryStore
@@ -43,15 +43,15 @@ class Cluster:
     workers: list[Any]
     proxies: list[Any]
     graders: list[Any]
-    learner: Any
+    learner: LearnerGroup
     startup: dict[str, float] = field(default_factory=dict)
 
     def roles(self) -> dict[str, int]:
-        return {"rollout_worker": len(self.workers), "tool_proxy": len(self.proxies), "grader": len(self.graders), "learner": 1}
+        return {"rollout_worker": len(self.workers), "tool_proxy": len(self.proxies), "grader": len(self.graders), "learner": len(self.learner.ranks)}
 
 
 def start_cluster(job: JobSpec, hp: ResolvedHyperparameters) -> Cluster:
-    """Starts every actor; engines and learner start in parallel."""
+    """Starts every actor; engines and learner ranks start in parallel."""
     c = job.cluster
     rl = job.rl
     # Tool proxies and graders wait on the network: they need no CPU reservation.
@@ -64,11 +64,13 @@ def start_cluster(job: JobSpec, hp: ResolvedHyperparameters) -> Cluster:
         )
         for i in range(c.rollout_workers)
     ]
-    learner = ray.remote(num_cpus=c.resources.learner.cpus, num_gpus=c.resources.learner.gpus)(Learner).remote(
-        model, c.learner, hp.learning_rate, hp.clip_epsilon, job.seed, hp.warmup_steps, hp.kl_coef
-    )
     t0 = time.perf_counter()
-    ray.get([w.start.remote() for w in workers] + [learner.__ray_ready__.remote()])
+    starts = [w.start.remote() for w in workers]
+    learner = LearnerGroup(
+        model, c.learner, hp.learning_rate, hp.clip_epsilon, job.seed, hp.warmup_steps, hp.kl_coef,
+        [{"num_cpus": c.resources.learner.cpus, "num_gpus": c.resources.learner.gpus}] * c.learner.ranks,
+    )
+    ray.get(starts)
     return Cluster(workers, proxies, graders, learner, {"startup_s": time.perf_counter() - t0})
 
 
@@ -215,7 +217,7 @@ class Trainer:
                 logger.log(step, metrics)
                 self.printer.print_step(step, metrics)
             final = self.output / "final"
-            ray.get(self.cluster.learner.save_hf.remote(str(final)))
+            self.cluster.learner.save_hf(str(final))
             self.printer.console.print(f"[rft] final policy saved to {final}", markup=False)
             return {"final": final, "steps": self.steps, "roles": self.cluster.roles()}
         finally:
@@ -225,10 +227,10 @@ class Trainer:
         """An HF model directory (best few kept), then the resume state, then the step marker:
         a kill anywhere in between resumes from the previous complete state."""
         learner = self.cluster.learner
-        ray.get(learner.save_hf.remote(str(self.checkpoints.model_dir(step))))
+        learner.save_hf(str(self.checkpoints.model_dir(step)))
         self.checkpoints.add(step, valid_reward_mean)
         state = self.checkpoints.learner_state()
-        ray.get(learner.save_state.remote(str(state), f"step-{step}"))
+        learner.save_state(str(state), f"step-{step}")
         self.checkpoints.save_step(step)
         for old in state.glob("step-*"):
             if old.name != f"step-{step}":
@@ -238,8 +240,8 @@ class Trainer:
         """Loads the learner state of `step`, publishes it to the engines and forgets every
         output of later steps (they are redone). Returns the first step to run."""
         learner = self.cluster.learner
-        ray.get(learner.load_state.remote(str(self.checkpoints.learner_state()), f"step-{step}"))
-        ray.get(learner.publish.remote(self.cluster.workers, step))
+        learner.load_state(str(self.checkpoints.learner_state()), f"step-{step}")
+        learner.publish(self.cluster.workers, step)
         dropped = self.store.drop_after(step)
         logger.drop_after(step)
         self.printer.console.print(f"[rft] resumed after step {step}; {dropped} later step file(s) will be redone", markup=False)
@@ -251,9 +253,9 @@ class Trainer:
         t2 = time.perf_counter()
         samples = self.train_samples(trajs, self.hp.scale_advantages)
         # No signal in the batch: no step, so the engines' weights are still current.
-        learner_stats = ray.get(c.learner.train_step.remote(samples)) if samples else {}
+        learner_stats = c.learner.train_step(samples) if samples else {}
         t3 = time.perf_counter()
-        sync = ray.get(c.learner.publish.remote(c.workers, step)) if samples else {}
+        sync = c.learner.publish(c.workers, step) if samples else {}
         t4 = time.perf_counter()
         self.store.append(trajs, kind="train")
         return {
@@ -269,10 +271,11 @@ class Trainer:
         }
 
     def shutdown(self) -> None:
-        """Stops the engines and closes the HTTP sessions of proxies and graders."""
+        """Stops the engines and the learner's ranks, and closes the HTTP sessions of proxies and graders."""
         if self.cluster is not None:
             c = self.cluster
             ray.get([w.shutdown.remote() for w in c.workers] + [a.close.remote() for a in c.proxies + c.graders])
+            c.learner.shutdown()
             self.cluster = None
 
 

@@ -1,0 +1,83 @@
+"""The learner as a group of Ray actors: a 2-rank DeepSpeed world (gloo, CPU) must take the
+same step as one rank and publish weights the engine reproduces; buckets of any dtype."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import ray
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from rft_cluster.config import LearnerSpec
+from rft_cluster.learner_group import LearnerGroup, split_by_tokens
+from rft_cluster.types import TrainSample
+from rft_cluster.weight_sync import publish
+from tests.test_learner import CLIP, LR, RecordingWorker, make_batch
+
+pytestmark = pytest.mark.slow
+
+
+def test_split_by_tokens_balances_sequence_lengths() -> None:
+    samples = [TrainSample([1] * n, [1] * n, [0.0] * n, 1.0) for n in (9, 1, 4, 4, 2)]
+    shares = split_by_tokens(samples, 2)
+    assert sorted(sum(len(s.token_ids) for s in share) for share in shares) == [10, 10]
+    assert sorted(len(s.token_ids) for share in shares for s in share) == [1, 2, 4, 4, 9]
+
+
+def start_group(model_dir: Path, ranks: int, learning_rate: float = LR, **spec: object) -> LearnerGroup:
+    return LearnerGroup(str(model_dir), LearnerSpec(ranks=ranks, **spec), learning_rate, CLIP, seed=0)
+
+
+def group_weights(group: LearnerGroup) -> dict[str, torch.Tensor]:
+    """The group's weights as a rollout worker receives them."""
+    worker = RecordingWorker.remote()
+    group.publish([worker], version=0)
+    _, tensors = ray.get(worker.recorded.remote())
+    ray.kill(worker)
+    return tensors
+
+
+def group_batch(group: LearnerGroup, model_dir: Path, advantages: list[float], seed: int, off_policy: float = 0.0) -> list[TrainSample]:
+    scorer = SimpleNamespace(tokenizer=AutoTokenizer.from_pretrained(model_dir), compute_logprobs=group.compute_logprobs)
+    return make_batch(scorer, advantages, seed, off_policy)
+
+
+@pytest.fixture
+def groups() -> Iterator[list[LearnerGroup]]:
+    """Groups a test starts; none outlives it."""
+    started: list[LearnerGroup] = []
+    yield started
+    for g in started:
+        g.shutdown()
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_two_ranks_take_the_one_rank_step(tiny_model_dir: Path, ray_local: None, groups: list[LearnerGroup], stage: int) -> None:
+    # Five samples over two ranks: one rank has more micro-batches than the other (and runs an
+    # empty one so that the ZeRO reductions pair up). Off-policy logprobs make some tokens clip.
+    runs = []
+    for ranks in (1, 2):
+        group = start_group(tiny_model_dir, ranks, zero_stage=stage, micro_batch_size=1)
+        groups.append(group)
+        assert [r.rank for r in group.ranks] == list(range(ranks))
+        batch = group_batch(group, tiny_model_dir, [1.5, -0.5, 0.7, -1.2, 0.3], seed=2, off_policy=0.3)
+        before = group_weights(group)
+        t0 = time.perf_counter()
+        stats = group.train_step(batch)
+        runs.append((stats, time.perf_counter() - t0, before, group_weights(group)))
+    (m1, s1, before, w1), (m2, s2, _, w2) = runs
+    assert m1["clip_fraction"] > 0
+    for key in ("loss", "grad_norm", "clip_fraction", "approx_kl", "logprob_gap", "tokens", "samples"):
+        assert m2[key] == pytest.approx(m1[key], rel=1e-5, abs=1e-7), key
+    gaps = {name: (w2[name] - w1[name]).abs().max().item() for name in w1}
+    for name in w1:
+        assert not torch.equal(w1[name], before[name]), name
+        torch.testing.assert_close(w2[name], w1[name], rtol=0, atol=1e-7, msg=name)
+    print(f"\nstage {stage}: step 1 rank {s1:.2f} s, 2 ranks {s2:.2f} s; loss {m1['loss']:.8f} vs {m2['loss']:.8f} "
+          f"(rel {abs(m2['loss'] - m1['loss']) / abs(m1['loss']):.1e}); grad_norm rel "
+          f"{abs(m2['grad_norm'] - m1['grad_norm']) / m1['grad_norm']:.1e}; max weight gap {max(gaps.values()):.1e}")
