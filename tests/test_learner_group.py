@@ -81,3 +81,83 @@ def test_two_ranks_take_the_one_rank_step(tiny_model_dir: Path, ray_local: None,
     print(f"\nstage {stage}: step 1 rank {s1:.2f} s, 2 ranks {s2:.2f} s; loss {m1['loss']:.8f} vs {m2['loss']:.8f} "
           f"(rel {abs(m2['loss'] - m1['loss']) / abs(m1['loss']):.1e}); grad_norm rel "
           f"{abs(m2['grad_norm'] - m1['grad_norm']) / m1['grad_norm']:.1e}; max weight gap {max(gaps.values()):.1e}")
+
+
+def fp32_weights(model_dir: Path) -> dict[str, torch.Tensor]:
+    return {n: p.detach() for n, p in AutoModelForCausalLM.from_pretrained(model_dir).named_parameters()}
+
+
+@pytest.fixture
+def restore_engine(rollout_worker, warm_model_dir: Path) -> Iterator[None]:
+    """The session's engine serves the warm model at version 0 again after the test (later
+    tests sample from it)."""
+    yield
+    publish(fp32_weights(warm_model_dir).items(), [rollout_worker], version=0, bucket_bytes=64 << 20)
+
+
+def engine_gap(rollout_worker, seq: list[int], want: list[float]) -> float:
+    got = ray.get(rollout_worker.prompt_logprobs.remote(seq))
+    assert len(got) == len(want) == len(seq) - 1
+    return max(abs(a - b) for a, b in zip(got, want))
+
+
+def test_engine_matches_a_two_rank_zero3_learner_after_its_publish(
+    rollout_worker, warm_model_dir: Path, ray_local: None, groups: list[LearnerGroup], restore_engine: None
+) -> None:
+    """Rank 0 gathers the ZeRO-3 shards and publishes; the engine then scores a sequence as the
+    group does (fp32 on both sides; bound as in test_rollout's single-rank proof)."""
+    group = start_group(warm_model_dir, 2, learning_rate=5e-3, zero_stage=3, weight_bucket_mb=1)
+    groups.append(group)
+    batch = group_batch(group, warm_model_dir, [1.0, -1.0, 0.5, -0.5], seed=8)
+    group.train_step(batch)
+    seq = batch[0].token_ids
+    [want] = group.compute_logprobs([seq])
+    assert engine_gap(rollout_worker, seq, want) > 1e-2, "the step should have changed the weights"
+    stats = group.publish([rollout_worker], version=1)
+    gap = engine_gap(rollout_worker, seq, want)
+    print(f"\n2-rank ZeRO-3 publish: {stats['weight_sync_bytes'] / 1e6:.2f} MB in {stats['weight_sync_buckets']:.0f} "
+          f"buckets, {stats['weight_sync_s']:.2f} s; engine-vs-learner logprob gap {gap:.1e}")
+    assert gap < 1e-4
+    assert stats["weight_sync_buckets"] > 1
+
+
+def test_bf16_buckets_load_into_an_fp32_engine_exactly(
+    rollout_worker, warm_model_dir: Path, tiny_model_dir: Path, restore_engine: None
+) -> None:
+    """bfloat16 buckets (what a bf16 GPU learner sends) into the shared fp32 engine: vLLM's
+    loader widens bf16 to fp32, which is exact, so the engine must score like transformers
+    holding the same bf16-rounded values in fp32 (bound 1e-4, as for fp32 publishes). The
+    weights are the untrained tiny model's, far from the warm model the engine serves, so a
+    publish that did not land would show."""
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    rounded = {n: p.detach().to(torch.bfloat16) for n, p in model.named_parameters()}
+    seq = make_batch_ids(tiny_model_dir)
+    exact = reference_logprobs(model, seq)  # the unrounded fp32 weights
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            p.copy_(rounded[n])  # bf16 -> fp32: exact
+    want = reference_logprobs(model, seq)
+    assert engine_gap(rollout_worker, seq, want) > 1e-2
+    stats = publish(rounded.items(), [rollout_worker], version=1, bucket_bytes=1 << 20)
+    gap = engine_gap(rollout_worker, seq, want)
+    print(f"\nbf16 publish: {stats['weight_sync_bytes'] / 1e6:.2f} MB ({stats['weight_sync_buckets']:.0f} buckets, "
+          f"{stats['weight_sync_s']:.2f} s); engine vs bf16-rounded reference {gap:.1e}; rounding itself moved "
+          f"logprobs by up to {max(abs(a - b) for a, b in zip(want, exact)):.1e}")
+    assert gap < 1e-4
+    n_params = sum(t.numel() for t in rounded.values())
+    assert stats["weight_sync_bytes"] == 2 * n_params  # half an fp32 publish
+
+
+def make_batch_ids(model_dir: Path) -> list[int]:
+    """A fixed chat-shaped sequence."""
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    messages = [{"role": "user", "content": "What is the balance of account 7?"}, {"role": "assistant", "content": "Let me look it up."}]
+    return tok.apply_chat_template(messages, tokenize=True, return_dict=False)
+
+
+def reference_logprobs(model: torch.nn.Module, seq: list[int]) -> list[float]:
+    from rft_cluster.grpo import token_logprobs
+
+    ids = torch.tensor([seq])
+    with torch.no_grad():
+        return token_logprobs(model(ids).logits, ids)[0].tolist()
