@@ -161,3 +161,39 @@ def reference_logprobs(model: torch.nn.Module, seq: list[int]) -> list[float]:
     ids = torch.tensor([seq])
     with torch.no_grad():
         return token_logprobs(model(ids).logits, ids)[0].tolist()
+
+
+CPU_RUNS_BF16 = "avx512_bf16" in Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else False
+
+
+@pytest.mark.skipif(not CPU_RUNS_BF16, reason="vLLM's CPU bf16 engine needs avx512_bf16")
+def test_bf16_engine_takes_bf16_buckets(ray_local: None, tiny_model_dir: Path, warm_model_dir: Path) -> None:
+    """bf16 buckets into a bf16 engine (the GPU path's dtypes), started on the tiny model.
+    vLLM's bf16 kernels and torch's round differently, so the engine is held to transformers
+    within a bf16 bound, and to itself exactly: publishing the weights it started with brings
+    back its starting logprobs."""
+    from rft_cluster.config import EngineSpec
+    from rft_cluster.rollout_worker import RolloutWorker
+
+    worker = ray.remote(num_cpus=1)(RolloutWorker).remote(str(tiny_model_dir), EngineSpec(dtype="bfloat16", max_model_len=512), 0, [])
+    try:
+        ray.get(worker.start.remote())
+        seq = make_batch_ids(warm_model_dir)
+        start = ray.get(worker.prompt_logprobs.remote(seq))
+        warm = AutoModelForCausalLM.from_pretrained(warm_model_dir, dtype=torch.bfloat16).eval()
+        rounded = {n: p.detach() for n, p in warm.named_parameters()}  # kept bf16 by .float() below
+        want = reference_logprobs(warm.float(), seq)  # the bf16 values, computed in fp32
+        before = max(abs(a - b) for a, b in zip(start, want))
+
+        stats = publish(rounded.items(), [worker], version=1, bucket_bytes=1 << 20)
+        gap = engine_gap(worker, seq, want)
+        publish(((n, t.to(torch.bfloat16)) for n, t in fp32_weights(tiny_model_dir).items()), [worker], version=2, bucket_bytes=1 << 20)
+        back = engine_gap(worker, seq, start)
+        print(f"\nbf16 engine: {stats['weight_sync_bytes'] / 1e6:.2f} MB; engine vs transformers {gap:.1e} "
+              f"(before the publish {before:.1e}); republished start weights reproduce start logprobs to {back:.1e}")
+        assert stats["weight_sync_bytes"] == 2 * sum(t.numel() for t in rounded.values())
+        assert gap < before / 20
+        assert back < 1e-6
+    finally:
+        ray.get(worker.shutdown.remote())
+        ray.kill(worker)
