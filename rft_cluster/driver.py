@@ -47,7 +47,8 @@ class Cluster:
     startup: dict[str, float] = field(default_factory=dict)
 
     def roles(self) -> dict[str, int]:
-        return {"rollout_worker": len(self.workers), "tool_proxy": len(self.proxies), "grader": len(self.graders), "learner": len(self.learner.ranks)}
+        return {"rollout_worker": len(self.workers), "tool_proxy": len(self.proxies), "grader": len(self.graders),
+                "learner": len(self.learner.ranks)}
 
 
 def start_cluster(job: JobSpec, hp: ResolvedHyperparameters) -> Cluster:

@@ -29,6 +29,14 @@ def test_split_by_tokens_balances_sequence_lengths() -> None:
     assert sorted(len(s.token_ids) for share in shares for s in share) == [1, 2, 4, 4, 9]
 
 
+def test_several_ranks_need_a_zero_stage_that_reduces_gradients() -> None:
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match="ranks > 1 needs zero_stage 1, 2 or 3"):
+        LearnerSpec(ranks=2, zero_stage=0)
+    assert LearnerSpec(ranks=2, zero_stage=1).ranks == 2
+
+
 def start_group(model_dir: Path, ranks: int, learning_rate: float = LR, **spec: object) -> LearnerGroup:
     return LearnerGroup(str(model_dir), LearnerSpec(ranks=ranks, **spec), learning_rate, CLIP, seed=0)
 
@@ -90,9 +98,12 @@ def fp32_weights(model_dir: Path) -> dict[str, torch.Tensor]:
 @pytest.fixture
 def restore_engine(rollout_worker, warm_model_dir: Path) -> Iterator[None]:
     """The session's engine serves the warm model at version 0 again after the test (later
-    tests sample from it)."""
+    tests sample from it), exactly: it scores a sequence as it did before."""
+    seq = make_batch_ids(warm_model_dir)
+    start = ray.get(rollout_worker.prompt_logprobs.remote(seq))
     yield
     publish(fp32_weights(warm_model_dir).items(), [rollout_worker], version=0, bucket_bytes=64 << 20)
+    assert engine_gap(rollout_worker, seq, start) == 0.0
 
 
 def engine_gap(rollout_worker, seq: list[int], want: list[float]) -> float:
