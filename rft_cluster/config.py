@@ -299,6 +299,14 @@ class LearnerSpec(Strict):
         description="torch threads of a CPU learner rank; default: Ray's OMP_NUM_THREADS, i.e. resources.learner.cpus",
     )
 
+    @model_validator(mode="after")
+    def _data_parallel_stage(self) -> LearnerSpec:
+        # Stage 0 steps the bare torch optimizer, whose gradient norm the learner takes before
+        # DeepSpeed reduces the ranks' gradients.
+        if self.ranks > 1 and self.zero_stage == 0:
+            raise ValueError("ranks > 1 needs zero_stage 1, 2 or 3")
+        return self
+
 
 class RoleResources(Strict):
     """What one actor of a role needs from the node it is placed on (a placement-group bundle)."""

@@ -27,7 +27,7 @@ from rft_cluster.config import JobSpec, ResolvedHyperparameters
 from rft_cluster.dataset import load_rows, row_item
 from rft_cluster.grader import GraderActor
 from rft_cluster.grpo import group_advantages, shaped_reward
-from rft_cluster.learner import Learner
+from rft_cluster.learner_group import LearnerGroup
 from rft_cluster.metrics import RunLogger, StepPrinter, rollout_metrics
 from rft_cluster.placement import Placement, actor_nodes, place
 from rft_cluster.rollout_worker import RolloutRequest, RolloutWorker, SamplingSettings
@@ -48,7 +48,7 @@ class Cluster:
     workers: list[Any]
     proxies: list[Any]
     graders: list[Any]
-    learner: Any
+    learner: LearnerGroup
     placement: Placement
     startup: dict[str, float] = field(default_factory=dict)
     nodes: dict[str, list[str]] = field(default_factory=dict)  # role -> node id of each actor
@@ -59,7 +59,7 @@ class Cluster:
 
 def start_cluster(job: JobSpec, hp: ResolvedHyperparameters) -> Cluster:
     """Places every role (placement.place: fails fast with what is missing), then starts the
-    actors in their bundles; engines and learner start in parallel."""
+    actors in their bundles; engines and learner ranks start in parallel."""
     c = job.cluster
     rl = job.rl
     placement = place(c)
@@ -71,15 +71,17 @@ def start_cluster(job: JobSpec, hp: ResolvedHyperparameters) -> Cluster:
             ray.remote(RolloutWorker).options(**o).remote(model, c.engine, job.seed + i, proxies)
             for i, o in enumerate(placement["rollout_worker"].all_options())
         ]
-        # One Learner actor in rank 0's bundle until the multi-rank LearnerGroup takes all of them.
-        learner = ray.remote(Learner).options(**placement["learner"].options(0)).remote(
-            model, c.learner, hp.learning_rate, hp.clip_epsilon, job.seed, hp.warmup_steps, hp.kl_coef
-        )
         t0 = time.perf_counter()
-        ray.get([w.start.remote() for w in workers] + [learner.__ray_ready__.remote()])
+        starts = [w.start.remote() for w in workers]
+        learner = LearnerGroup(
+            model, c.learner, hp.learning_rate, hp.clip_epsilon, job.seed, hp.warmup_steps, hp.kl_coef,
+            placement["learner"].all_options(),
+        )
+        ray.get(starts)
         startup = time.perf_counter() - t0
-        roles = {"rollout_worker": workers, "learner": [learner], "tool_proxy": proxies, "grader": graders}
-        nodes = {role: actor_nodes(actors) for role, actors in roles.items()}
+        nodes = {role: actor_nodes(actors) for role, actors in
+                 {"rollout_worker": workers, "tool_proxy": proxies, "grader": graders}.items()}
+        nodes["learner"] = [r.node_id for r in learner.ranks]
     except BaseException:
         placement.remove()  # kills whatever started in it
         raise
@@ -243,7 +245,7 @@ class Trainer:
                     logger.upload_wandb()
                 logger.log(step, metrics, nodes=nodes)
                 self.printer.print_step(step, metrics)
-            final = ray.get(self.cluster.learner.save_hf.remote(self.storage, "final"))
+            final = self.cluster.learner.save_hf(self.storage, "final")
             self.printer.console.print(f"[rft] final policy saved to {final}", markup=False)
             return {"final": final, "output": self.storage.uri_for(), "steps": self.steps, "roles": self.cluster.roles()}
         finally:
@@ -253,17 +255,17 @@ class Trainer:
         """An HF model directory (best few kept), then the resume state, then the step marker:
         a kill anywhere in between resumes from the previous complete state."""
         learner, ckpt = self.cluster.learner, self.checkpoints
-        ray.get(learner.save_hf.remote(self.storage, ckpt.model_rel(step)))
+        learner.save_hf(self.storage, ckpt.model_rel(step))
         ckpt.add(step, valid_reward_mean)
-        ray.get(learner.save_state.remote(self.storage, ckpt.LEARNER_STATE, ckpt.state_tag(step)))
+        learner.save_state(self.storage, ckpt.LEARNER_STATE, ckpt.state_tag(step))
         ckpt.save_step(step)
 
     def _restore(self, step: int, logger: RunLogger) -> int:
         """Loads the learner state of `step`, publishes it to the engines and forgets every
         output of later steps (they are redone). Returns the first step to run."""
         learner = self.cluster.learner
-        ray.get(learner.load_state.remote(self.storage, CheckpointDir.LEARNER_STATE, CheckpointDir.state_tag(step)))
-        ray.get(learner.publish.remote(self.cluster.workers, step))
+        learner.load_state(self.storage, CheckpointDir.LEARNER_STATE, CheckpointDir.state_tag(step))
+        learner.publish(self.cluster.workers, step)
         dropped = self.store.drop_after(step)
         logger.drop_after(step)
         self.printer.console.print(f"[rft] resumed after step {step}; {dropped} later step file(s) will be redone", markup=False)
@@ -275,9 +277,9 @@ class Trainer:
         t2 = time.perf_counter()
         samples = self.train_samples(trajs, self.hp.scale_advantages)
         # No signal in the batch: no step, so the engines' weights are still current.
-        learner_stats = ray.get(c.learner.train_step.remote(samples)) if samples else {}
+        learner_stats = c.learner.train_step(samples) if samples else {}
         t3 = time.perf_counter()
-        sync = ray.get(c.learner.publish.remote(c.workers, step)) if samples else {}
+        sync = c.learner.publish(c.workers, step) if samples else {}
         t4 = time.perf_counter()
         self.store.append(trajs, kind="train")
         return {
@@ -293,10 +295,11 @@ class Trainer:
         }
 
     def shutdown(self) -> None:
-        """Stops the engines and closes the HTTP sessions of proxies and graders."""
+        """Stops the engines and the learner's ranks, and closes the HTTP sessions of proxies and graders."""
         if self.cluster is not None:
             c = self.cluster
             ray.get([w.shutdown.remote() for w in c.workers] + [a.close.remote() for a in c.proxies + c.graders])
+            c.learner.shutdown()
             c.placement.remove()
             self.cluster = None
 

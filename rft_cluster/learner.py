@@ -1,7 +1,7 @@
 """The learner: a DeepSpeed engine that takes GRPO steps and publishes its weights.
 
-A plain class; the driver makes it an actor with `ray.remote(num_cpus=1, num_gpus=...)`.
-Each actor is a one-process DeepSpeed world (gloo on CPU, nccl on GPU).
+A plain class. Alone it is a one-process DeepSpeed world (tests, `sft`); `LearnerGroup` runs
+`ranks` of them as Ray actors forming one world (gloo on CPU, nccl on GPU), data parallel.
 
 Gradient accumulation: a batch holds a varying number of samples, so the number of
 micro-batches varies per step. DeepSpeed's `managed_gradient_accumulation: false` lets the
@@ -17,6 +17,7 @@ from collections import defaultdict
 import socket
 import time
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -25,36 +26,55 @@ from rft_cluster.config import LearnerSpec
 from rft_cluster.grpo import policy_loss, token_logprobs
 from rft_cluster.storage import RunStorage
 from rft_cluster.types import TrainSample
-from rft_cluster.weight_sync import pack_buckets
+from rft_cluster import weight_sync
 
 
-def _free_port() -> int:
+def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
+        s.bind((host, 0))
         return s.getsockname()[1]
 
 
-def _init_distributed(use_cuda: bool) -> None:
-    """A one-process world, unless a launcher already set the rank variables."""
+@dataclass(frozen=True)
+class Rendezvous:
+    """One rank's place in a multi-process DeepSpeed world (torchrun's variables)."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+    master_addr: str
+    master_port: int
+
+
+def _init_distributed(use_cuda: bool, rendezvous: Rendezvous | None) -> None:
+    """Joins the world `rendezvous` describes; without one, a one-process world (unless a
+    launcher already set the rank variables)."""
     if not use_cuda:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")  # read once, at deepspeed's import
     import deepspeed
     import torch.distributed as dist
 
-    if dist.is_initialized():  # several learners in one process (tests)
-        return
-    for key, value in (("MASTER_ADDR", "127.0.0.1"), ("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1")):
-        os.environ.setdefault(key, value)
-    # A port we pick is ours alone: left in the environment it would be inherited by processes
-    # started later (e.g. a Ray cluster after `sft` ran in the driver) and collide there.
-    own_port = "MASTER_PORT" not in os.environ
-    if own_port:
-        os.environ["MASTER_PORT"] = str(_free_port())
-    if not use_cuda and os.environ["WORLD_SIZE"] == "1":
+    if not use_cuda:
         # On CPU DeepSpeed JIT-compiles a shared-memory allreduce (~45 s on 2 cores, once per
-        # machine) that a one-process world never uses. Edits to this op table persist by
-        # design (see deepspeed/ops/__init__.py); marking the op unavailable skips the build.
+        # machine); without it, collectives fall back to gloo's, which is all a CPU learner
+        # needs. Edits to this op table persist by design (see deepspeed/ops/__init__.py);
+        # marking the op unavailable skips the build.
         deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+    if dist.is_initialized():  # several one-process learners in one process (tests)
+        return
+    own_port = False
+    if rendezvous is not None:
+        r = rendezvous
+        os.environ.update(MASTER_ADDR=r.master_addr, MASTER_PORT=str(r.master_port), RANK=str(r.rank),
+                          LOCAL_RANK=str(r.local_rank), WORLD_SIZE=str(r.world_size))
+    else:
+        for key, value in (("MASTER_ADDR", "127.0.0.1"), ("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1")):
+            os.environ.setdefault(key, value)
+        # A port we pick is ours alone: left in the environment it would be inherited by
+        # processes started later (e.g. a Ray cluster after `sft` ran in the driver) and collide.
+        own_port = "MASTER_PORT" not in os.environ
+        if own_port:
+            os.environ["MASTER_PORT"] = str(free_port())
     try:
         deepspeed.init_distributed(dist_backend="nccl" if use_cuda else "gloo")
     finally:
@@ -76,7 +96,11 @@ def _nll_loss(
 
 
 class Learner:
-    """GRPO learner over one DeepSpeed engine (ZeRO stage 0-3)."""
+    """GRPO learner over one DeepSpeed engine (ZeRO stage 0-3), alone or one rank of a
+    data-parallel world (`rendezvous`; see `LearnerGroup`).
+
+    In a world of several ranks every rank must make the same calls: steps, logprobs, weight
+    gathers and checkpoints are collectives (ZeRO-3 gathers parameters in every forward)."""
 
     def __init__(
         self,
@@ -87,7 +111,9 @@ class Learner:
         seed: int,
         warmup_steps: int = 0,
         kl_coef: float = 0.0,
+        rendezvous: Rendezvous | None = None,
     ):
+        import torch.distributed as dist
         from transformers import AutoModelForCausalLM, AutoTokenizer, set_seed
 
         set_seed(seed)
@@ -97,8 +123,10 @@ class Learner:
         use_cuda = torch.cuda.is_available()
         if spec.cpu_threads and not use_cuda:
             torch.set_num_threads(spec.cpu_threads)
-        _init_distributed(use_cuda)
+        _init_distributed(use_cuda, rendezvous)
         import deepspeed
+
+        self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
 
         bf16 = use_cuda and spec.dtype == "bfloat16"  # CPU trains in fp32 whatever the spec says
         self.tokenizer = AutoTokenizer.from_pretrained(model)
@@ -178,43 +206,76 @@ class Learner:
         return policy_loss(logprobs, old, adv, mask, self.clip_epsilon, ref, self.kl_coef)
 
     def _optimize(self, samples: list[TrainSample], chunk_loss: ChunkLoss) -> dict[str, float]:
+        """Across ranks, `samples` is this rank's share of the batch: the loss and every stat
+        are those of the whole batch, and every rank returns them."""
         t0 = time.perf_counter()
         # Token 0 has no prefix, so only loss_mask[1:] can be trained.
         usable = sorted((s for s in samples if any(s.loss_mask[1:])), key=lambda s: len(s.token_ids))  # less padding
-        total_tokens = sum(sum(s.loss_mask[1:]) for s in usable)
+        mbs = self.spec.micro_batch_size
+        chunks = [usable[i : i + mbs] for i in range(0, len(usable), mbs)]
+        total_tokens, n_samples, n_chunks = self._batch_totals(sum(sum(s.loss_mask[1:]) for s in usable), len(usable), len(chunks))
         metrics: dict[str, float] = defaultdict(float, loss=0.0, grad_norm=0.0)
-        if not usable:
+        if not total_tokens:
             return dict(metrics) | {"tokens": 0.0, "samples": 0.0, "lr": self._lr(), "seconds": time.perf_counter() - t0}
 
         self.engine.train()
-        mbs = self.spec.micro_batch_size
-        for start in range(0, len(usable), mbs):
-            chunk = usable[start : start + mbs]
+        # ZeRO-2/3 reduce gradients in every backward (and ZeRO-3 gathers weights in every
+        # forward): a rank with fewer micro-batches than the busiest one runs empty ones.
+        for chunk in chunks + [[]] * (n_chunks - len(chunks)):
+            if not chunk:
+                ids, attn = self._collate([[self.pad_id] * 2])
+                self.engine.backward(self._next_token_logprobs(ids, attn).sum() * 0.0, scale_wrt_gas=False)
+                continue
             ids, attn = self._collate([s.token_ids for s in chunk])
             mask = self._shifted([s.loss_mask for s in chunk], ids.shape[1], torch.bool).to(ids.device)
             loss, stats = chunk_loss(chunk, ids, attn, self._next_token_logprobs(ids, attn), mask)
             # The loss is a mean over this chunk's tokens; weighting by its share of the
-            # batch's tokens makes the accumulated gradient that of the batch-wide token mean.
+            # batch's tokens (all ranks') makes the accumulated gradient that of the batch-wide
+            # token mean. DeepSpeed averages gradients over ranks: `world_size` undoes that.
             share = mask.sum().item() / total_tokens
-            self.engine.backward(loss * share, scale_wrt_gas=False)
+            self.engine.backward(loss * (share * self.world_size), scale_wrt_gas=False)
             metrics["loss"] += loss.item() * share
             for key, value in stats.items():
                 metrics[key] += value * share
         lr = self._lr()  # the rate this step uses: stepping moves the schedule on
+        metrics = self._sum_over_ranks(metrics)
         metrics["grad_norm"] = self._step()
-        return dict(metrics) | {
+        return metrics | {
             "tokens": float(total_tokens),
-            "samples": float(len(usable)),
+            "samples": float(n_samples),
             "lr": lr,
             "seconds": time.perf_counter() - t0,
         }
+
+    def _batch_totals(self, tokens: int, samples: int, chunks: int) -> tuple[int, int, int]:
+        """(tokens, samples) summed over ranks, and the most micro-batches any rank has."""
+        if self.world_size == 1:
+            return tokens, samples, chunks
+        import torch.distributed as dist
+
+        mine = torch.tensor([tokens, samples, chunks], dtype=torch.long, device=self.engine.device)
+        every = [torch.empty_like(mine) for _ in range(self.world_size)]
+        dist.all_gather(every, mine)
+        every = torch.stack(every).cpu()
+        return int(every[:, 0].sum()), int(every[:, 1].sum()), int(every[:, 2].max())
+
+    def _sum_over_ranks(self, metrics: dict[str, float]) -> dict[str, float]:
+        """Every rank's batch-weighted stats summed (a rank without samples has no keys)."""
+        if self.world_size == 1:
+            return dict(metrics)
+        import torch.distributed as dist
+
+        every: list[dict[str, float]] = [{} for _ in range(self.world_size)]
+        dist.all_gather_object(every, dict(metrics))
+        return {key: sum(m.get(key, 0.0) for m in every) for key in {k for m in every for k in m}}
 
     def _step(self) -> float:
         """Clips, steps, and returns the gradient norm before clipping.
 
         DeepSpeed's optimizer wrappers record that norm; fp32 at stage 0 steps the bare torch
         optimizer, which does not, so it is taken here from the still-unreduced gradients
-        (equal to the reduced ones in this one-process world)."""
+        (equal to the reduced ones only in a one-process world: config refuses stage 0 with
+        several ranks)."""
         if self.engine.zero_optimization_stage() == 0 and not self.engine.bfloat16_enabled():
             grads = [p.grad for p in self.model.parameters() if p.grad is not None]
             # fp64 accumulation: torch's fp32 norm on CPU is off by ~1e-5 relative at this size
@@ -242,8 +303,9 @@ class Learner:
 
     # ---------------------------------------------------------------- weights out
 
-    def named_weights(self) -> Iterator[tuple[str, torch.Tensor]]:
-        """Full HF-named weights as CPU copies, one at a time (ZeRO-3 partitions gathered).
+    def gathered_weights(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """Full HF-named weights on the engine's device, one at a time, each valid until the next
+        is requested (ZeRO-3 partitions gathered: then every rank must run through it).
 
         `named_parameters()` lists a tied weight once (as embed_tokens), which is what
         inference engines expect: vLLM rejects lm_head.weight without embed_tokens when tied.
@@ -251,52 +313,41 @@ class Learner:
         import deepspeed
 
         for name, param in self.model.named_parameters():
-            # A no-op below stage 3; the copy is taken before the gathered data is freed.
-            with deepspeed.zero.GatheredParameters([param]):
-                yield name, param.detach().to("cpu", copy=True)
+            with deepspeed.zero.GatheredParameters([param]):  # a no-op below stage 3
+                yield name, param.detach()
+
+    def named_weights(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """`gathered_weights` as CPU copies, which outlive the gather."""
+        for name, t in self.gathered_weights():
+            yield name, t.to("cpu", copy=True)
 
     def publish(self, workers: list[Any], version: int) -> dict[str, float]:
-        """Loads the current weights into every rollout worker, bucket by bucket.
+        """Rank 0 loads the current weights into every rollout worker (`weight_sync.publish`)
+        and returns its stats; at ZeRO-3 the other ranks take part in each gather and return {}."""
+        if self.rank == 0:
+            return weight_sync.publish(self.gathered_weights(), workers, version, self.spec.weight_bucket_mb << 20)
+        self._join_gathers()
+        return {}
 
-        Each bucket is put into the object store once and the same ref goes to all workers.
-        One bucket is in flight at a time (loads into an engine must not interleave with
-        `begin`/`finish`), while the next one is packed. Returns the bytes published (one
-        copy of the weights), seconds, GB/s (bytes / 1e9 / s) and the number of buckets.
-        """
-        import ray
-
-        t0 = time.perf_counter()
-        ray.get([w.begin_weight_sync.remote() for w in workers])
-        nbytes, buckets, pending = 0, 0, []
-        for bucket in pack_buckets(self.named_weights(), self.spec.weight_bucket_mb << 20):
-            ref = ray.put(bucket)
-            nbytes += bucket.nbytes
-            buckets += 1
-            ray.get(pending)
-            pending = [w.load_weight_bucket.remote(ref) for w in workers]
-        ray.get(pending)
-        ray.get([w.finish_weight_sync.remote(version) for w in workers])
-        seconds = time.perf_counter() - t0
-        return {
-            "weight_sync_bytes": float(nbytes),
-            "weight_sync_s": seconds,
-            "weight_sync_gbps": nbytes / 1e9 / seconds,
-            "weight_sync_buckets": float(buckets),
-        }
+    def _join_gathers(self) -> None:
+        """What a rank other than 0 does while rank 0 reads the weights: at ZeRO-3 each
+        parameter's gather is a collective that needs every rank; below it, nothing."""
+        if self.engine.zero_optimization_stage() == 3:
+            for _ in self.gathered_weights():
+                pass
 
     def save_hf(self, storage: RunStorage, rel: str) -> str:
         """Writes a plain HF model directory (config, safetensors, tokenizer with its chat
         template, generation config) that transformers and vLLM load directly, to `rel` in the
         run's storage; returns its location. Every rank must call it (gathering ZeRO-3 shards
         is collective); rank 0 alone writes."""
-        import torch.distributed as dist
-
-        writer = dist.get_rank() == 0
-        weights = {name: t for name, t in self.named_weights() if writer}
-        if writer:
-            with storage.staged_dir(rel) as out:
-                self.model.save_pretrained(out, state_dict=weights, safe_serialization=True)
-                self.tokenizer.save_pretrained(out)
+        if self.rank != 0:
+            self._join_gathers()
+            return storage.uri_for(rel)
+        weights = dict(self.named_weights())
+        with storage.staged_dir(rel) as out:
+            self.model.save_pretrained(out, state_dict=weights, safe_serialization=True)
+            self.tokenizer.save_pretrained(out)
         return storage.uri_for(rel)
 
     # ---------------------------------------------------------------- resume

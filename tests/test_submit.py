@@ -47,8 +47,7 @@ def ledger_job(path: Path, data: Path, model: str = "someone/hub-model", **chang
 # --------------------------------------------------------------------------- the live cluster
 
 
-@pytest.mark.parametrize("output_kind", ["local"])
-def test_submit_to_a_live_two_node_cluster(tmp_path: Path, demo_job, ledger_env, output_kind: str) -> None:
+def test_submit_to_a_live_two_node_cluster(tmp_path: Path, demo_job, ledger_env, s3_server, s3_prefix: str) -> None:
     t0 = time.perf_counter()
     secret = ledger_env.token
     job = yaml.safe_load(LEDGER_JOB.read_text())
@@ -59,7 +58,7 @@ def test_submit_to_a_live_two_node_cluster(tmp_path: Path, demo_job, ledger_env,
     job["cluster"]["resources"] = {"rollout_worker": {"cpus": 1, "resources": {"rollout_node": 1}}}
     job_file = tmp_path / "job.yaml"
     job_file.write_text(yaml.safe_dump(job, sort_keys=False))
-    output = {"local": str(tmp_path / "out")}[output_kind]
+    output = s3_server.uri(s3_prefix)  # no disk is shared: the cluster writes to the S3 server
 
     cluster_env = {"RFT_DEMO_URL": ledger_env.base_url, "RFT_DEMO_TOKEN": secret, "WANDB_SILENT": "true", "HF_HUB_OFFLINE": "1"}
     with RayCluster(env=cluster_env, head_cpus=4) as cluster:
@@ -84,7 +83,8 @@ def test_submit_to_a_live_two_node_cluster(tmp_path: Path, demo_job, ledger_env,
         job_list = cluster.get("/api/jobs/")
         rollout_nodes = [n["node_id"] for n in cluster.nodes() if "rollout_node" in n["resources_total"]]
 
-    # Outputs complete, read back through the run's storage.
+    # Outputs complete in the bucket, read back through the run's storage.
+    assert {"metrics.jsonl", "checkpoints/index.json", "final/config.json"} <= set(s3_server.keys(s3_prefix))
     local = RunStorage(output).download_dir("", tmp_path / "fetched")
     trajs = pq.read_table(local / "trajectories").to_pylist()
     assert {t["step"] for t in trajs if t["kind"] == "train"} == {1, 2} and {t["step"] for t in trajs if t["kind"] == "eval"} == {0, 2}
