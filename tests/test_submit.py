@@ -67,7 +67,9 @@ def test_submit_to_a_live_two_node_cluster(tmp_path: Path, demo_job, ledger_env,
         t_up = time.perf_counter()
         # The submitting side knows where the data is, not the secret nor the servers' URL.
         env = {k: v for k, v in cluster.client_env().items() if k not in ("RFT_DEMO_TOKEN", "RFT_DEMO_URL")}
-        run = cli("submit", str(job_file), "--address", cluster.dashboard, "--output", output, "--follow", env=env, timeout=1500)
+        env["RFT_FORWARDED"] = "sent-on-purpose"  # named with --forward-env: it travels, and only it
+        run = cli("submit", str(job_file), "--address", cluster.dashboard, "--output", output, "--follow",
+                  "--forward-env", "RFT_FORWARDED", env=env, timeout=1500)
         t_run = time.perf_counter()
         print(f"\n[timing] cluster up {t_up - t0:.1f} s; submit --follow {t_run - t_up:.1f} s")
         assert run.returncode == 0, run.stdout[-5000:] + run.stderr[-3000:]
@@ -80,6 +82,7 @@ def test_submit_to_a_live_two_node_cluster(tmp_path: Path, demo_job, ledger_env,
         logs = cli("logs", submission_id, "--address", cluster.dashboard, env=env)
         assert logs.returncode == 0 and "final policy saved" in logs.stdout
         job_info = cluster.get(f"/api/jobs/{submission_id}")  # every field get_job_info returns
+        assert json.loads(job_info)["runtime_env"]["env_vars"] == {"RFT_FORWARDED": "sent-on-purpose"}
         job_list = cluster.get("/api/jobs/")
         rollout_nodes = [n["node_id"] for n in cluster.nodes() if "rollout_node" in n["resources_total"]]
 
