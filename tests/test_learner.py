@@ -157,6 +157,12 @@ def weights(learner: Learner) -> dict[str, torch.Tensor]:
     return dict(learner.named_weights())
 
 
+def assert_same_weights(want: dict[str, torch.Tensor], got: dict[str, torch.Tensor]) -> None:
+    """Bit-for-bit equal, tensor by tensor (named on failure)."""
+    for name in want:
+        assert torch.equal(want[name], got[name]), name
+
+
 def masked_mean_logprob(learner: Learner, samples: list[TrainSample]) -> float:
     lps = learner.compute_logprobs([s.token_ids for s in samples])
     vals = [lp for s, row in zip(samples, lps) for lp, m in zip(row, s.loss_mask[1:]) if m]
@@ -305,16 +311,12 @@ def test_save_state_and_load_state_resume_identically(model_dir: Path, run_locat
 
     b = make_learner(model_dir, zero_stage=2)
     b.load_state(st, "state", "step-1")
-    wa, wb = weights(a), weights(b)
-    for name in wa:
-        assert torch.equal(wa[name], wb[name]), name
+    assert_same_weights(weights(a), weights(b))
     # Adam's second step depends on the moments from the first: identical updates mean the
     # optimizer state came back too (a fresh Adam would step by about lr * sign(grad)).
     ma, mb = a.train_step(batch2), b.train_step(batch2)
     assert ma["loss"] == mb["loss"] and ma["grad_norm"] == mb["grad_norm"]
-    wa, wb = weights(a), weights(b)
-    for name in wa:
-        assert torch.equal(wa[name], wb[name]), name
+    assert_same_weights(weights(a), weights(b))
     with pytest.raises(FileNotFoundError, match="step-2"):
         b.load_state(st, "state", "step-2")
 

@@ -18,7 +18,7 @@ from rft_cluster.config import LearnerSpec
 from rft_cluster.learner_group import LearnerGroup, split_by_tokens
 from rft_cluster.types import TrainSample
 from rft_cluster.weight_sync import publish
-from tests.test_learner import CLIP, LR, RecordingWorker, make_batch
+from tests.test_learner import CLIP, LR, RecordingWorker, assert_same_weights, make_batch
 
 pytestmark = pytest.mark.slow
 
@@ -239,18 +239,12 @@ def test_two_zero3_ranks_checkpoint_to_s3_and_resume_identically(
     assert "state/latest" in keys and "hf/config.json" in keys
 
     wa = group_weights(a)
-    hf = fp32_weights(st.download_dir("hf", tmp_path / "hf"))
-    for name in wa:
-        assert torch.equal(hf[name], wa[name]), name
+    assert_same_weights(wa, fp32_weights(st.download_dir("hf", tmp_path / "hf")))
 
     b = start_group(tiny_model_dir, 2, env=env, zero_stage=3, micro_batch_size=2)
     groups.append(b)
     b.load_state(st, "state", "step-1")
-    wb = group_weights(b)
-    for name in wa:
-        assert torch.equal(wa[name], wb[name]), name
+    assert_same_weights(wa, group_weights(b))
     ma, mb = a.train_step(batch2), b.train_step(batch2)
     assert ma["loss"] == mb["loss"] and ma["grad_norm"] == mb["grad_norm"]
-    wa, wb = group_weights(a), group_weights(b)
-    for name in wa:
-        assert torch.equal(wa[name], wb[name]), name
+    assert_same_weights(group_weights(a), group_weights(b))
