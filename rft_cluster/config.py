@@ -199,6 +199,9 @@ class Hyperparameters(Strict):
     tool_call_penalty_mode: Literal["subtract", "scale"] = "subtract"
     reasoning_token_penalty: float = Field(default=0.0, ge=0)
     scale_advantages: bool = True  # divide by the group's reward std (GRPO); false: Dr. GRPO
+    # Weight versions a trained-on token may lag the policy being updated: 0 samples each step
+    # on the newest weights (synchronous); k > 0 lets sampling run up to k steps ahead of training.
+    max_staleness: int = Field(default=0, ge=0)
 
     def resolved(self, n_train_rows: int) -> "ResolvedHyperparameters":
         """Turns every "auto" into a number (documented in README: "auto" values)."""
@@ -227,6 +230,7 @@ class Hyperparameters(Strict):
             tool_call_penalty_mode=self.tool_call_penalty_mode,
             reasoning_token_penalty=self.reasoning_token_penalty,
             scale_advantages=self.scale_advantages,
+            max_staleness=self.max_staleness,
         )
 
 
@@ -247,6 +251,7 @@ class ResolvedHyperparameters(Strict):
     tool_call_penalty_mode: Literal["subtract", "scale"]
     reasoning_token_penalty: float
     scale_advantages: bool
+    max_staleness: int
 
 
 class ToolSettings(Strict):
@@ -340,17 +345,47 @@ class ClusterResources(Strict):
     grader: RoleResources = Field(default_factory=_network_role)
 
 
+class FleetSize(Strict):
+    """An elastic rollout fleet: sampling starts once `min` workers are up; up to `max` are asked
+    for, and those that come up later (e.g. on nodes the autoscaler adds) join the run."""
+
+    min: int = Field(gt=0)
+    max: int = Field(gt=0)
+
+    @model_validator(mode="after")
+    def _ordered(self) -> "FleetSize":
+        if self.max < self.min:
+            raise ValueError(f"max ({self.max}) must be >= min ({self.min})")
+        return self
+
+
 class ClusterSpec(Strict):
     ray_address: str | None = None  # None: RAY_ADDRESS if set (e.g. inside a Ray job), else a fresh local cluster
-    rollout_workers: int = Field(default=1, gt=0)
+    rollout_workers: int | FleetSize = Field(default=1, description="a number, or {min, max} for an elastic fleet")
     tool_proxies: int = Field(default=1, gt=0)
     graders: int = Field(default=1, gt=0)
     resources: ClusterResources = Field(default_factory=ClusterResources)
     placement_timeout_s: float = Field(
         default=120.0, gt=0, description="how long to wait for every role to be placed before failing with what is missing"
     )
+    actor_max_restarts: int = Field(
+        default=5, ge=0, description="restarts of a dead tool proxy or grader actor (its in-flight calls are retried)"
+    )
     engine: EngineSpec = Field(default_factory=EngineSpec)
     learner: LearnerSpec = Field(default_factory=LearnerSpec)
+
+    @field_validator("rollout_workers")
+    @classmethod
+    def _positive_fleet(cls, value: int | FleetSize) -> int | FleetSize:
+        if isinstance(value, int) and value <= 0:
+            raise ValueError("must be > 0")
+        return value
+
+    @property
+    def fleet(self) -> FleetSize:
+        """The rollout fleet's size; a plain number N means min = max = N."""
+        n = self.rollout_workers
+        return n if isinstance(n, FleetSize) else FleetSize(min=n, max=n)
 
     @model_validator(mode="after")
     def _engine_fits_its_gpus(self) -> "ClusterSpec":

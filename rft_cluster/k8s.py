@@ -29,7 +29,7 @@ from typing import Any
 
 import yaml
 
-from rft_cluster.config import _ENV_REF, JobSpec, RoleResources, load_job
+from rft_cluster.config import _ENV_REF, FleetSize, JobSpec, RoleResources, load_job
 from rft_cluster.k8s_rules import MAX_NAME, manifest_problems
 
 RAY_VERSION = version("ray")
@@ -53,7 +53,7 @@ class K8sOptions:
     image: str | None = None  # default: default_image(), which lacks rft-cluster (README)
     secret: str = DEFAULT_SECRET
     storage: str | None = None  # default: the job's `storage`
-    min_rollout_replicas: int | None = None  # default: cluster.rollout_workers
+    min_rollout_replicas: int | None = None  # default: the fleet's min / max (cluster.rollout_workers)
     max_rollout_replicas: int | None = None  # default: cluster.rollout_workers
 
 
@@ -125,7 +125,7 @@ def render(job_path: Path, options: K8sOptions = K8sOptions()) -> Manifests:
     services = _shape("services", (res.tool_proxy, cluster.tool_proxies), (res.grader, cluster.graders))
     gpu = bool(rollout.gpus or learner.gpus or services.gpus)
     image = options.image or default_image(gpu)
-    min_r, replicas, max_r = _rollout_replicas(cluster.rollout_workers, options)
+    min_r, replicas, max_r = _rollout_replicas(cluster.fleet, options)
     ranks = cluster.learner.ranks
 
     configmap = {
@@ -265,13 +265,14 @@ def _pod(container: str, image: str, secret: str, resources: dict[str, Any],
     return {"spec": spec}
 
 
-def _rollout_replicas(workers: int, options: K8sOptions) -> tuple[int, int, int]:
-    """(min, initial, max) pods of the rollout group; by default exactly the job's rollout workers."""
-    max_r = options.max_rollout_replicas if options.max_rollout_replicas is not None else max(workers, options.min_rollout_replicas or 0)
-    min_r = options.min_rollout_replicas if options.min_rollout_replicas is not None else min(workers, max_r)
+def _rollout_replicas(fleet: FleetSize, options: K8sOptions) -> tuple[int, int, int]:
+    """(min, initial, max) pods of the rollout group; by default the job's fleet: `min` pods at
+    first, up to `max` (a plain `rollout_workers: N` is exactly N)."""
+    max_r = options.max_rollout_replicas if options.max_rollout_replicas is not None else max(fleet.max, options.min_rollout_replicas or 0)
+    min_r = options.min_rollout_replicas if options.min_rollout_replicas is not None else min(fleet.min, max_r)
     if not 0 <= min_r <= max_r or max_r < 1:
         raise K8sError(f"--min-rollout-replicas {min_r} and --max-rollout-replicas {max_r}: need 0 <= min <= max and max >= 1")
-    return min_r, min(max(workers, min_r), max_r), max_r
+    return min_r, min(max(fleet.min, min_r), max_r), max_r
 
 
 # --- inputs --------------------------------------------------------------------------------------

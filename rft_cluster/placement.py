@@ -97,7 +97,7 @@ def place(cluster: ClusterSpec) -> Placement:
     """Reserves every role's bundles and waits up to `placement_timeout_s` for all of them.
     On timeout, frees them all and raises PlacementError naming the roles left unplaced."""
     counts = {
-        "rollout_worker": cluster.rollout_workers,
+        "rollout_worker": cluster.fleet.max,
         "learner": cluster.learner.ranks,
         "tool_proxy": cluster.tool_proxies,
         "grader": cluster.graders,

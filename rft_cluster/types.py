@@ -22,6 +22,8 @@ class RolloutStatus(str, Enum):
     GRADER_FAILED = "grader_failed"
     ENGINE_FAILED = "engine_failed"
     TIMEOUT = "timeout"
+    WORKER_LOST = "worker_lost"  # its rollout worker died mid-rollout; the request was re-run with a new trace id
+    STALE = "stale"  # finished too many weight versions behind the learner (max_staleness) to be trained on
 
 
 class ToolCallStatus(str, Enum):
