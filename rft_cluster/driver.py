@@ -1,7 +1,15 @@
-"""The driver: wires the actors and runs the synchronous RL loop.
+"""The driver: wires the actors and runs the streaming RL loop.
 
-    for each step:  sample (rollout workers, tool proxies)  ->  grade (grader actors)
-                    ->  train (learner)  ->  publish weights (learner -> rollout workers)
+    rollout fleet (rollout workers, tool proxies) --each rollout as it ends--> grader actors
+        --each step's batch, once every rollout of it has ended--> learner
+        --new weights, between the engines' generation steps--> rollout fleet
+
+Sampling runs up to `max_staleness` steps ahead of training: with 0 each step samples on the
+newest weights (synchronous); with k the fleet samples steps s+1..s+k while the learner trains
+step s, and no rollout is trained on whose oldest token is more than k learner updates old.
+A step trains on its own prompts (`batch_size` groups, in the order they were started), so a
+resumed run sees the same prompts. The fleet is elastic and outlives its workers (`fleet.py`);
+tool proxies and graders are restarted by Ray and their calls retried.
 
 Everything a run writes goes to its storage (a local directory or a pyarrow.fs URI, see
 `rft_cluster.storage`): `trajectories/` (Parquet), `metrics.jsonl`, `wandb/` (offline run),
@@ -16,25 +24,28 @@ import random
 import socket
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import ray
+from ray.exceptions import RayActorError
 
 from rft_cluster.checkpoints import CheckpointDir
 from rft_cluster.config import JobSpec, ResolvedHyperparameters
 from rft_cluster.dataset import load_rows, row_item
+from rft_cluster.fleet import Lost, RolloutFleet, Slot
 from rft_cluster.grader import GraderActor
 from rft_cluster.grpo import group_advantages, shaped_reward
 from rft_cluster.learner_group import LearnerGroup
 from rft_cluster.metrics import RunLogger, StepPrinter, rollout_metrics
+from rft_cluster.pipeline import Batch, Staleness, drop_stale
 from rft_cluster.placement import Placement, actor_nodes, place
-from rft_cluster.rollout_worker import RolloutRequest, RolloutWorker, SamplingSettings
+from rft_cluster.rollout_worker import RolloutRequest, SamplingSettings
 from rft_cluster.storage import RunStorage
 from rft_cluster.store import TrajectoryStore
 from rft_cluster.tool_proxy import ToolProxy
-from rft_cluster.types import RolloutStatus, TrainSample, Trajectory, new_trace_id
+from rft_cluster.types import GradeResult, RolloutStatus, TrainSample, Trajectory, new_trace_id
 
 # Rollouts in these states are graded and trained on; the rest are discarded (DESIGN §3).
 # A rollout that ran out of budget still teaches: its (usually low) reward is the budget pressure.
@@ -45,47 +56,49 @@ GRADED = (RolloutStatus.OK, RolloutStatus.BUDGET_EXHAUSTED)
 class Cluster:
     """Handles of every actor of a run, and the placement groups that hold them."""
 
-    workers: list[Any]
+    fleet: RolloutFleet
     proxies: list[Any]
     graders: list[Any]
     learner: LearnerGroup
     placement: Placement
     startup: dict[str, float] = field(default_factory=dict)
-    nodes: dict[str, list[str]] = field(default_factory=dict)  # role -> node id of each actor
+    services: dict[str, list[str]] = field(default_factory=dict)  # role -> node id of each actor, but the fleet's
+
+    @property
+    def nodes(self) -> dict[str, list[str]]:
+        """Role -> node id of each actor (rollout workers: those up now)."""
+        return {"rollout_worker": self.fleet.node_ids(), **self.services}
 
     def roles(self) -> dict[str, int]:
         return {role: len(ids) for role, ids in self.nodes.items()}
 
 
 def start_cluster(job: JobSpec, hp: ResolvedHyperparameters) -> Cluster:
-    """Places every role (placement.place: fails fast with what is missing), then starts the
-    actors in their bundles; engines and learner ranks start in parallel."""
+    """Places the learner, proxies and graders (placement.place: fails fast with what is
+    missing), then the fleet's slots; engines and learner ranks start in parallel."""
     c = job.cluster
     rl = job.rl
     placement = place(c)
+    fleet = None
     try:
-        proxies = [ray.remote(ToolProxy).options(**o).remote(rl.tools, rl.tool_settings) for o in placement["tool_proxy"].all_options()]
-        graders = [ray.remote(GraderActor).options(**o).remote(rl.grader, rl.tool_settings) for o in placement["grader"].all_options()]
+        restart = {"max_restarts": c.actor_max_restarts, "max_task_retries": -1}
+        proxies = [ray.remote(ToolProxy).options(**o, **restart).remote(rl.tools, rl.tool_settings) for o in placement["tool_proxy"].all_options()]
+        graders = [ray.remote(GraderActor).options(**o, **restart).remote(rl.grader, rl.tool_settings) for o in placement["grader"].all_options()]
         model = str(_model_path(job))
-        workers = [
-            ray.remote(RolloutWorker).options(**o).remote(model, c.engine, job.seed + i, proxies)
-            for i, o in enumerate(placement["rollout_worker"].all_options())
-        ]
-        t0 = time.perf_counter()
-        starts = [w.start.remote() for w in workers]
+        fleet = RolloutFleet(c, model, job.seed, proxies)
         learner = LearnerGroup(
             model, c.learner, hp.learning_rate, hp.clip_epsilon, job.seed, hp.warmup_steps, hp.kl_coef,
             placement["learner"].all_options(),
         )
-        ray.get(starts)
-        startup = time.perf_counter() - t0
-        nodes = {role: actor_nodes(actors) for role, actors in
-                 {"rollout_worker": workers, "tool_proxy": proxies, "grader": graders}.items()}
-        nodes["learner"] = [r.node_id for r in learner.ranks]
+        startup = fleet.start()
+        services = {role: actor_nodes(actors) for role, actors in {"tool_proxy": proxies, "grader": graders}.items()}
+        services["learner"] = [r.node_id for r in learner.ranks]
     except BaseException:
+        if fleet is not None:
+            fleet.remove()
         placement.remove()  # kills whatever started in it
         raise
-    return Cluster(workers, proxies, graders, learner, placement, {"startup_s": startup}, nodes)
+    return Cluster(fleet, proxies, graders, learner, placement, startup, services)
 
 
 def _model_path(job: JobSpec) -> str | Path:
@@ -120,19 +133,6 @@ def batches(n_rows: int, batch_size: int, seed: int) -> Iterator[list[int]]:
         epoch += 1
 
 
-def spread_groups(requests: list[RolloutRequest], n_workers: int) -> list[list[RolloutRequest]]:
-    """Shares of the requests, one per worker, that keep each GRPO group on one worker (its
-    rollouts share a prompt prefix, which that engine's prefix cache then computes once),
-    largest groups first onto the least-loaded worker."""
-    groups: dict[str, list[RolloutRequest]] = {}
-    for r in requests:
-        groups.setdefault(r.group_id, []).append(r)
-    shares: list[list[RolloutRequest]] = [[] for _ in range(n_workers)]
-    for group in sorted(groups.values(), key=len, reverse=True):
-        min(shares, key=len).extend(group)
-    return shares
-
-
 class Trainer:
     """One run: actors, data, outputs. `run()` executes the configured steps."""
 
@@ -158,29 +158,106 @@ class Trainer:
         self.store = TrajectoryStore(output)
         self.printer = printer or StepPrinter()
         self.cluster: Cluster | None = None
+        # The loop's state: what is in flight, and the weight version the engines hold.
+        self._rollouts: dict[Any, Batch] = {}  # rollout ref -> its batch
+        self._grades: dict[Any, tuple[Batch, Trajectory]] = {}  # grade ref -> (batch, rollout)
+        self._backlog: list[tuple[list[RolloutRequest], Batch]] = []  # groups waiting for a worker
+        self._batches: dict[int, Batch] = {}  # train step -> its batch
+        self._next_grader = 0
+        self.version = 0
+        self.staleness = Staleness(0)
 
-    # ------------------------------------------------------------------ phases
+    # ------------------------------------------------------------------ rollouts in flight
 
-    def sample(self, requests: list[RolloutRequest]) -> list[Trajectory]:
-        """Spreads the requests over the rollout workers, whole groups each; each runs its share concurrently."""
-        workers = self.cluster.workers
-        shares = spread_groups(requests, len(workers))
-        refs = [w.rollout.remote(share, self.settings) for w, share in zip(workers, shares) if share]
-        return [t for part in ray.get(refs) for t in part]
+    def submit(self, rows: list[dict], indices: list[int], group: int, step: int, kind: str) -> Batch:
+        """Starts `group` rollouts of each row, each group on one worker."""
+        split = "train" if kind == "train" else "valid"
+        batch = Batch(kind, step, expected=len(indices) * group)
+        for i in indices:
+            requests = [_request(rows[i], i, step, split) for _ in range(group)]
+            self._dispatch(requests, batch)
+        return batch
 
-    def grade(self, trajs: list[Trajectory], items: dict[str, dict]) -> None:
-        """Scores every gradable rollout in place; a grader failure becomes `grader_failed`."""
-        graders, hp = self.cluster.graders, self.hp
-        todo = [t for t in trajs if t.status in GRADED]
-        refs = [graders[i % len(graders)].grade.remote(t.sample, items[t.trace_id], t.trace_id) for i, t in enumerate(todo)]
-        for t, g in zip(todo, ray.get(refs)):
-            t.grader_latency_s = g.latency_s
-            if g.score is None:
-                t.status, t.grader_error = RolloutStatus.GRADER_FAILED, g.error
-            else:
-                t.score = g.score
-                t.reward = shaped_reward(g.score, len(t.tool_calls), t.reasoning_tokens, hp.tool_call_penalty,
-                                         hp.tool_call_penalty_mode, hp.reasoning_token_penalty)
+    def _dispatch(self, requests: list[RolloutRequest], batch: Batch) -> None:
+        for r in requests:
+            batch.items[r.trace_id] = r.item
+        if not self.cluster.fleet.workers:  # every worker lost: wait for a replacement
+            self._backlog.append((requests, batch))
+            return
+        for ref in self.cluster.fleet.submit_group(requests, self.settings):
+            self._rollouts[ref] = batch
+
+    def pump(self, timeout: float) -> None:
+        """Waits up to `timeout` for rollouts, grades or engines, and handles all that are ready."""
+        fleet = self.cluster.fleet
+        refs = [*self._rollouts, *self._grades, *fleet.pending()]
+        if not refs:
+            return
+        ready, _ = ray.wait(refs, num_returns=1, timeout=timeout)
+        if ready:  # and everything else already done
+            ready, _ = ray.wait(refs, num_returns=len(refs), timeout=0)
+        for ref in ready:
+            if ref in self._rollouts:
+                self._rollout_ended(ref)
+            elif ref in self._grades:
+                self._graded(ref)
+        for slot in fleet.poll(ready):
+            self._join(slot)
+
+    def _rollout_ended(self, ref: Any) -> None:
+        batch = self._rollouts.pop(ref)
+        out = self.cluster.fleet.result(ref)
+        if isinstance(out, Lost):
+            batch.record_lost(out.request, out.error, out.node_id)
+            rerun = replace(out.request, trace_id=new_trace_id())
+            self.printer.console.print(f"[rft] {out.error}: re-running {out.request.trace_id} as {rerun.trace_id}", markup=False)
+            self._dispatch([rerun], batch)
+            return
+        batch.sampled()
+        if out.status not in GRADED:
+            batch.end(out)
+            return
+        graders = self.cluster.graders
+        grader = graders[self._next_grader % len(graders)]
+        self._next_grader += 1
+        self._grades[grader.grade.remote(out.sample, batch.items[out.trace_id], out.trace_id)] = (batch, out)
+
+    def _graded(self, ref: Any) -> None:
+        """Scores the rollout; a grader failure (or a grader actor out of restarts) becomes `grader_failed`."""
+        batch, t = self._grades.pop(ref)
+        try:
+            g = ray.get(ref)
+        except RayActorError as e:
+            g = GradeResult(score=None, error=f"grader actor died: {type(e).__name__}")
+        hp = self.hp
+        t.grader_latency_s = g.latency_s
+        if g.score is None:
+            t.status, t.grader_error = RolloutStatus.GRADER_FAILED, g.error
+        else:
+            t.score = g.score
+            t.reward = shaped_reward(g.score, len(t.tool_calls), t.reasoning_tokens, hp.tool_call_penalty,
+                                     hp.tool_call_penalty_mode, hp.reasoning_token_penalty)
+        batch.end(t)
+
+    def _join(self, slot: Slot) -> None:
+        """A worker that came up after the start (new node, replacement) gets the current
+        weights, then takes rollouts (and any that waited for a worker)."""
+        t0 = time.perf_counter()
+        # Version 0 is the model the engine loaded itself.
+        if self.version != 0 and not self._send_weights([slot.worker], self.version):
+            return  # died while loading them: replaced again
+        self.cluster.fleet.joined(slot, time.perf_counter() - t0)
+        self.printer.console.print(f"[rft] rollout worker {slot.index} joined on node {slot.node_id} at weight version {self.version}", markup=False)
+        backlog, self._backlog = self._backlog, []
+        for requests, batch in backlog:
+            self._dispatch(requests, batch)
+
+    def wait_for(self, batch: Batch) -> float:
+        """Pumps until `batch` is complete; returns the seconds spent waiting."""
+        t0 = time.perf_counter()
+        while not batch.complete:
+            self.pump(1.0)
+        return time.perf_counter() - t0
 
     @staticmethod
     def train_samples(trajs: list[Trajectory], scale_advantages: bool = True) -> list[TrainSample]:
@@ -191,38 +268,31 @@ class Trainer:
         adv = group_advantages([t.reward for t in kept], [t.group_id for t in kept], scale_advantages)
         return [TrainSample(t.token_ids, t.loss_mask, t.logprobs, a) for t, a in zip(kept, adv) if a != 0.0]
 
-    def rollouts(self, rows: list[dict], indices: list[int], group: int, step: int, split: str) -> tuple[list[Trajectory], float, float]:
-        """Samples `group` rollouts per row and grades them; returns (trajectories, sampling
-        seconds, grading seconds)."""
-        requests = [_request(rows[i], i, step, split) for i in indices for _ in range(group)]
-        t0 = time.perf_counter()
-        trajs = self.sample(requests)
-        t1 = time.perf_counter()
-        self.grade(trajs, {r.trace_id: r.item for r in requests})
-        return trajs, t1 - t0, time.perf_counter() - t1
-
     def evaluate(self, step: int) -> dict[str, float]:
-        """Validation rollouts on the current weights, stored as kind=eval."""
-        trajs, sampling, grading = self.rollouts(self.valid_rows, list(range(len(self.valid_rows))), self.hp.eval_samples, step, "valid")
-        self.store.append(trajs, kind="eval")
-        return {**rollout_metrics(trajs, prefix="valid"), "timing.step.eval": sampling + grading}
+        """Validation rollouts on the current weights (no publish happens until they end), stored as kind=eval."""
+        batch = self.submit(self.valid_rows, list(range(len(self.valid_rows))), self.hp.eval_samples, step, "eval")
+        self.wait_for(batch)
+        self.store.append(batch.trajs, kind="eval")
+        return {**rollout_metrics(batch.trajs, prefix="valid"), "timing.step.eval": batch.completed_at - batch.submitted_at}
 
     # ------------------------------------------------------------------ loop
 
     def run(self) -> dict[str, Any]:
         self.cluster = start_cluster(self.job, self.hp)
-        nodes = self.cluster.nodes
+        c = self.cluster
+        fleet = c.fleet.spec.fleet
         self.printer.console.print(
-            f"[rft] actors up in {self.cluster.startup['startup_s']:.1f} s: {self.cluster.roles()} "
-            f"on {len({n for ids in nodes.values() for n in ids})} node(s); "
-            f"{self.steps} steps × {self.hp.batch_size} prompts × {self.hp.group_size} rollouts",
+            f"[rft] actors up in {c.startup['startup_s']:.1f} s: {c.roles()} "
+            f"on {len({n for ids in c.nodes.values() for n in ids})} node(s)"
+            + (f" (rollout fleet {fleet.min}..{fleet.max})" if fleet.min != fleet.max else "")
+            + f"; {self.steps} steps × {self.hp.batch_size} prompts × {self.hp.group_size} rollouts, max_staleness {self.hp.max_staleness}",
             markup=False,
         )
         name = (self.job.suffix or "rft") + (f"-resumed-at-{self.resume_from}" if self.resume_from else "")
         logger = RunLogger(
             self.storage,
             name,
-            {"job": self.job.model_dump(mode="json"), "resolved": self.hp.model_dump(), "nodes": nodes},
+            {"job": self.job.model_dump(mode="json"), "resolved": self.hp.model_dump(), "nodes": c.nodes},
             wandb_mode=self.job.wandb.mode,
             project=self.job.wandb.project,
         )
@@ -231,25 +301,84 @@ class Trainer:
             first = 1
             if self.resume_from is not None:
                 first = self._restore(self.resume_from, logger)
-                for _ in range(self.resume_from):
-                    next(order)
             elif self.valid_rows:
-                logger.log(0, self.evaluate(0), nodes=nodes)
+                logger.log(0, self.evaluate(0), nodes=c.nodes)
+            for _ in range(first - 1):
+                next(order)
+            next_submit, last_done = first, time.perf_counter()
             for step in range(first, self.steps + 1):
-                metrics = self.step(step, next(order))
+                # Sampling runs ahead: steps up to `step + max_staleness` are in flight.
+                while next_submit <= self.steps and next_submit - step <= self.hp.max_staleness:
+                    self._batches[next_submit] = self.submit(self.train_rows, next(order), self.hp.group_size, next_submit, "train")
+                    next_submit += 1
+                batch = self._batches.pop(step)
+                waiting = self.wait_for(batch)
+                metrics = self.train(step, batch)
+                metrics["timing.step.waiting"] = waiting
+                metrics["timing.step.full_iteration"] = time.perf_counter() - last_done
+                last_done = time.perf_counter()
                 validate = self.valid_rows and (step % self.hp.eval_interval == 0 or step == self.steps)
                 if validate:
                     metrics.update(self.evaluate(step))
                 if validate or step % self.hp.eval_interval == 0:
                     self.checkpoint(step, metrics.get("valid_reward_mean"))
                     logger.upload_wandb()
-                logger.log(step, metrics, nodes=nodes)
+                logger.log(step, metrics, nodes=c.nodes)
                 self.printer.print_step(step, metrics)
-            final = self.cluster.learner.save_hf(self.storage, "final")
+            final = c.learner.save_hf(self.storage, "final")
             self.printer.console.print(f"[rft] final policy saved to {final}", markup=False)
-            return {"final": final, "output": self.storage.uri_for(), "steps": self.steps, "roles": self.cluster.roles()}
+            return {"final": final, "output": self.storage.uri_for(), "steps": self.steps, "roles": c.roles(),
+                    "fleet": {"losses": c.fleet.losses, "joins": c.fleet.joins}}
         finally:
             logger.finish()
+
+    def train(self, step: int, batch: Batch) -> dict[str, float]:
+        """One learner step on a complete batch, then its weights to the fleet."""
+        c = self.cluster
+        trajs = batch.trajs
+        pipeline = drop_stale(trajs, self.staleness, self.hp.max_staleness, GRADED)
+        t0 = time.perf_counter()
+        samples = self.train_samples(trajs, self.hp.scale_advantages)
+        # No signal in the batch: no step, so the engines' weights are still current.
+        learner_stats = c.learner.train_step(samples) if samples else {}
+        t1 = time.perf_counter()
+        sync = self.publish(step) if samples else {}
+        t2 = time.perf_counter()
+        self.store.append(trajs, kind="train")
+        later = [b for s, b in self._batches.items() if s > step]
+        pipeline.update({
+            "pipeline/buffered_rollouts": float(sum(b.ended for b in later)),
+            "pipeline/inflight_rollouts": float(len(self._rollouts)),
+            "pipeline/rollout_workers": float(len(c.fleet.workers)),
+            "pipeline/worker_losses": float(c.fleet.losses),
+        })
+        return {
+            **rollout_metrics(trajs, prefix="train"),
+            "train/trained_samples": float(len(samples)),
+            **{f"train/{k}": float(v) for k, v in learner_stats.items()},
+            **{f"train/{k}": float(v) for k, v in sync.items()},
+            **pipeline,
+            "timing.step.sampling": (batch.sampled_at or batch.completed_at) - batch.submitted_at,
+            "timing.step.grading": batch.completed_at - (batch.sampled_at or batch.completed_at),
+            "timing.step.training": t1 - t0,
+            "timing.step.weight_sync": t2 - t1,
+        }
+
+    def publish(self, version: int) -> dict[str, float]:
+        """The learner's weights to every worker that is up, as `version`; a worker found dead
+        is replaced (its rollouts come back as lost)."""
+        stats = self._send_weights(self.cluster.fleet.workers, version)
+        self.version = version
+        self.staleness.published(version, updated=True)
+        return stats
+
+    def _send_weights(self, workers: list[Any], version: int) -> dict[str, float]:
+        """Publishes to `workers`; those found dead are replaced. Returns the stats, empty when none survived."""
+        stats = self.cluster.learner.publish(workers, version)
+        lost = [workers[int(i)] for i in stats.pop("lost_indices", [])]
+        for w in lost:
+            self.cluster.fleet.lost(w, "died during a weight publish")
+        return stats if len(lost) < len(workers) else {}
 
     def checkpoint(self, step: int, valid_reward_mean: float | None) -> None:
         """An HF model directory (best few kept), then the resume state, then the step marker:
@@ -265,40 +394,19 @@ class Trainer:
         output of later steps (they are redone). Returns the first step to run."""
         learner = self.cluster.learner
         learner.load_state(self.storage, CheckpointDir.LEARNER_STATE, CheckpointDir.state_tag(step))
-        learner.publish(self.cluster.workers, step)
+        self.publish(step)
+        self.staleness = Staleness(step)
         dropped = self.store.drop_after(step)
         logger.drop_after(step)
         self.printer.console.print(f"[rft] resumed after step {step}; {dropped} later step file(s) will be redone", markup=False)
         return step + 1
 
-    def step(self, step: int, indices: list[int]) -> dict[str, float]:
-        c = self.cluster
-        trajs, sampling, grading = self.rollouts(self.train_rows, indices, self.hp.group_size, step, "train")
-        t2 = time.perf_counter()
-        samples = self.train_samples(trajs, self.hp.scale_advantages)
-        # No signal in the batch: no step, so the engines' weights are still current.
-        learner_stats = c.learner.train_step(samples) if samples else {}
-        t3 = time.perf_counter()
-        sync = c.learner.publish(c.workers, step) if samples else {}
-        t4 = time.perf_counter()
-        self.store.append(trajs, kind="train")
-        return {
-            **rollout_metrics(trajs, prefix="train"),
-            "train/trained_samples": float(len(samples)),
-            **{f"train/{k}": float(v) for k, v in learner_stats.items()},
-            **{f"train/{k}": float(v) for k, v in sync.items()},
-            "timing.step.sampling": sampling,
-            "timing.step.grading": grading,
-            "timing.step.training": t3 - t2,
-            "timing.step.weight_sync": t4 - t3,
-            "timing.step.full_iteration": sampling + grading + t4 - t2,
-        }
-
     def shutdown(self) -> None:
         """Stops the engines and the learner's ranks, and closes the HTTP sessions of proxies and graders."""
         if self.cluster is not None:
             c = self.cluster
-            ray.get([w.shutdown.remote() for w in c.workers] + [a.close.remote() for a in c.proxies + c.graders])
+            ray.get([a.close.remote() for a in c.proxies + c.graders])
+            c.fleet.remove()
             c.learner.shutdown()
             c.placement.remove()
             self.cluster = None

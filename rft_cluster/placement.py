@@ -23,8 +23,8 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from rft_cluster.config import ClusterSpec, RoleResources
 
 LABEL_ONLY_CPU = 0.01
-# Engines spread over the nodes that can hold them; a learner's ranks pack (they talk every step).
-_STRATEGY = {"rollout_worker": "SPREAD", "learner": "PACK", "tool_proxy": "SPREAD", "grader": "SPREAD"}
+# A learner's ranks pack (they talk every step); network roles spread.
+_STRATEGY = {"learner": "PACK", "tool_proxy": "SPREAD", "grader": "SPREAD"}
 
 
 class PlacementError(RuntimeError):
@@ -94,10 +94,10 @@ class Placement:
 
 
 def place(cluster: ClusterSpec) -> Placement:
-    """Reserves every role's bundles and waits up to `placement_timeout_s` for all of them.
-    On timeout, frees them all and raises PlacementError naming the roles left unplaced."""
+    """Reserves the bundles of the learner, tool proxies and graders and waits up to
+    `placement_timeout_s` for all of them. On timeout, frees them all and raises PlacementError
+    naming the roles left unplaced. (Rollout workers are placed slot by slot: `fleet.py`.)"""
     counts = {
-        "rollout_worker": cluster.fleet.max,
         "learner": cluster.learner.ranks,
         "tool_proxy": cluster.tool_proxies,
         "grader": cluster.graders,
@@ -119,13 +119,13 @@ def place(cluster: ClusterSpec) -> Placement:
     ready, _ = ray.wait(list(pending), num_returns=len(pending), timeout=cluster.placement_timeout_s)
     unplaced = [r for ref, r in pending.items() if ref not in ready]
     if unplaced:
-        message = _missing(unplaced, cluster.placement_timeout_s)
+        message = describe_missing(unplaced, cluster.placement_timeout_s)
         placement.remove()
         raise PlacementError(message)
     return placement
 
 
-def _missing(unplaced: list[RolePlacement], timeout: float) -> str:
+def describe_missing(unplaced: list[RolePlacement], timeout: float) -> str:
     """One line: what each unplaced role asks for, against the cluster's total and free resources
     and, where labels are asked for, the labels its nodes carry."""
     total, free = ray.cluster_resources(), ray.available_resources()

@@ -106,10 +106,8 @@ class RolloutWorker:
 
     # ---------------------------------------------------------------- agent loops
 
-    async def rollout(self, requests: list[RolloutRequest], settings: SamplingSettings) -> list[Trajectory]:
-        return list(await asyncio.gather(*(self._run_with_timeout(r, settings) for r in requests)))
-
-    async def _run_with_timeout(self, req: RolloutRequest, s: SamplingSettings) -> Trajectory:
+    async def rollout(self, req: RolloutRequest, s: SamplingSettings) -> Trajectory:
+        """One rollout (the driver makes one call per rollout, so each is handled as it ends)."""
         t0 = time.perf_counter()
         ep = _Episode([], [], [], [])
         try:
