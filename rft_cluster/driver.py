@@ -369,7 +369,7 @@ class Trainer:
         is replaced (its rollouts come back as lost)."""
         stats = self._send_weights(self.cluster.fleet.workers, version)
         self.version = version
-        self.staleness.published(version, updated=True)
+        self.staleness.published(version)
         return stats
 
     def _send_weights(self, workers: list[Any], version: int) -> dict[str, float]:

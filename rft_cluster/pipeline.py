@@ -8,7 +8,7 @@ its request re-run with a fresh trace id; the re-run is what completes the batch
 
 Staleness is counted in learner updates: a rollout's staleness is the number of updates
 between the weights that sampled its oldest token and the weights being trained. A step
-without a learning signal updates nothing, so it does not make samples staler.
+without a learning signal updates and publishes nothing, so it does not make samples staler.
 """
 
 from __future__ import annotations
@@ -82,8 +82,9 @@ class Staleness:
         self.updates = 0
         self._at: dict[int, int] = {version: 0}  # weight version -> updates when it was published
 
-    def published(self, version: int, updated: bool) -> None:
-        self.updates += int(updated)
+    def published(self, version: int) -> None:
+        """The weights of one more learner update went out as `version`."""
+        self.updates += 1
         self._at[version] = self.updates
 
     def of(self, t: Trajectory) -> int:

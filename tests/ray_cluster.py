@@ -59,7 +59,7 @@ def _signal_sessions(sids: list[int], sig: int) -> None:
 class RayCluster:
     """`with RayCluster(env={...}) as c:` — c.dashboard (Jobs API), c.token, c.client_env()."""
 
-    def __init__(self, env: dict[str, str], head_cpus: int = 4):
+    def __init__(self, env: dict[str, str], head_cpus: int = 4, head_args: tuple[str, ...] = (), head_env: dict[str, str] | None = None):
         self.tmp = tempfile.mkdtemp(prefix="rt-", dir="/tmp")  # short: Unix socket paths are limited
         self.token = secrets.token_hex(32)
         self.gcs_port, self.dashboard_port = free_port(), free_port()
@@ -74,6 +74,8 @@ class RayCluster:
             "RAY_AUTH_TOKEN": self.token,
         }
         self.head_cpus = head_cpus
+        self.head_args = head_args
+        self.head_env = head_env or {}
         self.procs: list[subprocess.Popen] = []
 
     def __enter__(self) -> "RayCluster":
@@ -81,7 +83,8 @@ class RayCluster:
             self._start(
                 "--head", f"--port={self.gcs_port}", f"--num-cpus={self.head_cpus}",
                 "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={self.dashboard_port}",
-                f"--ray-client-server-port={free_port()}", f"--temp-dir={self.tmp}",
+                f"--ray-client-server-port={free_port()}", f"--temp-dir={self.tmp}", *self.head_args,
+                env={**self.env, **self.head_env},
             )
             self._wait_for_jobs_api()
         except BaseException:
@@ -98,14 +101,18 @@ class RayCluster:
         self._start(f"--address=127.0.0.1:{self.gcs_port}", f"--num-cpus={num_cpus}",
                     f"--resources={json.dumps(resources or {})}", f"--temp-dir={self.tmp}/n{len(self.procs)}")
 
-    def _start(self, *args: str) -> None:
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.gcs_port}"
+
+    def _start(self, *args: str, env: dict[str, str] | None = None) -> None:
         log = open(Path(self.tmp) / f"ray-start-{len(self.procs)}.log", "w")
         ports = [f"--dashboard-agent-listen-port={free_port()}", f"--dashboard-agent-grpc-port={free_port()}",
                  f"--runtime-env-agent-port={free_port()}", f"--metrics-export-port={free_port()}",
                  f"--node-manager-port={free_port()}", f"--object-manager-port={free_port()}"]
         self.procs.append(subprocess.Popen(
             [RAY, "start", "--block", "--node-ip-address=127.0.0.1", "--disable-usage-stats", *ports, *args],
-            env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+            env=env or self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
         ))
 
     def nodes(self) -> list[dict]:

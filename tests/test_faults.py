@@ -1,20 +1,31 @@
 """Failure accounting under load: a training run whose tool endpoint fails about a third of its
 requests transiently still finishes every step, and every rollout and every HTTP attempt is
-accounted for (metrics = Parquet rows = rollouts scheduled)."""
+accounted for (metrics = Parquet rows = rollouts scheduled). And a run outlives its actors: a
+rollout worker or a tool proxy SIGKILLed mid-step."""
 
 from __future__ import annotations
 
+import asyncio
 import json
-from collections.abc import Iterator
+import os
+import signal
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import pytest
 from aiohttp import web
 
 from rft_cluster.config import ToolSpec
-from rft_cluster.driver import train
+import ray
+
+from rft_cluster.driver import Cluster, Trainer, train
 from rft_cluster.serving import ThreadedServer
+from rft_cluster.storage import RunStorage
 from rft_cluster.store import TrajectoryStore
 
 pytestmark = pytest.mark.slow
@@ -83,3 +94,106 @@ def test_a_third_of_tool_requests_failing_transiently_loses_no_rollout(ray_local
         assert (r["status"] == "tool_failed") == bool(fatal)
         if r["status"] == "tool_failed":
             assert r["reward"] is None and r["error"]
+
+
+# --------------------------------------------------------------------------- dead actors
+
+
+class SlowFront:
+    """Forwards tool calls to the ledger after `delay_s`, so calls are in flight most of the time."""
+
+    def __init__(self, upstream: str, delay_s: float):
+        self.upstream, self.delay_s = upstream, delay_s
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        body = await request.read()
+        await asyncio.sleep(self.delay_s)
+        async with aiohttp.ClientSession() as session:
+            async with session.post(self.upstream, data=body, headers={"Authorization": request.headers["Authorization"]}) as up:
+                return web.Response(status=up.status, body=await up.read(), content_type=up.content_type)
+
+
+@pytest.fixture
+def slow_tools(demo_job, ledger_env) -> Iterator[None]:
+    """The demo job's tool behind a 1 s delay, and no validation (the kills happen in step 1)."""
+    app = web.Application()
+    app.router.add_post("/tool", SlowFront(ledger_env.tool_url, 1.0).handle)
+    with ThreadedServer(app) as server:
+        demo_job.rl.tools = [ToolSpec(name="lookup", server_url=f"{server.url}/tool", headers=ledger_env.headers)]
+        demo_job.validation_file = None
+        yield
+
+
+def _pid(_actor: Any) -> int:
+    return os.getpid()
+
+
+def run_killing(trainer: Trainer, victim: Callable[[Cluster], Any]) -> tuple[dict[str, Any], int]:
+    """Runs `trainer`, SIGKILLing the process of actor `victim(cluster)` once step 1 has some
+    rollouts ended and others still running. Returns (run result, the killed pid)."""
+    killed: list[int] = []
+
+    def watch() -> None:
+        deadline = time.monotonic() + 600
+        while time.monotonic() < deadline:
+            batch = trainer._batches.get(1)
+            if trainer.cluster is not None and batch is not None and 1 <= batch.ended < batch.expected // 2:
+                pid = ray.get(victim(trainer.cluster).__ray_call__.remote(_pid))
+                os.kill(pid, signal.SIGKILL)
+                killed.append(pid)
+                return
+            time.sleep(0.02)
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    try:
+        result = trainer.run()
+    finally:
+        trainer.shutdown()
+    watcher.join(timeout=5)
+    assert killed, "the watcher never saw step 1 in flight"
+    return result, killed[0]
+
+
+def _gone(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    return False
+
+
+def test_a_rollout_worker_killed_mid_step_loses_no_rollout(ray_local, demo_job, slow_tools, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    result, pid = run_killing(Trainer(demo_job, RunStorage(out), max_steps=2), lambda c: c.fleet.workers[0])
+    assert result["steps"] == 2 and result["fleet"]["losses"] == 1 and _gone(pid)
+    # The replacement started in the dead worker's slot and loaded the learner's weights first.
+    [join] = result["fleet"]["joins"]
+    assert join["slot"] == 0
+
+    rows = TrajectoryStore(out).read("train").to_pylist()
+    assert len({r["trace_id"] for r in rows}) == len(rows), "a rollout stored twice"
+    lost = [r for r in rows if r["status"] == "worker_lost"]
+    assert lost and all(r["step"] == 1 and r["reward"] is None and r["token_ids"] == [] and "died" in r["error"] for r in lost)
+    # Every group still has its 4 rollouts that ended (the lost ones re-run with new trace ids).
+    ended = Counter(r["group_id"] for r in rows if r["status"] != "worker_lost")
+    assert len(ended) == 4 and set(ended.values()) == {4}
+    assert len(rows) == 2 * 2 * 4 + len(lost)
+    metrics = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in metrics] == [1, 2]
+    assert metrics[0]["train_status/worker_lost"] == len(lost) and metrics[-1]["pipeline/worker_losses"] == 1
+    # Re-runs of step 1 that started after the replacement joined carry its weights (version 0:
+    # nothing was published yet); step 2 was sampled after step 1's publish.
+    assert {v for r in rows if r["step"] == 2 for v in r["weight_versions"] if v >= 0} == {1}
+
+
+def test_a_tool_proxy_killed_mid_step_is_restarted_and_its_calls_retried(ray_local, demo_job, slow_tools, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    result, pid = run_killing(Trainer(demo_job, RunStorage(out), max_steps=2), lambda c: c.proxies[0])
+    assert result["steps"] == 2 and result["fleet"]["losses"] == 0 and _gone(pid)
+    rows = TrajectoryStore(out).read("train").to_pylist()
+    assert len(rows) == 2 * 2 * 4
+    # No rollout ended on the dead proxy: its in-flight calls were retried on the restarted one.
+    assert {r["status"] for r in rows} <= {"ok", "budget_exhausted"}, Counter(r["status"] for r in rows)
+    assert all(c["status"] in ("ok", "client_error", "malformed") for r in rows for c in r["tool_calls"])
+    assert any(c["status"] == "ok" for r in rows if r["step"] == 2 for c in r["tool_calls"]), "the restarted proxy serves step 2"
