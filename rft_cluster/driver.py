@@ -315,8 +315,8 @@ class Trainer:
                 waiting = self.wait_for(batch)
                 metrics = self.train(step, batch)
                 metrics["timing.step.waiting"] = waiting
+                # The step's own time: evaluations and checkpoints are timed apart.
                 metrics["timing.step.full_iteration"] = time.perf_counter() - last_done
-                last_done = time.perf_counter()
                 validate = self.valid_rows and (step % self.hp.eval_interval == 0 or step == self.steps)
                 if validate:
                     metrics.update(self.evaluate(step))
@@ -325,6 +325,7 @@ class Trainer:
                     logger.upload_wandb()
                 logger.log(step, metrics, nodes=c.nodes)
                 self.printer.print_step(step, metrics)
+                last_done = time.perf_counter()
             final = c.learner.save_hf(self.storage, "final")
             self.printer.console.print(f"[rft] final policy saved to {final}", markup=False)
             return {"final": final, "output": self.storage.uri_for(), "steps": self.steps, "roles": c.roles(),

@@ -24,7 +24,7 @@ or one object-store upload.
 | `tool_calls` | list<struct> | one entry per call, in order: `call_id`, `name`, `arguments` (JSON string), `output` (text shown to the model), `status` (`ok`, `client_error`, `server_error`, `connection_error`, `timeout`, `malformed`, `bad_response`), `http_status` (int32, null without a response), `latency_s` (float64, all attempts), `attempts` (int32) |
 | `score` | float64, nullable | the grader's score; null when the rollout was not graded or the grader failed |
 | `reward` | float64, nullable | the reward trained on: `score` minus the tool-call and reasoning-token penalties |
-| `status` | string | `ok`, `budget_exhausted`, `tool_failed`, `grader_failed`, `engine_failed`, `timeout` |
+| `status` | string | `ok`, `budget_exhausted`, `tool_failed`, `grader_failed`, `engine_failed`, `timeout`, `worker_lost`, `stale` |
 | `grader_error` | string, nullable | why the grader failed |
 | `num_turns` | int32 | generation turns (model calls) in the rollout |
 | `latency_s` | float64 | wall time of the rollout, generation and tools |

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import os
 import shutil
 import socket
 import subprocess
@@ -116,7 +117,31 @@ def run_location(request: pytest.FixtureRequest, tmp_path: Path) -> RunLocation:
 def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from rft_cluster.tiny_model import make_tiny_model
 
-    return make_tiny_model(tmp_path_factory.mktemp("tiny-model"))
+    return _built("tiny-model", make_tiny_model, tmp_path_factory, "tiny_model.py")
+
+
+def _built(name: str, build: Callable[[Path], object], tmp_path_factory: pytest.TempPathFactory, *sources: str) -> Path:
+    """`build(dir)` into a fresh temp dir; or, when RFT_TEST_CACHE names a directory (a
+    developer's machine, where these models take minutes to build on 2 cores), once per content
+    of the `sources` (rft_cluster/ files) that make it, reused by later sessions. CI leaves it unset."""
+    cache = os.environ.get("RFT_TEST_CACHE")
+    if not cache:
+        out = tmp_path_factory.mktemp(name)
+        build(out)
+        return out
+    package = Path(__file__).resolve().parents[1] / "rft_cluster"
+    digest = hashlib.sha256(b"".join((package / s).read_bytes() for s in sources)).hexdigest()[:16]
+    out = Path(cache) / f"{name}-{digest}"
+    if not out.exists():
+        staging = tmp_path_factory.mktemp(name)
+        build(staging)
+        partial = out.with_name(f"{out.name}.{uuid.uuid4().hex}")  # renamed whole: never half there
+        shutil.copytree(staging, partial)
+        try:
+            partial.rename(out)
+        except OSError:  # another session got there first
+            shutil.rmtree(partial)
+    return out
 
 
 @pytest.fixture(scope="session")
@@ -135,9 +160,10 @@ def warm_model_dir(tiny_model_dir: Path, ledger_data: Path, tmp_path_factory: py
     """The tiny model warm-started on ledger demonstrations, so rollouts really call tools."""
     from rft_cluster.sft import sft
 
-    out = tmp_path_factory.mktemp("warm-model")
-    sft(str(tiny_model_dir), ledger_data / "sft.jsonl", out, epochs=8, learning_rate=2e-3)
-    return out
+    def build(out: Path) -> None:
+        sft(str(tiny_model_dir), ledger_data / "sft.jsonl", out, epochs=8, learning_rate=2e-3)
+
+    return _built("warm-model", build, tmp_path_factory, "tiny_model.py", "sft.py", "envs/ledger.py", "chat.py", "learner.py")
 
 
 @pytest.fixture(scope="session")

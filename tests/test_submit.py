@@ -21,9 +21,8 @@ import ray
 import yaml
 
 from rft_cluster.config import ClusterSpec, RoleResources
-from rft_cluster.driver import spread_groups
+from rft_cluster.fleet import RolloutFleet
 from rft_cluster.placement import PlacementError, bundle, place
-from rft_cluster.rollout_worker import RolloutRequest
 from rft_cluster.storage import RunStorage
 from rft_cluster.submit import SubmitError, submit
 from tests.conftest import LEDGER_JOB
@@ -193,7 +192,7 @@ def test_a_role_that_cannot_be_placed_is_named_within_the_timeout(ray_local: Non
     spec = ClusterSpec(
         rollout_workers=2,
         placement_timeout_s=2,
-        resources={"rollout_worker": RoleResources(cpus=1, resources={"rollout_node": 1}),
+        resources={"learner": RoleResources(cpus=1, resources={"learner_node": 1}),
                    "grader": RoleResources(cpus=0, node_labels={"pool": "cpu-only"})},
     )
     t0 = time.perf_counter()
@@ -201,11 +200,22 @@ def test_a_role_that_cannot_be_placed_is_named_within_the_timeout(ray_local: Non
         place(spec)
     assert time.perf_counter() - t0 < 30
     message = str(e.value)
-    assert "\n" not in message and message.startswith("could not place rollout_worker, grader within 2 s: ")
-    assert "rollout_worker needs 2 x {CPU=1, rollout_node=1}" in message and "rollout_node: 0 free of 0" in message
+    assert "\n" not in message and message.startswith("could not place learner, grader within 2 s: ")
+    assert "learner needs 1 x {CPU=1, learner_node=1}" in message and "learner_node: 0 free of 0" in message
     assert "grader needs 1 x {CPU=0.01} on nodes labelled {'pool': 'cpu-only'}" in message and "node labels: [{" in message
-    # Nothing stays reserved: the learner's group, which could be placed, was removed too.
+    # Nothing stays reserved: the tool proxies' group, which could be placed, was removed too.
     assert all(g["state"] == "REMOVED" for g in ray.util.placement_group_table().values() if g["name"].startswith("rft-"))
+
+
+def test_a_fleet_below_its_min_is_named_within_the_timeout(ray_local: None) -> None:
+    spec = ClusterSpec(rollout_workers={"min": 2, "max": 3}, placement_timeout_s=2,
+                       resources={"rollout_worker": RoleResources(cpus=1, resources={"rollout_node": 1})})
+    fleet = RolloutFleet(spec, "unused-model", 0, [])
+    with pytest.raises(PlacementError) as e:
+        fleet.start()
+    message = str(e.value)
+    assert message.startswith("could not place rollout_worker within 2 s: rollout_worker needs 2 x {CPU=1, rollout_node=1}")
+    assert all(g["state"] == "REMOVED" for g in ray.util.placement_group_table().values() if g["name"].startswith("rft-rollout"))
 
 
 def test_placement_bundles_and_options(ray_local: None) -> None:
@@ -224,11 +234,3 @@ def test_placement_bundles_and_options(ray_local: None) -> None:
         placement.remove()
 
 
-def test_groups_stay_whole_on_one_worker_and_are_balanced() -> None:
-    requests = [RolloutRequest(f"t{g}-{i}", f"p{g}", f"g{g}", 1, [], [], {}) for g in range(5) for i in range(4 if g else 2)]
-    shares = spread_groups(requests, 3)
-    assert sorted(r.trace_id for share in shares for r in share) == sorted(r.trace_id for r in requests)
-    for share in shares:
-        for r in share:
-            assert all(r.group_id not in {x.group_id for x in other} for other in shares if other is not share)
-    assert sorted(len(s) for s in shares) == [4, 6, 8]  # 8: two of the four 4-rollout groups must share
