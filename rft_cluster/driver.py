@@ -166,6 +166,7 @@ class Trainer:
         self._next_grader = 0
         self.version = 0
         self.staleness = Staleness(0)
+        self._busy_mark: tuple[float, dict[Any, float]] = (time.perf_counter(), {})  # (when, worker -> busy seconds)
 
     # ------------------------------------------------------------------ rollouts in flight
 
@@ -352,6 +353,7 @@ class Trainer:
             "pipeline/inflight_rollouts": float(len(self._rollouts)),
             "pipeline/rollout_workers": float(len(c.fleet.workers)),
             "pipeline/worker_losses": float(c.fleet.losses),
+            "pipeline/engine_busy": self._engine_busy(),
         })
         return {
             **rollout_metrics(trajs, prefix="train"),
@@ -364,6 +366,23 @@ class Trainer:
             "timing.step.training": t1 - t0,
             "timing.step.weight_sync": t2 - t1,
         }
+
+    def _engine_busy(self) -> float:
+        """The share of the wall time since the last call that the engines had work, averaged
+        over the workers up at both ends (a worker lost meanwhile is not asked)."""
+        workers = self.cluster.fleet.workers
+        now = time.perf_counter()
+        busy = {}
+        for w, ref in [(w, w.engine_stats.remote()) for w in workers]:
+            try:
+                busy[w] = ray.get(ref)["busy_s"]
+            except RayActorError:  # died just now: its rollouts come back as lost
+                pass
+        (then, before), self._busy_mark = self._busy_mark, (now, busy)
+        both = [w for w in busy if w in before]
+        if not both or now <= then:
+            return 0.0
+        return sum(busy[w] - before[w] for w in both) / (len(both) * (now - then))
 
     def publish(self, version: int) -> dict[str, float]:
         """The learner's weights to every worker that is up, as `version`; a worker found dead
