@@ -1,6 +1,6 @@
 """POSTing JSON to users' endpoints with the discipline of DESIGN §2: one session, bounded
-concurrency, per-attempt timeout, exponential backoff on 5xx/connection errors/timeouts, an
-optional rate limit, and size caps both ways. Shared by the tool proxy and the grader actor,
+concurrency per endpoint host, per-attempt timeout, exponential backoff on 5xx/connection
+errors/timeouts, an optional rate limit, and size caps both ways. Shared by the tool proxy and the grader actor,
 which only differ in how they turn an `HttpOutcome` into a result.
 
 Header values are never logged: they carry users' secrets.
@@ -15,6 +15,7 @@ import time
 from dataclasses import dataclass
 from enum import Enum
 from typing import Any
+from urllib.parse import urlsplit
 
 import aiohttp
 
@@ -72,22 +73,33 @@ class _Retryable(Exception):
         self.failure, self.detail, self.status, self.body = failure, detail, status, body
 
 
+def _host(url: str) -> str:
+    """The endpoint host a concurrency limit applies to: scheme, host and port."""
+    parts = urlsplit(url)
+    return f"{parts.scheme}://{parts.netloc.rpartition('@')[2]}"
+
+
 class JsonPoster:
     """POSTs JSON payloads; owns one aiohttp session, created lazily in the running loop so the
-    object can be built outside it (e.g. in a Ray actor's constructor)."""
+    object can be built outside it (e.g. in a Ray actor's constructor).
+
+    At most `settings.max_concurrency` requests are in flight to one endpoint host (scheme,
+    host, port): the limit protects each user service, and one slow service does not hold back
+    calls to another."""
 
     def __init__(self, settings: ToolSettings, rate_limit_per_minute: int | None = None):
         self._settings = settings
-        self._semaphore = asyncio.Semaphore(settings.max_concurrency)
+        self._semaphores: dict[str, asyncio.Semaphore] = {}
         self._limiter = RateLimiter(rate_limit_per_minute) if rate_limit_per_minute else None
         self._session: aiohttp.ClientSession | None = None
 
     def _get_session(self) -> aiohttp.ClientSession:
         if self._session is None or self._session.closed:
-            # The semaphore bounds concurrency; per-attempt timeouts are ours (asyncio.timeout),
-            # so the session itself has neither limit.
+            # The semaphores bound concurrency per host (so the pool never queues: it may keep
+            # one connection per permitted request); per-attempt timeouts are ours
+            # (asyncio.timeout), so the session has no timeout of its own.
             self._session = aiohttp.ClientSession(
-                connector=aiohttp.TCPConnector(limit=0),
+                connector=aiohttp.TCPConnector(limit=0, limit_per_host=self._settings.max_concurrency),
                 timeout=aiohttp.ClientTimeout(total=None),
             )
         return self._session
@@ -100,7 +112,7 @@ class JsonPoster:
             detail = f"request body is {len(data)} bytes, over the limit of {cap} bytes"
             return HttpOutcome(None, b"", Failure.REQUEST_TOO_LARGE, detail, 0, 0.0)
         send_headers = {"Content-Type": "application/json", **headers}
-        async with self._semaphore:
+        async with self._semaphore(url):
             attempt = 0
             while True:
                 if self._limiter is not None:
@@ -124,6 +136,12 @@ class JsonPoster:
                     detail = f"response exceeds {cap} bytes"
                     return HttpOutcome(status, body, Failure.RESPONSE_TOO_LARGE, detail, attempt + 1, elapsed)
                 return HttpOutcome(status, body, None, "", attempt + 1, elapsed)
+
+    def _semaphore(self, url: str) -> asyncio.Semaphore:
+        host = _host(url)
+        if host not in self._semaphores:
+            self._semaphores[host] = asyncio.Semaphore(self._settings.max_concurrency)
+        return self._semaphores[host]
 
     async def _attempt(self, url: str, data: bytes, headers: dict[str, str]) -> tuple[int, bytes]:
         """One request → (status, capped body); raises `_Retryable` for what a retry may fix."""

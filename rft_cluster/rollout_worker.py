@@ -19,6 +19,7 @@ import ray
 
 from rft_cluster.chat import ChatCodec, ParsedCall, parse_tool_calls
 from rft_cluster.config import EngineSpec
+from rft_cluster.tool_proxy import ProxyClient
 from rft_cluster.types import RolloutStatus, ToolCallStatus, ToolResult, Trajectory, grader_sample
 from rft_cluster.weight_sync import WeightBucket
 
@@ -72,11 +73,10 @@ class RolloutWorker:
         self.model = model
         self.spec = engine
         self.seed = seed
-        self.tool_proxies = tool_proxies
+        self.tools = ProxyClient(tool_proxies)
         self.weight_version = 0
         self.engine: Any = None
         self.codec: ChatCodec | None = None
-        self._next_proxy = 0
         self.node_id = ray.get_runtime_context().get_node_id()
 
     async def start(self) -> dict[str, Any]:
@@ -173,9 +173,7 @@ class RolloutWorker:
         call_id = f"call_{uuid.uuid4().hex[:24]}"
         if call.error is not None:
             return ToolResult(call_id, call.name, call.arguments, f"Error: {call.error}", ToolCallStatus.MALFORMED)
-        proxy = self.tool_proxies[self._next_proxy % len(self.tool_proxies)]
-        self._next_proxy += 1
-        return await proxy.call.remote(call.name, call.arguments, call_id, req.trace_id, req.item)
+        return await self.tools.call(call.name, call.arguments, call_id, req.trace_id, req.item)
 
     def _trajectory(self, req: RolloutRequest, ep: _Episode, status: RolloutStatus, error: str | None, latency: float) -> Trajectory:
         final = ep.assistant_messages[-1] if ep.assistant_messages else {"content": ""}

@@ -2,12 +2,15 @@
 function_call protocol (DESIGN §3) and turns every outcome into a `ToolResult`.
 
 A plain class with async methods; the driver wraps it with `ray.remote` (an async actor).
+Rollout workers reach it through `ProxyClient`, which carries many calls per actor call.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import uuid
+from collections.abc import Sequence
 from typing import Any
 
 from rft_cluster.config import ToolSettings, ToolSpec
@@ -16,6 +19,9 @@ from rft_cluster.types import ToolCallStatus, ToolResult
 
 # The model sees at most this much of an error body: enough to act on, cheap in context.
 ERROR_TEXT_CHARS = 1000
+
+# One tool call's arguments to `ToolProxy.call`: (name, arguments, call_id, trace_id, item).
+ToolCall = tuple[str, str, str, str, dict[str, Any]]
 
 
 def function_call_body(name: str, arguments: str, call_id: str, trace_id: str, item: dict[str, Any]) -> dict[str, Any]:
@@ -45,6 +51,10 @@ class ToolProxy:
             return self.unknown_tool(name, arguments, call_id)
         body = function_call_body(name, arguments, call_id, trace_id, item)
         return self.result(body, await self.post(tool, body))
+
+    async def call_batch(self, calls: list[ToolCall]) -> list[ToolResult]:
+        """Many calls in one actor call (they run concurrently), results in the same order."""
+        return list(await asyncio.gather(*(self.call(*c) for c in calls)))
 
     def unknown_tool(self, name: str, arguments: str, call_id: str) -> ToolResult:
         known = ", ".join(sorted(self._tools)) or "(none)"
@@ -104,3 +114,53 @@ class ToolProxy:
 
     async def close(self) -> None:
         await self._poster.close()
+
+
+class ProxyClient:
+    """How an async Ray actor (a rollout worker) calls tool proxy actors. Calls issued in one
+    event-loop tick travel together: one `call_batch` per proxy, the tick's calls spread over
+    the proxies evenly. An actor call costs about a millisecond of Ray overhead, so one call per
+    tool call would cap a caller near 1,000 calls/s; batching amortises it.
+
+    A batch returns when its slowest call does. Its calls were issued in the same tick, so they
+    started together; a proxy that dies mid-batch has the whole batch retried by Ray (see
+    `actor_restarts.restartable`)."""
+
+    def __init__(self, proxies: Sequence[Any]):
+        self._proxies = list(proxies)
+        self._next = 0  # the proxy that gets the next tick's first share
+        self._pending: list[tuple[ToolCall, asyncio.Future[ToolResult]]] = []
+        self._sending: set[asyncio.Task[None]] = set()  # strong references while in flight
+
+    async def call(self, name: str, arguments: str, call_id: str, trace_id: str, item: dict[str, Any]) -> ToolResult:
+        if not self._proxies:
+            raise RuntimeError(f"tool {name!r} called, but this worker was given no tool proxy actors")
+        loop = asyncio.get_running_loop()
+        if not self._pending:
+            loop.call_soon(self._flush)  # runs after every coroutine ready in this tick
+        future: asyncio.Future[ToolResult] = loop.create_future()
+        self._pending.append(((name, arguments, call_id, trace_id, item), future))
+        return await future
+
+    def _flush(self) -> None:
+        pending, self._pending = self._pending, []
+        n = len(self._proxies)
+        for k in range(min(n, len(pending))):
+            proxy = self._proxies[(self._next + k) % n]
+            task = asyncio.ensure_future(self._send(proxy, pending[k::n]))
+            self._sending.add(task)
+            task.add_done_callback(self._sending.discard)
+        self._next = (self._next + len(pending)) % n
+
+    @staticmethod
+    async def _send(proxy: Any, share: list[tuple[ToolCall, asyncio.Future[ToolResult]]]) -> None:
+        try:
+            results = await proxy.call_batch.remote([c for c, _ in share])
+        except Exception as e:  # the proxy is gone for good (restarts exhausted): each caller sees it
+            for _, future in share:
+                if not future.done():
+                    future.set_exception(e)
+            return
+        for (_, future), result in zip(share, results):
+            if not future.done():  # a caller may have been cancelled (rollout timeout)
+                future.set_result(result)

@@ -20,7 +20,7 @@ from aiohttp.test_utils import TestServer
 
 from rft_cluster.config import ToolSettings, ToolSpec
 from rft_cluster.envs.ledger import LedgerServers
-from rft_cluster.tool_proxy import ToolProxy
+from rft_cluster.tool_proxy import ProxyClient, ToolProxy
 from rft_cluster.types import ToolCallStatus
 
 SECRET = "Bearer s3cret-value"
@@ -234,3 +234,79 @@ def test_proxy_as_ray_actor_against_ledger(ray_local: None) -> None:
         assert result.output == f"{account} balance: {env.ledger[account]}"
     assert results[-1].status is ToolCallStatus.CLIENT_ERROR and results[-1].http_status == 404
     assert sorted(c["call_id"] for c in calls) == [f"call_{i}" for i in range(5)]
+
+
+async def test_concurrency_is_capped_per_endpoint_host(server: ToolServer) -> None:
+    """Two hosts (one server reached as 127.0.0.1 and as localhost): each gets at most
+    max_concurrency requests at once, and both at the same time."""
+    inflight: Counter[str] = Counter()
+    peak: Counter[str] = Counter()
+    release = asyncio.Event()
+
+    async def slow(request: web.Request) -> web.Response:
+        host = request.headers["Host"].split(":")[0]
+        inflight[host] += 1
+        peak[host] = max(peak[host], inflight[host])
+        if sum(inflight.values()) == 4:  # both hosts at their cap: let everything finish
+            release.set()
+        await asyncio.wait_for(release.wait(), timeout=5)
+        inflight[host] -= 1
+        body = await request.json()
+        return web.json_response({"output": body["arguments"]})
+
+    app = web.Application()
+    app.router.add_post("/slow", slow)
+    async with TestServer(app, host="127.0.0.1") as srv:
+        port = srv.port
+        tools = [ToolSpec(name="a", server_url=f"http://127.0.0.1:{port}/slow"), ToolSpec(name="b", server_url=f"http://localhost:{port}/slow")]
+        proxy = ToolProxy(tools, FAST.model_copy(update={"max_concurrency": 2, "timeout_s": 10.0}))
+        calls = [(name, str(i), f"c{name}{i}", "t", {}) for name in "ab" for i in range(5)]
+        results = await proxy.call_batch(calls)
+        await proxy.close()
+    assert [r.output for r in results] == [c[1] for c in calls] and all(r.status is ToolCallStatus.OK for r in results)
+    assert peak == {"127.0.0.1": 2, "localhost": 2}
+
+
+class CountingProxy(ToolProxy):
+    """A ToolProxy that records the size of every batch it is sent."""
+
+    def __init__(self, *args: Any) -> None:
+        super().__init__(*args)
+        self.batches: list[int] = []
+
+    async def call_batch(self, calls: list[Any]) -> list[Any]:
+        self.batches.append(len(calls))
+        return await super().call_batch(calls)
+
+    def batch_sizes(self) -> list[int]:
+        return self.batches
+
+
+def test_proxy_client_sends_one_tick_of_calls_as_one_batch_per_proxy(ray_local: None) -> None:
+    with LedgerServers(seed=5) as env:
+        proxies = [ray.remote(CountingProxy).remote(env.tool_specs(), ToolSettings(timeout_s=5.0)) for _ in range(2)]
+        accounts = list(env.ledger)[:7]
+
+        async def calls() -> tuple[list[Any], Any]:
+            client = ProxyClient(proxies)
+            tick = await asyncio.gather(
+                *(client.call("lookup", json.dumps({"account": a}), f"call_{i}", "trace_tick", {}) for i, a in enumerate(accounts))
+            )
+            alone = await client.call("lookup", json.dumps({"account": accounts[0]}), "call_alone", "trace_tick", {})
+            return tick, alone
+
+        tick, alone = asyncio.run(calls())
+        sizes = [ray.get(p.batch_sizes.remote()) for p in proxies]
+        for p in proxies:
+            ray.kill(p)
+
+    assert [r.call_id for r in tick] == [f"call_{i}" for i in range(7)]
+    assert [r.output for r in tick] == [f"{a} balance: {env.ledger[a]}" for a in accounts]
+    assert alone.output == f"{accounts[0]} balance: {env.ledger[accounts[0]]}"
+    # 7 calls of one tick: 4 to the first proxy, 3 to the second; the next call goes on round-robin.
+    assert sizes == [[4], [3, 1]]
+
+
+async def test_proxy_client_without_proxies_names_the_tool() -> None:
+    with pytest.raises(RuntimeError, match="'lookup'.*no tool proxy"):
+        await ProxyClient([]).call("lookup", "{}", "c", "t", {})
