@@ -260,7 +260,7 @@ class ToolSettings(Strict):
     timeout_s: float = Field(default=30.0, gt=0)
     max_retries: int = Field(default=3, ge=0)  # for 5xx and connection errors
     backoff_s: float = Field(default=0.5, ge=0)
-    max_concurrency: int = Field(default=64, gt=0)  # per proxy actor
+    max_concurrency: int = Field(default=1024, gt=0, description="requests in flight per endpoint host, per tool proxy actor")
     max_request_bytes: int = Field(default=1_000_000, gt=0)
     max_response_bytes: int = Field(default=1_000_000, gt=0)
     rollout_timeout_s: float = Field(default=900.0, gt=0, description="wall time of one whole rollout")

@@ -31,6 +31,7 @@ from typing import Any
 import ray
 from ray.exceptions import RayActorError
 
+from rft_cluster.actor_restarts import restartable
 from rft_cluster.checkpoints import CheckpointDir
 from rft_cluster.config import JobSpec, ResolvedHyperparameters
 from rft_cluster.dataset import load_rows, row_item
@@ -81,7 +82,7 @@ def start_cluster(job: JobSpec, hp: ResolvedHyperparameters) -> Cluster:
     placement = place(c)
     fleet = None
     try:
-        restart = {"max_restarts": c.actor_max_restarts, "max_task_retries": -1}
+        restart = restartable(c.actor_max_restarts)
         proxies = [ray.remote(ToolProxy).options(**o, **restart).remote(rl.tools, rl.tool_settings) for o in placement["tool_proxy"].all_options()]
         graders = [ray.remote(GraderActor).options(**o, **restart).remote(rl.grader, rl.tool_settings) for o in placement["grader"].all_options()]
         model = str(_model_path(job))
