@@ -51,12 +51,17 @@ from typing import Any, TypeVar
 
 from rich.console import Console
 
+from rft_cluster.chat import ChatCodec, parse_tool_calls
 from rft_cluster.config import JobSpec, ResolvedHyperparameters
 from rft_cluster.dataset import load_rows, row_item
 from rft_cluster.demo import DemoDirs, DemoSize, Stages, load_demo_job, prepare_environment, warm_start
 from rft_cluster.driver import Trainer, batches, init_ray, run_storage
 from rft_cluster.envs.finqa import FinQAServers
+from rft_cluster.grader import GraderActor
+from rft_cluster.grpo import shaped_reward
 from rft_cluster.metrics import StepPrinter
+from rft_cluster.tool_proxy import ToolProxy
+from rft_cluster.types import grader_sample
 
 from common import RESULTS, write_result  # benchmarks/common.py, beside this script
 
@@ -128,15 +133,13 @@ class HttpTool(dict):
         return result.output
 
 
-def check_same_parser(tokenizer: Any, demonstrations: Path, tools: list[dict], limit: int = 64) -> int:
+def check_same_parser(codec: ChatCodec, demonstrations: Path, tools: list[dict], limit: int = 64) -> int:
     """Asserts that TRL's response parser reads every assistant turn of the first `limit`
     demonstrations (content, tool names and arguments) as rft-cluster's parser does; returns
     the turns checked."""
     from trl.chat_template_utils import parse_response
 
-    from rft_cluster.chat import ChatCodec, parse_tool_calls
-
-    codec = ChatCodec(tokenizer)
+    tokenizer = codec.tokenizer
     checked = 0
     for line in demonstrations.read_text().splitlines()[:limit]:
         messages = json.loads(line)["messages"]
@@ -162,10 +165,6 @@ def run_trl(job: JobSpec, hp: ResolvedHyperparameters, model_dir: Path, demos: P
     from trl import GRPOConfig, GRPOTrainer
     from trl.chat_template_utils import qwen3_template
 
-    from rft_cluster.grader import GraderActor
-    from rft_cluster.grpo import shaped_reward
-    from rft_cluster.tool_proxy import ToolProxy
-
     rl, learner, engine = job.rl, job.cluster.learner, job.cluster.engine
     if engine.dtype != "float32" or learner.dtype != "float32":
         raise SystemExit("the comparison runs float32 on both sides: set cluster.engine.dtype and cluster.learner.dtype to float32")
@@ -179,7 +178,8 @@ def run_trl(job: JobSpec, hp: ResolvedHyperparameters, model_dir: Path, demos: P
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     tokenizer.response_template = qwen3_template  # same <tool_call>{json}</tool_call> blocks, <|im_end|> ends a turn
-    checked = check_same_parser(tokenizer, demos, tools_schema)
+    codec = ChatCodec(tokenizer)
+    checked = check_same_parser(codec, demos, tools_schema)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
 
     loop = LoopThread()
@@ -190,11 +190,9 @@ def run_trl(job: JobSpec, hp: ResolvedHyperparameters, model_dir: Path, demos: P
     shaped: list[float] = []
     calls: list[float] = []
 
-    def finqa_reward(prompts: list, completions: list[list[dict]], item: list[str], **_: Any) -> list[float]:
+    def finqa_reward(completions: list[list[dict]], item: list[str], **_: Any) -> list[float]:
         """The grader endpoint's score of each final answer (none when the tool budget or the
         context ran out, as rft-cluster's budget_exhausted), shaped by the job's tool-call penalty."""
-        from rft_cluster.types import grader_sample
-
         async def grade_all() -> list[Any]:
             samples = []
             for messages in completions:
@@ -221,9 +219,6 @@ def run_trl(job: JobSpec, hp: ResolvedHyperparameters, model_dir: Path, demos: P
     rollouts = hp.batch_size * hp.group_size
     if rollouts % learner.micro_batch_size:
         raise SystemExit(f"batch_size x group_size ({rollouts}) must be a multiple of cluster.learner.micro_batch_size")
-    from rft_cluster.chat import ChatCodec
-
-    codec = ChatCodec(tokenizer)
     longest_prompt = max(len(codec.prompt_ids(rows[i]["messages"], tools_schema)) for i in set(order))
     config = GRPOConfig(
         output_dir=str(out),
