@@ -10,6 +10,13 @@ from pathlib import Path
 DEFAULT_JOB = Path(__file__).resolve().parents[1] / "cluster_configs" / "local.yaml"
 
 
+def _non_negative(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
 def _validate(args: argparse.Namespace) -> int:
     from rft_cluster.dataset import validate_job_and_data
 
@@ -55,7 +62,7 @@ def _demo(args: argparse.Namespace) -> int:
     """The embedded default: the FinQA demo from nothing to a report (rft_cluster.demo)."""
     from rft_cluster.demo import run_demo
 
-    run_demo(Path(args.job), Path(args.output), seed=args.seed, max_steps=args.max_steps)
+    run_demo(Path(args.job), Path(args.output), seed=args.seed, max_steps=args.max_steps, tool_delay_s=args.tool_delay_ms / 1000)
     return 0
 
 
@@ -167,6 +174,8 @@ def main(argv: list[str] | None = None) -> int:
             p.add_argument("--resume", action="store_true", help="continue the run in --output from its last checkpoint")
         else:
             p.add_argument("--seed", type=int, default=None, help="RL seed (default: the job's); the warm start is shared")
+            p.add_argument("--tool-delay-ms", type=_non_negative, default=0,
+                           help="delay every tool call the demo's server answers by this many ms (the regime of real tools)")
         p.set_defaults(fn=fn)
 
     address = {"required": True, "help": "the cluster's Jobs API (its dashboard), e.g. http://HEAD:8265"}

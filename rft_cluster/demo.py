@@ -138,9 +138,11 @@ def run_demo(
     max_steps: int | None = None,
     size: DemoSize = DemoSize(),
     console: Console | None = None,
+    tool_delay_s: float = 0.0,
 ) -> dict[str, Any]:
     """Runs every stage; returns the report's summary (see `rft_cluster.report.write_report`)
-    with the SFT losses and the wall time added."""
+    with the SFT losses and the wall time added. `tool_delay_s` delays every tool call the
+    server answers (the regime of real tools); the warm start's demonstrations are not delayed."""
     from rft_cluster.driver import train
     from rft_cluster.report import load_metrics, write_report
 
@@ -149,8 +151,9 @@ def run_demo(
     dirs = DemoDirs(output.resolve())
     prepare_environment(dirs, size, stages)
     stages.start("starting the FinQA tool server and grader")
-    with FinQAServers(dirs.corpus) as env:
-        stages.start(f"tool server and grader on {env.base_url}")
+    with FinQAServers(dirs.corpus, tool_delay_s=tool_delay_s) as env:
+        delay = f", every tool call delayed {tool_delay_s * 1000:.0f} ms" if tool_delay_s else ""
+        stages.start(f"tool server and grader on {env.base_url}{delay}")
         job = load_demo_job(job_path, dirs, env, seed)
         sft_losses = warm_start(dirs, size, env, stages) if job.resolve_path(job.model) == dirs.warm_model else None
         run_dir = dirs.run(job.seed)
@@ -165,7 +168,7 @@ def run_demo(
         report_dir,
         title=f"FinQA agent RFT demo, seed {job.seed}",
         preamble=f"Job: `{job_path}`; run directory: `{run_dir}`.",
-        extra={"wall_time_s": round(time.perf_counter() - stages.t0, 1), "sft": sft_losses},
+        extra={"wall_time_s": round(time.perf_counter() - stages.t0, 1), "sft": sft_losses, "tool_delay_s": tool_delay_s},
     )
     (report_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     stages.start(f"done: report in {report_dir / 'report.md'}")

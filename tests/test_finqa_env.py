@@ -201,6 +201,17 @@ async def test_calls_are_logged_per_trace(env: FinQAServers, http: aiohttp.Clien
     assert env.calls("trace_never_seen") == []
 
 
+async def test_a_tool_delay_holds_every_call_at_least_that_long(corpus: Path, http: aiohttp.ClientSession) -> None:
+    delay_s = 0.3
+    with FinQAServers(corpus, backend="bm25") as plain, FinQAServers(corpus, backend="bm25", tool_delay_s=delay_s) as slow:
+        calls = [("list", {"path": ""}), ("cat", {"path": "../x"})]  # an answer and a refusal
+        for name, arguments in calls:
+            t0 = time.perf_counter()
+            answer = await tool(http, slow, name, arguments)
+            assert time.perf_counter() - t0 >= delay_s
+            assert answer == await tool(http, plain, name, arguments)
+
+
 @pytest.mark.parametrize("headers", [{}, {"Authorization": "Bearer wrong"}, {"Authorization": "token"}])
 async def test_every_route_requires_the_bearer_token(
     env: FinQAServers, http: aiohttp.ClientSession, headers: dict[str, str]

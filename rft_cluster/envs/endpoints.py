@@ -30,10 +30,14 @@ _Servers = TypeVar("_Servers", bound="EnvServers")
 class EnvApp:
     """The aiohttp application and its per-trace_id logs of tool calls and grades. Tool calls run
     in worker threads, so one that blocks (reading files, running a model) does not hold up the
-    other rollouts' calls; the logs are only touched on the event loop."""
+    other rollouts' calls; the logs are only touched on the event loop. `tool_delay_s` holds every
+    tool call that long before it runs, as a slow real tool (a web search, an API) would."""
 
-    def __init__(self, token: str, call_tool: CallTool, grade: Grade):
+    def __init__(self, token: str, call_tool: CallTool, grade: Grade, tool_delay_s: float = 0.0):
+        if tool_delay_s < 0:
+            raise ValueError(f"tool_delay_s must be >= 0, got {tool_delay_s}")
         self._token = token
+        self._tool_delay_s = tool_delay_s
         self._call_tool = call_tool
         self._grade_output = grade
         self._calls: defaultdict[str, list[dict[str, Any]]] = defaultdict(list)
@@ -57,6 +61,8 @@ class EnvApp:
         body = await _json_object(request)
         if body is None:
             return web.Response(status=400, text="body must be a JSON object (a function_call)")
+        if self._tool_delay_s:  # on the loop, not in a worker thread: delayed calls wait side by side
+            await asyncio.sleep(self._tool_delay_s)
         status, output = await asyncio.to_thread(self._call_tool, body.get("name"), body.get("arguments"))
         self._calls[str(body.get("trace_id"))].append(
             {"id": body.get("id"), "call_id": body.get("call_id"), "name": body.get("name"),
@@ -100,9 +106,9 @@ class EnvServers:
     """An EnvApp served from a background thread: `with SomeEnv(...) as env: ...`. Subclasses add
     `tool_specs()` and `grader_spec()` for the job."""
 
-    def __init__(self, call_tool: CallTool, grade: Grade, token: str | None = None):
+    def __init__(self, call_tool: CallTool, grade: Grade, token: str | None = None, tool_delay_s: float = 0.0):
         self.token = token or secrets.token_urlsafe(16)
-        self._app = EnvApp(self.token, call_tool, grade)
+        self._app = EnvApp(self.token, call_tool, grade, tool_delay_s)
         self._server = ThreadedServer(self._app.app())
 
     @property

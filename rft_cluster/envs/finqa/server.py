@@ -19,11 +19,12 @@ class FinQAServers(EnvServers):
     """Serves the corpus at `root` on 127.0.0.1 (a free port) from a background thread, so a
     synchronous driver can use it: `with FinQAServers(root) as env: ...`. `backend` picks the
     search ("bm25" forces the fallback). `tools` is the object the server calls: writing
-    demonstrations with it gives outputs the server would give."""
+    demonstrations with it gives outputs the server would give. `tool_delay_s` delays every
+    tool call by that much (the regime of real, slow tools); demonstrations are not delayed."""
 
-    def __init__(self, root: str | Path, token: str | None = None, backend: Backend = "auto"):
+    def __init__(self, root: str | Path, token: str | None = None, backend: Backend = "auto", tool_delay_s: float = 0.0):
         self.tools = FinQATools(root, backend)
-        super().__init__(self._call_tool, grading.score, token)
+        super().__init__(self._call_tool, grading.score, token, tool_delay_s)
 
     def _call_tool(self, name: Any, arguments: Any) -> tuple[int, str]:
         try:
