@@ -203,6 +203,8 @@ def main() -> int:
     parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
     parser.add_argument("--steps", type=int, default=8, help="RL steps per run")
     parser.add_argument("--eval-interval", type=int, default=2, help="validation every N steps in time_to_reward runs")
+    parser.add_argument("--trl-seeds", type=int, nargs="+", default=[1], help="TRL takes minutes per step on CPU")
+    parser.add_argument("--trl-steps", type=int, default=3)
     parser.add_argument("--output", default="runs/throughput", help="the demo's environment and the runs")
     parser.add_argument("--results", default=str(RESULTS))
     args = parser.parse_args()
@@ -233,7 +235,8 @@ def main() -> int:
         elif part == "trl":
             import bench_trl
 
-            result.update({k: v for k, v in bench_trl.run(seeds=args.seeds).items() if k in ("trl", "rft")})
+            trl = bench_trl.run(seeds=args.trl_seeds, steps=args.trl_steps, output=output)
+            result.update(trl=trl["trl"], rft=trl["rft"], trl_settings=trl["settings"])
         timings[part] = round(time.perf_counter() - t0, 1)
         result.update(metadata())
         write_result(results, "throughput.json", result)  # after each part: a crash keeps the others
