@@ -395,11 +395,10 @@ class Trainer:
 
     def _send_weights(self, workers: list[Any], version: int) -> dict[str, float]:
         """Publishes to `workers`; those found dead are replaced. Returns the stats, empty when none survived."""
-        stats = self.cluster.learner.publish(workers, version)
-        lost = [workers[int(i)] for i in stats.pop("lost_indices", [])]
-        for w in lost:
-            self.cluster.fleet.lost(w, "died during a weight publish")
-        return stats if len(lost) < len(workers) else {}
+        result = self.cluster.learner.publish(workers, version)
+        for i in result.lost:
+            self.cluster.fleet.lost(workers[i], "died during a weight publish")
+        return result.stats() if len(result.lost) < len(workers) else {}
 
     def checkpoint(self, step: int, valid_reward_mean: float | None) -> None:
         """An HF model directory (best few kept), then the resume state, then the step marker:

@@ -321,13 +321,13 @@ class Learner:
         for name, t in self.gathered_weights():
             yield name, t.to("cpu", copy=True)
 
-    def publish(self, workers: list[Any], version: int) -> dict[str, float]:
+    def publish(self, workers: list[Any], version: int) -> weight_sync.PublishResult | None:
         """Rank 0 loads the current weights into every rollout worker (`weight_sync.publish`)
-        and returns its stats; at ZeRO-3 the other ranks take part in each gather and return {}."""
+        and returns what it did; at ZeRO-3 the other ranks take part in each gather and return None."""
         if self.rank == 0:
             return weight_sync.publish(self.gathered_weights(), workers, version, self.spec.weight_bucket_mb << 20)
         self._join_gathers()
-        return {}
+        return None
 
     def _join_gathers(self) -> None:
         """What a rank other than 0 does while rank 0 reads the weights: at ZeRO-3 each

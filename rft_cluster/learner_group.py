@@ -19,6 +19,7 @@ from rft_cluster.config import LearnerSpec
 from rft_cluster.learner import Learner, Rendezvous, free_port
 from rft_cluster.storage import RunStorage
 from rft_cluster.types import TrainSample
+from rft_cluster.weight_sync import PublishResult
 
 
 @dataclass(frozen=True)
@@ -124,8 +125,9 @@ class LearnerGroup:
         shares = split_by_tokens(samples, len(self.actors))
         return _wait_all([a.call.remote("train_step", s) for a, s in zip(self.actors, shares)])[0]
 
-    def publish(self, workers: list[Any], version: int) -> dict[str, float]:
-        """Rank 0 publishes to the rollout workers (`Learner.publish`); returns its stats."""
+    def publish(self, workers: list[Any], version: int) -> PublishResult:
+        """Rank 0 publishes to the rollout workers (`Learner.publish`); returns what it did,
+        including which of `workers` were lost on the way."""
         return self._all("publish", workers, version)[0]
 
     def compute_logprobs(self, token_ids: list[list[int]]) -> list[list[float]]:

@@ -205,7 +205,8 @@ class RolloutWorker:
         await self.engine.collective_rpc("rft_begin_weight_sync")
 
     async def load_weight_bucket(self, bucket: WeightBucket) -> None:
-        await self.engine.collective_rpc("rft_load_weight_bucket", args=bucket.wire_args())
+        # The bytes go through shared memory; the RPC carries where they lie (same node).
+        await self.engine.collective_rpc("rft_load_weight_bucket", args=bucket.staged_args())
 
     async def finish_weight_sync(self, version: int) -> None:
         await self.engine.collective_rpc("rft_finish_weight_sync")

@@ -129,15 +129,15 @@ def _pid(_actor: Any) -> int:
 
 
 def run_killing(trainer: Trainer, victim: Callable[[Cluster], Any]) -> tuple[dict[str, Any], int]:
-    """Runs `trainer`, SIGKILLing the process of actor `victim(cluster)` once step 1 has some
-    rollouts ended and others still running. Returns (run result, the killed pid)."""
+    """Runs `trainer`, SIGKILLing the process of actor `victim(cluster)` 2 s into step 1 (its
+    rollouts are then waiting on the 1 s tool calls). Returns (run result, the killed pid)."""
     killed: list[int] = []
 
     def watch() -> None:
         deadline = time.monotonic() + 600
         while time.monotonic() < deadline:
             batch = trainer._batches.get(1)
-            if trainer.cluster is not None and batch is not None and 1 <= batch.ended < batch.expected // 2:
+            if batch is not None and batch.ended < batch.expected and time.perf_counter() - batch.submitted_at > 2:
                 pid = ray.get(victim(trainer.cluster).__ray_call__.remote(_pid))
                 os.kill(pid, signal.SIGKILL)
                 killed.append(pid)

@@ -371,13 +371,14 @@ class RecordingWorker:
 def test_publish_sends_every_bucket_to_every_worker_between_begin_and_finish(model_dir: Path, ray_local: None) -> None:
     learner = make_learner(model_dir, zero_stage=2, weight_bucket_mb=1)
     workers = [RecordingWorker.remote() for _ in range(2)]
-    stats = learner.publish(workers, version=7)
+    result = learner.publish(workers, version=7)
 
-    n = int(stats["weight_sync_buckets"])
+    n = result.buckets
     assert n > 1
     expected = weights(learner)
-    assert stats["weight_sync_bytes"] == sum(t.numel() * t.element_size() for t in expected.values())
-    assert stats["weight_sync_gbps"] == pytest.approx(stats["weight_sync_bytes"] / 1e9 / stats["weight_sync_s"])
+    assert result.bytes == sum(t.numel() * t.element_size() for t in expected.values())
+    assert result.lost == []
+    assert result.stats()["weight_sync_gbps"] == pytest.approx(result.bytes / 1e9 / result.seconds)
     for calls, tensors in ray.get([w.recorded.remote() for w in workers]):
         assert calls == ["begin"] + ["load"] * n + ["finish 7"]
         assert tensors.keys() == expected.keys()

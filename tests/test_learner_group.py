@@ -81,7 +81,7 @@ def test_two_ranks_take_the_one_rank_step(tiny_model_dir: Path, ray_local: None,
         batch = group_batch(group, tiny_model_dir, [1.5, -0.5, 0.7, -1.2, 0.3], seed=2, off_policy=0.3)
         before = group_weights(group)
         t0 = time.perf_counter()
-        stats = group.train_step(batch)
+        sync = group.train_step(batch)
         runs.append((stats, time.perf_counter() - t0, before, group_weights(group)))
     (m1, s1, before, w1), (m2, s2, _, w2) = runs
     assert m1["clip_fraction"] > 0
@@ -129,12 +129,12 @@ def test_engine_matches_a_two_rank_zero3_learner_after_its_publish(
     seq = batch[0].token_ids
     [want] = group.compute_logprobs([seq])
     assert engine_gap(rollout_worker, seq, want) > 1e-2, "the step should have changed the weights"
-    stats = group.publish([rollout_worker], version=1)
+    sync = group.publish([rollout_worker], version=1)
     gap = engine_gap(rollout_worker, seq, want)
-    print(f"\n2-rank ZeRO-3 publish: {stats['weight_sync_bytes'] / 1e6:.2f} MB in {stats['weight_sync_buckets']:.0f} "
-          f"buckets, {stats['weight_sync_s']:.2f} s; engine-vs-learner logprob gap {gap:.1e}")
+    print(f"\n2-rank ZeRO-3 publish: {sync.bytes / 1e6:.2f} MB in {sync.buckets} "
+          f"buckets, {sync.seconds:.2f} s; engine-vs-learner logprob gap {gap:.1e}")
     assert gap < 1e-4
-    assert stats["weight_sync_buckets"] > 1
+    assert sync.buckets > 1
 
 
 def test_bf16_buckets_load_into_an_fp32_engine_exactly(
@@ -154,14 +154,14 @@ def test_bf16_buckets_load_into_an_fp32_engine_exactly(
             p.copy_(rounded[n])  # bf16 -> fp32: exact
     want = reference_logprobs(model, seq)
     assert engine_gap(rollout_worker, seq, want) > 1e-2
-    stats = publish(rounded.items(), [rollout_worker], version=1, bucket_bytes=1 << 20)
+    sync = publish(rounded.items(), [rollout_worker], version=1, bucket_bytes=1 << 20)
     gap = engine_gap(rollout_worker, seq, want)
-    print(f"\nbf16 publish: {stats['weight_sync_bytes'] / 1e6:.2f} MB ({stats['weight_sync_buckets']:.0f} buckets, "
-          f"{stats['weight_sync_s']:.2f} s); engine vs bf16-rounded reference {gap:.1e}; rounding itself moved "
+    print(f"\nbf16 publish: {sync.bytes / 1e6:.2f} MB ({sync.buckets} buckets, "
+          f"{sync.seconds:.2f} s); engine vs bf16-rounded reference {gap:.1e}; rounding itself moved "
           f"logprobs by up to {max(abs(a - b) for a, b in zip(want, exact)):.1e}")
     assert gap < 1e-4
     n_params = sum(t.numel() for t in rounded.values())
-    assert stats["weight_sync_bytes"] == 2 * n_params  # half an fp32 publish
+    assert sync.bytes == 2 * n_params  # half an fp32 publish
 
 
 def make_batch_ids(model_dir: Path) -> list[int]:
@@ -201,13 +201,13 @@ def test_bf16_engine_takes_bf16_buckets(ray_local: None, tiny_model_dir: Path, w
         want = reference_logprobs(warm.float(), seq)  # the bf16 values, computed in fp32
         before = max(abs(a - b) for a, b in zip(start, want))
 
-        stats = publish(rounded.items(), [worker], version=1, bucket_bytes=1 << 20)
+        sync = publish(rounded.items(), [worker], version=1, bucket_bytes=1 << 20)
         gap = engine_gap(worker, seq, want)
         publish(((n, t.to(torch.bfloat16)) for n, t in fp32_weights(tiny_model_dir).items()), [worker], version=2, bucket_bytes=1 << 20)
         back = engine_gap(worker, seq, start)
-        print(f"\nbf16 engine: {stats['weight_sync_bytes'] / 1e6:.2f} MB; engine vs transformers {gap:.1e} "
+        print(f"\nbf16 engine: {sync.bytes / 1e6:.2f} MB; engine vs transformers {gap:.1e} "
               f"(before the publish {before:.1e}); republished start weights reproduce start logprobs to {back:.1e}")
-        assert stats["weight_sync_bytes"] == 2 * sum(t.numel() for t in rounded.values())
+        assert sync.bytes == 2 * sum(t.numel() for t in rounded.values())
         assert gap < before / 20
         assert back < 1e-6
     finally:

@@ -135,8 +135,8 @@ def test_weight_publish_matches_learner_logprobs(rollout_worker, trajectories, w
     [want] = ray.get(learner.compute_logprobs.remote([seq]))
     before = ray.get(rollout_worker.prompt_logprobs.remote(seq))
     assert max(abs(a - b) for a, b in zip(before, want)) > 1e-2, "the step should have changed the weights"
-    stats = ray.get(learner.publish.remote([rollout_worker], 1))
+    sync = ray.get(learner.publish.remote([rollout_worker], 1))
     after = ray.get(rollout_worker.prompt_logprobs.remote(seq))
     assert max(abs(a - b) for a, b in zip(after, want)) < 1e-4
     n_params = sum(p.numel() for p in AutoModelForCausalLM.from_pretrained(warm_model_dir).parameters())
-    assert stats["weight_sync_bytes"] == 4 * n_params  # every parameter once, tied ones once
+    assert sync.bytes == 4 * n_params  # every parameter once, tied ones once

@@ -1,0 +1,114 @@
+"""One weight publish's bytes/s against a plain memory copy of the same bytes.
+
+    .venv/bin/python benchmarks/bench_weight_sync.py [--repeats 3] [--models demo 100m]
+
+For the demo's tiny model and for one of >= 100 M parameters (the same builder, larger
+dimensions; untrained weights move exactly as many bytes), a real learner (a one-rank
+LearnerGroup, ZeRO-2, fp32) publishes into a real vLLM rollout worker engine (one per model).
+The first publish is reported on its own (it faults in the staging memory and the object
+store's pages); `seconds` is the median of the following `repeats`. `memcpy_seconds` is the
+median of as many numpy copies of a buffer of the same size into one already touched.
+Writes benchmarks/results/weight-sync.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import ray
+
+from rft_cluster.config import EngineSpec, LearnerSpec
+from rft_cluster.learner_group import LearnerGroup
+from rft_cluster.rollout_worker import RolloutWorker
+from rft_cluster.tiny_model import make_tiny_model
+
+# make_tiny_model's defaults are the demo's model; the large one keeps its vocabulary and
+# head_dim (64, as the copy circuit needs) and grows width and depth to ~103 M parameters.
+MODELS: dict[str, dict[str, int]] = {
+    "demo": {},
+    "100m": {"hidden_size": 1024, "num_layers": 8, "num_heads": 16, "num_kv_heads": 8, "intermediate_size": 3072},
+}
+
+
+def memcpy_seconds(nbytes: int, repeats: int) -> float:
+    """Median seconds of one plain copy of `nbytes` between two touched buffers."""
+    src = np.ones(nbytes, np.uint8)
+    dst = np.zeros_like(src)
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        np.copyto(dst, src)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def measure(name: str, model_dir: Path, repeats: int) -> dict[str, Any]:
+    """Starts an engine and a learner on the model, publishes 1 + `repeats` times."""
+    worker = ray.remote(num_cpus=1)(RolloutWorker).remote(str(model_dir), EngineSpec(dtype="float32", max_model_len=512), 0, [])
+    started = worker.start.remote()  # the engine starts while the learner does
+    group = LearnerGroup(str(model_dir), LearnerSpec(zero_stage=2), 1e-5, 0.2, seed=0)
+    try:
+        ray.get(started)
+        first = group.publish([worker], version=1)
+        runs = [group.publish([worker], version=2 + i) for i in range(repeats)]
+        assert not first.lost and not any(r.lost for r in runs), "the engine's actor died during a publish"
+    finally:
+        group.shutdown()
+        ray.get(worker.shutdown.remote())
+        ray.kill(worker)
+    seconds = statistics.median(r.seconds for r in runs)
+    copy_s = memcpy_seconds(first.bytes, max(repeats, 3))
+    row = {
+        "model": name,
+        "params": first.bytes // 4,  # fp32
+        "bytes": first.bytes,
+        "buckets": first.buckets,
+        "seconds": round(seconds, 4),
+        "memcpy_seconds": round(copy_s, 4),
+        "publish_gbps": round(first.bytes / 1e9 / seconds, 3),
+        "memcpy_gbps": round(first.bytes / 1e9 / copy_s, 3),
+        "fraction_of_memcpy": round(copy_s / seconds, 4),
+        "first_publish_s": round(first.seconds, 4),
+        "repeats_s": [round(r.seconds, 4) for r in runs],
+    }
+    print(f"[bench] {name}: {row['params'] / 1e6:.1f} M params, publish {row['publish_gbps']:.2f} GB/s "
+          f"({seconds:.3f} s), memcpy {row['memcpy_gbps']:.2f} GB/s: {row['fraction_of_memcpy']:.3f} of memcpy", flush=True)
+    return row
+
+
+def run(models: tuple[str, ...] = ("demo", "100m"), repeats: int = 3) -> dict[str, Any]:
+    """The `weight_sync` fragment of the throughput result. Uses the connected Ray cluster, or
+    starts a local one."""
+    if not ray.is_initialized():
+        ray.init(num_cpus=4, include_dashboard=False)
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in models:
+            model_dir = make_tiny_model(Path(tmp) / name, pretrain_steps=0, **MODELS[name])
+            rows.append(measure(name, model_dir, repeats))
+    return {"weight_sync": rows}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", nargs="+", choices=list(MODELS), default=list(MODELS))
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--results", default=None, help="directory for weight-sync.json (default: benchmarks/results)")
+    args = parser.parse_args()
+    from common import RESULTS, write_result  # benchmarks/common.py, beside this script
+
+    result = run(tuple(args.models), args.repeats)
+    write_result(args.results or RESULTS, "weight-sync.json", result)
+    ray.shutdown()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
