@@ -162,11 +162,11 @@ class Trainer:
     # ------------------------------------------------------------------ phases
 
     def sample(self, requests: list[RolloutRequest]) -> list[Trajectory]:
-        """Spreads the requests over the rollout workers, whole groups each; each runs its share concurrently."""
+        """Spreads the requests over the rollout workers, whole groups each; one call per rollout."""
         workers = self.cluster.workers
         shares = spread_groups(requests, len(workers))
-        refs = [w.rollout.remote(share, self.settings) for w, share in zip(workers, shares) if share]
-        return [t for part in ray.get(refs) for t in part]
+        refs = [w.rollout.remote(r, self.settings) for w, share in zip(workers, shares) for r in share]
+        return ray.get(refs)
 
     def grade(self, trajs: list[Trajectory], items: dict[str, dict]) -> None:
         """Scores every gradable rollout in place; a grader failure becomes `grader_failed`."""

@@ -9,9 +9,11 @@ and the weight version that produced it.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import time
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -65,6 +67,40 @@ class _Episode:
         self.versions += [version if generated else -1] * len(ids)
 
 
+class _EngineStats:
+    """Cumulative accounting of this worker's generate requests."""
+
+    def __init__(self) -> None:
+        self.t0 = time.monotonic()
+        self.in_flight = 0
+        self.busy_since = 0.0
+        self.busy_s = 0.0
+        self.counts = dict(generated_tokens=0, prompt_tokens=0, cached_prompt_tokens=0, requests=0)
+
+    @contextlib.contextmanager
+    def request(self, prompt_tokens: int) -> Iterator[None]:
+        if self.in_flight == 0:
+            self.busy_since = time.monotonic()
+        self.in_flight += 1
+        self.counts["requests"] += 1
+        self.counts["prompt_tokens"] += prompt_tokens
+        try:
+            yield
+        finally:
+            self.in_flight -= 1
+            if self.in_flight == 0:
+                self.busy_s += time.monotonic() - self.busy_since
+
+    def add_output(self, generated: int, cached: int) -> None:
+        self.counts["generated_tokens"] += generated
+        self.counts["cached_prompt_tokens"] += cached
+
+    def snapshot(self) -> dict[str, float]:
+        now = time.monotonic()
+        busy = self.busy_s + (now - self.busy_since if self.in_flight else 0.0)
+        return {"busy_s": busy, "since_s": now - self.t0, **self.counts}
+
+
 class RolloutWorker:
     """Ray actor (async). The driver wraps it with `ray.remote` and its resources."""
 
@@ -78,6 +114,7 @@ class RolloutWorker:
         self.codec: ChatCodec | None = None
         self._next_proxy = 0
         self.node_id = ray.get_runtime_context().get_node_id()
+        self._stats = _EngineStats()
 
     async def start(self) -> dict[str, Any]:
         """Starts the engine (seconds to a minute); returns facts about it."""
@@ -106,10 +143,8 @@ class RolloutWorker:
 
     # ---------------------------------------------------------------- agent loops
 
-    async def rollout(self, requests: list[RolloutRequest], settings: SamplingSettings) -> list[Trajectory]:
-        return list(await asyncio.gather(*(self._run_with_timeout(r, settings) for r in requests)))
-
-    async def _run_with_timeout(self, req: RolloutRequest, s: SamplingSettings) -> Trajectory:
+    async def rollout(self, req: RolloutRequest, s: SamplingSettings) -> Trajectory:
+        """Runs one rollout to its end (one Ray call each, so the driver gets each as it ends)."""
         t0 = time.perf_counter()
         ep = _Episode([], [], [], [])
         try:
@@ -164,9 +199,11 @@ class RolloutWorker:
             skip_special_tokens=False,
         )
         final = None
-        async for out in self.engine.generate(TokensPrompt(prompt_token_ids=list(ids)), params, request_id=f"{trace_id}-{turn}"):
-            final = out
+        with self._stats.request(len(ids)):
+            async for out in self.engine.generate(TokensPrompt(prompt_token_ids=list(ids)), params, request_id=f"{trace_id}-{turn}"):
+                final = out
         comp = final.outputs[0]
+        self._stats.add_output(len(comp.token_ids), final.num_cached_tokens or 0)
         token_ids = list(comp.token_ids)
         lps = [step[tok].logprob for tok, step in zip(token_ids, comp.logprobs)]
         return token_ids, lps, comp.finish_reason == "stop"
@@ -203,18 +240,44 @@ class RolloutWorker:
             sample=grader_sample(output_text, ep.tool_calls),
         )
 
+    async def engine_stats(self) -> dict[str, float]:
+        return self._stats.snapshot()
+
     # ---------------------------------------------------------------- weights
 
     async def begin_weight_sync(self) -> None:
+        """Pauses generation without ending in-flight requests, then readies the model for loading.
+
+        In-flight requests stay in the engine, frozen between two generation steps (vLLM's
+        pause mode "keep"); new ones queue. The KV cache is cleared now (`clear_cache=True`):
+        the prefix cache must not serve blocks the old weights computed to later requests, and
+        the in-flight requests are preempted, so on resume vLLM recomputes their context (prompt
+        and tokens so far) with the new weights before sampling on. Recomputing costs one prefill
+        per in-flight request per sync; in exchange every token sampled after the sync comes
+        from the new policy alone, so its recorded logprob is the new policy's logprob of it
+        given its whole context, and the learner's off-policy correction is exact. (Keeping the
+        old KV would sample from a mix no policy defines.)
+        """
+        await self.engine.pause_generation(mode="keep", clear_cache=True)
         await self.engine.collective_rpc("rft_begin_weight_sync")
 
     async def load_weight_bucket(self, bucket: WeightBucket) -> None:
         await self.engine.collective_rpc("rft_load_weight_bucket", args=bucket.wire_args())
 
     async def finish_weight_sync(self, version: int) -> None:
+        """Re-packs the loaded weights, labels them `version` and resumes generation.
+
+        The label is exact per token: the engine core stamps each step's outputs with its current
+        weight version, in its own process, at the step that sampled them, and the version is
+        changed by a message that the core handles between steps while it is paused, before the
+        resume message (its input queue is FIFO). So every token sampled before the pause carries
+        the old version and every one after the resume the new one, however late the outputs
+        reach this process.
+        """
         await self.engine.collective_rpc("rft_finish_weight_sync")
-        await self.engine.reset_prefix_cache()  # cached KV blocks were computed by the old weights
+        await self.engine.update_weight_version(str(version))
         self.weight_version = version
+        await self.engine.resume_generation()
 
     async def prompt_logprobs(self, token_ids: list[int]) -> list[float]:
         """The engine's logprob of each token given its prefix (first token: none) — the

@@ -35,6 +35,11 @@ def requests_for(rows_path: Path, n: int, step: int = 0) -> list[RolloutRequest]
     ]
 
 
+def rollouts(worker, reqs: list[RolloutRequest], settings: SamplingSettings) -> list[Trajectory]:
+    """The requests run concurrently, one Ray call each (as the driver calls them)."""
+    return ray.get([worker.rollout.remote(r, settings) for r in reqs])
+
+
 def runs(mask: list[int], value: int) -> list[tuple[int, int]]:
     """[start, end) spans where mask == value."""
     spans, start = [], None
@@ -50,7 +55,7 @@ def runs(mask: list[int], value: int) -> list[tuple[int, int]]:
 @pytest.fixture(scope="module")
 def trajectories(rollout_worker, ledger_data: Path) -> list[Trajectory]:
     settings = SamplingSettings(temperature=1.0, max_tokens_per_turn=48, max_episode_steps=4)
-    return ray.get(rollout_worker.rollout.remote(requests_for(ledger_data / "valid.jsonl", 12), settings))
+    return rollouts(rollout_worker, requests_for(ledger_data / "valid.jsonl", 12), settings)
 
 
 def test_multi_turn_trajectories_mask_everything_but_sampled_tokens(trajectories, warm_model_dir: Path) -> None:
@@ -94,7 +99,7 @@ def test_trace_id_tags_every_tool_call_of_its_rollout_only(trajectories, ledger_
 def test_budget_exhausted_when_the_model_wants_more_calls(rollout_worker, ledger_data: Path, warm_model_dir: Path) -> None:
     tok = AutoTokenizer.from_pretrained(warm_model_dir)
     settings = SamplingSettings(temperature=1.0, max_tokens_per_turn=48, max_episode_steps=0)
-    trajs = ray.get(rollout_worker.rollout.remote(requests_for(ledger_data / "valid.jsonl", 6, step=1), settings))
+    trajs = rollouts(rollout_worker, requests_for(ledger_data / "valid.jsonl", 6, step=1), settings)
     for t in trajs:
         assert t.tool_calls == [] and t.num_turns == 1  # a budget of 0 executes no call
         # A call is a closed block; one cut off by max_tokens_per_turn is no call (the turn is
@@ -107,7 +112,7 @@ def test_budget_exhausted_when_the_model_wants_more_calls(rollout_worker, ledger
 
 def test_a_rollout_past_its_time_limit_ends_as_timeout(rollout_worker, ledger_data: Path) -> None:
     settings = SamplingSettings(temperature=1.0, max_tokens_per_turn=48, max_episode_steps=4, rollout_timeout_s=0.001)
-    [t] = ray.get(rollout_worker.rollout.remote(requests_for(ledger_data / "valid.jsonl", 1, step=2), settings))
+    [t] = rollouts(rollout_worker, requests_for(ledger_data / "valid.jsonl", 1, step=2), settings)
     assert t.status == RolloutStatus.TIMEOUT and "0.001" in t.error
 
 
@@ -117,7 +122,7 @@ def test_an_engine_error_ends_that_rollout_only_as_engine_failed(rollout_worker,
     [ok, too_long] = requests_for(ledger_data / "valid.jsonl", 2, step=3)
     too_long.messages = [{"role": "user", "content": "balance? " * 3000}]
     settings = SamplingSettings(temperature=1.0, max_tokens_per_turn=48, max_episode_steps=4)
-    a, b = ray.get(rollout_worker.rollout.remote([ok, too_long], settings))
+    a, b = rollouts(rollout_worker, [ok, too_long], settings)
     assert a.status in (RolloutStatus.OK, RolloutStatus.BUDGET_EXHAUSTED)
     assert b.status == RolloutStatus.ENGINE_FAILED and "does not fit max_model_len 2048" in b.error
 
