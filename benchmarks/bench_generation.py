@@ -1,6 +1,6 @@
 """Agentic generation against plain batched generation of the same token volume, on one engine.
 
-    PYTHONPATH=. .venv/bin/python benchmarks/bench_generation.py [--model DIR] [--prompts 8 --group 4]
+    PYTHONPATH=. .venv/bin/python benchmarks/bench_generation.py [--model DIR] [--prompts 32 --group 4]
 
 One vLLM engine (a `RolloutWorker`, run in this process) first runs `prompts x group` ledger
 rollouts at once through a tool proxy and the ledger's tool server on 127.0.0.1 (the agent
@@ -18,16 +18,19 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import multiprocessing
 import os
 import sys
 import tempfile
 import time
 from pathlib import Path
+from collections.abc import Iterator
 from typing import Any
 
 import ray
 
-from rft_cluster.config import EngineSpec, ToolSettings
+from rft_cluster.config import EngineSpec, ToolSettings, ToolSpec
 from rft_cluster.dataset import load_rows
 from rft_cluster.rollout_worker import RolloutRequest, RolloutWorker, SamplingSettings
 from rft_cluster.tool_proxy import ToolProxy
@@ -49,6 +52,31 @@ def build_model(out: Path) -> tuple[Path, Path]:
     write_demonstrations(out / "data" / "sft.jsonl", seed=LEDGER_SEED, n=64)
     sft(str(make_tiny_model(out / "tiny-model")), out / "data" / "sft.jsonl", out / "warm-model", epochs=8, learning_rate=2e-3)
     return out / "warm-model", out / "data"
+
+
+def _serve_ledger(conn: Any) -> None:
+    """Child process: the ledger's tool server, until the parent closes the pipe."""
+    from rft_cluster.envs.ledger import LedgerServers
+
+    with LedgerServers(seed=LEDGER_SEED) as env:
+        conn.send(env.tool_specs())
+        with contextlib.suppress(EOFError):  # the parent is done
+            conn.recv()
+
+
+@contextlib.contextmanager
+def ledger_tools() -> Iterator[list[ToolSpec]]:
+    """The ledger's tool server in its own process (as a user's tools would be), not a thread of
+    this one, whose event loop runs the agent loops; yields its tool specs."""
+    parent, child = multiprocessing.get_context("spawn").Pipe()
+    proc = multiprocessing.get_context("spawn").Process(target=_serve_ledger, args=(child,), daemon=True)
+    proc.start()
+    try:
+        yield parent.recv()
+    finally:
+        parent.close()
+        proc.join(timeout=10)
+        proc.kill()
 
 
 def requests(rows: list[dict], prompts: int, group: int) -> list[RolloutRequest]:
@@ -130,9 +158,9 @@ async def _measure(worker: RolloutWorker, rows: list[dict], prompts: int, group:
     }
 
 
-def run(model: str | None = None, prompts: int = 8, group: int = 4, repeats: int = 2) -> dict[str, Any]:
+def run(model: str | None = None, prompts: int = 32, group: int = 4, repeats: int = 2) -> dict[str, Any]:
     """The generation fragment of the throughput result: `agentic_over_pure` and its details."""
-    from rft_cluster.envs.ledger import LedgerServers, write_datasets
+    from rft_cluster.envs.ledger import write_datasets
 
     with tempfile.TemporaryDirectory(prefix="bench-gen-") as tmp:
         if model is None:
@@ -144,8 +172,8 @@ def run(model: str | None = None, prompts: int = 8, group: int = 4, repeats: int
         os.environ.setdefault("RAY_TMPDIR", tempfile.mkdtemp(prefix="rt-", dir="/tmp"))
         ray.init(num_cpus=4, include_dashboard=False)
         try:
-            with LedgerServers(seed=LEDGER_SEED) as env:
-                proxy = ray.remote(num_cpus=0)(ToolProxy).remote(env.tool_specs(), ToolSettings())
+            with ledger_tools() as tools:
+                proxy = ray.remote(num_cpus=0)(ToolProxy).remote(tools, ToolSettings())
                 worker = RolloutWorker(str(model_dir), EngineSpec(dtype="float32", max_model_len=2048), 0, [proxy])
                 return asyncio.run(measure(worker, rows, prompts, group, repeats))
         finally:
@@ -155,7 +183,7 @@ def run(model: str | None = None, prompts: int = 8, group: int = 4, repeats: int
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", help="a warm-started ledger model directory (default: build one)")
-    parser.add_argument("--prompts", type=int, default=8)
+    parser.add_argument("--prompts", type=int, default=32, help="ledger training rows (at most 46)")
     parser.add_argument("--group", type=int, default=4, help="rollouts per prompt")
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--results", default=str(RESULTS))

@@ -4,6 +4,10 @@ Each agent loop is a coroutine, so a trajectory waiting on a tool leaves the eng
 others (continuous batching). Trajectories are token-exact (see `chat.py`): the ids the engine
 was given and sampled, a loss mask that is 1 on sampled ids only, each sampled id's logprob
 and the weight version that produced it.
+
+One Ray call runs one rollout, so the driver sees each as it ends. Weights are loaded between
+two engine steps (`begin_weight_sync` ... `finish_weight_sync`) while in-flight rollouts wait in
+the engine and then go on; each token's version says which weights sampled it.
 """
 
 from __future__ import annotations
@@ -48,6 +52,16 @@ class SamplingSettings:
 
 
 @dataclass
+class _Turn:
+    """One generate request's result: each sampled id with its logprob and weight version."""
+
+    ids: list[int]
+    logprobs: list[float]
+    versions: list[int]
+    finished: bool  # ended by eos, not cut off by max_tokens
+
+
+@dataclass
 class _Episode:
     """Mutable state of one agent loop."""
 
@@ -60,15 +74,24 @@ class _Episode:
     turns: int = 0
     reasoning_tokens: int = 0
 
-    def extend(self, ids: list[int], generated: bool, logprobs: list[float] | None = None, version: int = -1) -> None:
+    def shown(self, ids: list[int]) -> None:
+        """Appends ids the policy is given (prompt, tool results): no logprob, no version."""
         self.ids += ids
-        self.mask += [int(generated)] * len(ids)
-        self.logprobs += logprobs if logprobs is not None else [0.0] * len(ids)
-        self.versions += [version if generated else -1] * len(ids)
+        self.mask += [0] * len(ids)
+        self.logprobs += [0.0] * len(ids)
+        self.versions += [-1] * len(ids)
+
+    def sampled(self, turn: _Turn) -> None:
+        self.ids += turn.ids
+        self.mask += [1] * len(turn.ids)
+        self.logprobs += turn.logprobs
+        self.versions += turn.versions
 
 
 class _EngineStats:
-    """Cumulative accounting of this worker's generate requests."""
+    """Cumulative accounting of this worker's generate requests (one per turn): `busy_s` is the
+    wall time with at least one in flight, `since_s` the time since the worker was made;
+    `cached_prompt_tokens` are prompt tokens the prefix cache served (not recomputed)."""
 
     def __init__(self) -> None:
         self.t0 = time.monotonic()
@@ -98,7 +121,7 @@ class _EngineStats:
     def snapshot(self) -> dict[str, float]:
         now = time.monotonic()
         busy = self.busy_s + (now - self.busy_since if self.in_flight else 0.0)
-        return {"busy_s": busy, "since_s": now - self.t0, **self.counts}
+        return {"busy_s": busy, "since_s": now - self.t0, "in_flight": self.in_flight, **self.counts}
 
 
 class RolloutWorker:
@@ -134,42 +157,50 @@ class RolloutWorker:
             # of the actor's bundle (resources.rollout_worker.gpus >= tensor_parallel_size).
             tensor_parallel_size=self.spec.tensor_parallel_size,
             seed=self.seed,
+            # A group's rollouts share their prompt, and each turn of a conversation extends the
+            # last: both are computed once (vLLM's default for generation; set so it stays on).
+            enable_prefix_caching=True,
+            # vLLM's own metrics cost per-token work in this process and per step in the engine;
+            # `engine_stats` keeps what the driver needs.
+            disable_log_stats=True,
             worker_extension_cls="rft_cluster.weight_sync.WeightSyncExtension",
         )
         t0 = time.perf_counter()
         self.engine = AsyncLLM.from_engine_args(args)
         self.codec = ChatCodec(AutoTokenizer.from_pretrained(self.model))
+        await self.engine.update_weight_version(str(self.weight_version))  # vLLM's initial label is "default"
         return {"startup_s": time.perf_counter() - t0, "pid": os.getpid()}
 
     # ---------------------------------------------------------------- agent loops
 
-    async def rollout(self, req: RolloutRequest, s: SamplingSettings) -> Trajectory:
+    async def rollout(self, request: RolloutRequest, settings: SamplingSettings) -> Trajectory:
         """Runs one rollout to its end (one Ray call each, so the driver gets each as it ends)."""
         t0 = time.perf_counter()
         ep = _Episode([], [], [], [])
+        timeout = settings.rollout_timeout_s
         try:
-            status, error = await asyncio.wait_for(self._agent_loop(req, s, ep), timeout=s.rollout_timeout_s)
+            status, error = await asyncio.wait_for(self._agent_loop(request, settings, ep), timeout=timeout)
         except asyncio.TimeoutError:
-            status, error = RolloutStatus.TIMEOUT, f"rollout exceeded {s.rollout_timeout_s} s"
+            status, error = RolloutStatus.TIMEOUT, f"rollout exceeded {timeout} s"
         except Exception as e:  # an engine fault ends this rollout only, and is recorded
             status, error = RolloutStatus.ENGINE_FAILED, f"{type(e).__name__}: {e}"
-        return self._trajectory(req, ep, status, error, time.perf_counter() - t0)
+        return self._trajectory(request, ep, status, error, time.perf_counter() - t0)
 
     async def _agent_loop(self, req: RolloutRequest, s: SamplingSettings, ep: _Episode) -> tuple[RolloutStatus, str | None]:
         assert self.codec is not None, "start() first"
         prompt = self.codec.prompt_ids(req.messages, req.tools)
-        ep.extend(prompt, generated=False)
+        ep.shown(prompt)
         if len(prompt) >= self.spec.max_model_len:  # not the policy's doing: nothing to learn
             return RolloutStatus.ENGINE_FAILED, f"prompt of {len(prompt)} tokens does not fit max_model_len {self.spec.max_model_len}"
         while True:
             room = self.spec.max_model_len - len(ep.ids)
             if room <= 0:
                 return RolloutStatus.BUDGET_EXHAUSTED, "context length exhausted"
-            ids, lps, finished = await self._generate(ep.ids, min(s.max_tokens_per_turn, room), s, req.trace_id, ep.turns)
-            ep.extend(ids, generated=True, logprobs=lps, version=self.weight_version)
+            turn = await self._generate(ep.ids, min(s.max_tokens_per_turn, room), s, req.trace_id, ep.turns)
+            ep.sampled(turn)
             ep.turns += 1
-            ep.reasoning_tokens += self.codec.reasoning_tokens(ids)
-            text = self.codec.decode([t for t in ids if t != self.codec.eos_id])
+            ep.reasoning_tokens += self.codec.reasoning_tokens(turn.ids)
+            text = self.codec.decode([t for t in turn.ids if t != self.codec.eos_id])
             content, calls = parse_tool_calls(text)
             ep.assistant_messages.append({"role": "assistant", "content": content, "tool_calls": calls})
             if not calls:
@@ -181,32 +212,39 @@ class RolloutWorker:
             fatal = next((r for r in results if r.fatal), None)
             if fatal is not None:
                 return RolloutStatus.TOOL_FAILED, f"tool {fatal.name!r}: {fatal.status.value}: {fatal.output[:200]}"
-            if not finished:  # cut off by max_tokens: close the turn as the template would
-                ep.extend([self.codec.eos_id], generated=False)
-            ep.extend(self.codec.observation_ids([r.output for r in results]), generated=False)
+            if not turn.finished:  # cut off by max_tokens: close the turn as the template would
+                ep.shown([self.codec.eos_id])
+            ep.shown(self.codec.observation_ids([r.output for r in results]))
 
-    async def _generate(
-        self, ids: list[int], max_tokens: int, s: SamplingSettings, trace_id: str, turn: int
-    ) -> tuple[list[int], list[float], bool]:
+    async def _generate(self, ids: list[int], max_tokens: int, s: SamplingSettings, trace_id: str, turn: int) -> _Turn:
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
+        from vllm.sampling_params import RequestOutputKind
 
         params = SamplingParams(
             temperature=s.temperature,
             max_tokens=max_tokens,
             logprobs=0,
             seed=None if s.seed is None else hash((s.seed, trace_id, turn)) % (2**31),
-            skip_special_tokens=False,
+            # The agent loop decodes each turn once, itself, and needs only the finished turn
+            # (whose weight-version spans cover every token): no per-token detokenizing and no
+            # per-token output objects in this process, which shares the engine's cores.
+            detokenize=False,
+            output_kind=RequestOutputKind.FINAL_ONLY,
         )
-        final = None
         with self._stats.request(len(ids)):
-            async for out in self.engine.generate(TokensPrompt(prompt_token_ids=list(ids)), params, request_id=f"{trace_id}-{turn}"):
-                final = out
+            async for final in self.engine.generate(TokensPrompt(prompt_token_ids=ids), params, request_id=f"{trace_id}-{turn}"):
+                pass
         comp = final.outputs[0]
-        self._stats.add_output(len(comp.token_ids), final.num_cached_tokens or 0)
         token_ids = list(comp.token_ids)
+        self._stats.add_output(len(token_ids), final.num_cached_tokens or 0)
+        # Spans of output positions [start, end) and the weight version the engine core stamped
+        # on the steps that sampled them (see `finish_weight_sync`).
+        versions = [int(span.version) for span in comp.weight_versions or () for _ in range(span.start, span.end)]
+        if len(versions) != len(token_ids):
+            raise RuntimeError(f"the engine labelled {len(versions)} of {len(token_ids)} sampled tokens with a weight version")
         lps = [step[tok].logprob for tok, step in zip(token_ids, comp.logprobs)]
-        return token_ids, lps, comp.finish_reason == "stop"
+        return _Turn(token_ids, lps, versions, comp.finish_reason == "stop")
 
     async def _call_tool(self, call: ParsedCall, req: RolloutRequest) -> ToolResult:
         call_id = f"call_{uuid.uuid4().hex[:24]}"
@@ -241,6 +279,8 @@ class RolloutWorker:
         )
 
     async def engine_stats(self) -> dict[str, float]:
+        """Cumulative counters (cheap): busy_s, since_s, in_flight, generated_tokens,
+        prompt_tokens, cached_prompt_tokens, requests (see `_EngineStats`)."""
         return self._stats.snapshot()
 
     # ---------------------------------------------------------------- weights

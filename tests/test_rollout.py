@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import time
 from pathlib import Path
 
 import pytest
@@ -15,6 +16,7 @@ from rft_cluster.driver import Trainer
 from rft_cluster.learner import Learner
 from rft_cluster.rollout_worker import RolloutRequest, SamplingSettings
 from rft_cluster.types import RolloutStatus, ToolCallStatus, Trajectory
+from rft_cluster.weight_sync import publish
 
 pytestmark = pytest.mark.slow
 
@@ -33,6 +35,12 @@ def requests_for(rows_path: Path, n: int, step: int = 0) -> list[RolloutRequest]
         )
         for i, row in enumerate(rows)
     ]
+
+
+def publish_model(worker, model_dir: Path, version: int) -> None:
+    """Loads a model directory's weights into the engine as `version` (the learner's protocol)."""
+    weights = AutoModelForCausalLM.from_pretrained(model_dir).named_parameters()
+    publish(((n, p.detach()) for n, p in weights), [worker], version=version, bucket_bytes=64 << 20)
 
 
 def rollouts(worker, reqs: list[RolloutRequest], settings: SamplingSettings) -> list[Trajectory]:
@@ -145,3 +153,42 @@ def test_weight_publish_matches_learner_logprobs(rollout_worker, trajectories, w
     assert max(abs(a - b) for a, b in zip(after, want)) < 1e-4
     n_params = sum(p.numel() for p in AutoModelForCausalLM.from_pretrained(warm_model_dir).parameters())
     assert stats["weight_sync_bytes"] == 4 * n_params  # every parameter once, tied ones once
+
+
+def test_a_rollout_in_flight_across_a_publish_goes_on_with_the_new_weights(
+    rollout_worker, ledger_data: Path, tiny_model_dir: Path, warm_model_dir: Path
+) -> None:
+    """A publish pauses the engine between two steps, loads, and resumes the rollouts it held.
+    Publishing a clearly different model (the tiny model before its warm start) mid-turn: the
+    rollouts complete; each token's version is the old one up to one boundary and the new one
+    after; tokens sampled after it carry the NEW model's logprobs given their whole context
+    (so neither the old weights nor KV computed by them sampled them), and those before it do
+    not (the two models really differ there)."""
+    # Near-uniform sampling (temperature 3 over 2048 ids) rarely picks eos: long turns that a
+    # publish can land in the middle of.
+    settings = SamplingSettings(temperature=3.0, max_tokens_per_turn=1200, max_episode_steps=4)
+    old = ray.get(rollout_worker.engine_stats.remote())
+    refs = [rollout_worker.rollout.remote(r, settings) for r in requests_for(ledger_data / "valid.jsonl", 2, step=4)]
+    while ray.get(rollout_worker.engine_stats.remote())["in_flight"] < 2:
+        time.sleep(0.05)
+    time.sleep(1.0)  # some tokens on the old weights
+    new_version = 100
+    try:
+        publish_model(rollout_worker, tiny_model_dir, new_version)
+        trajs = ray.get(refs)
+        for t in trajs:
+            assert t.status in (RolloutStatus.OK, RolloutStatus.BUDGET_EXHAUSTED), t.error  # ended as agent loops end
+            sampled = [i for i, m in enumerate(t.loss_mask) if m]
+            versions = [t.weight_versions[i] for i in sampled]
+            assert new_version in versions, "the publish should land mid-rollout"
+            boundary = versions.index(new_version)
+            assert 0 < boundary and set(versions[:boundary]) == {versions[0]} != {new_version} and set(versions[boundary:]) == {new_version}
+            scored = ray.get(rollout_worker.prompt_logprobs.remote(t.token_ids))  # by the new weights
+            gap = [abs(scored[i - 1] - t.logprobs[i]) for i in sampled]
+            assert max(gap[boundary:]) < 1e-3
+            assert sum(gap[:boundary]) / boundary > 0.1
+    finally:
+        ray.get(refs)
+        publish_model(rollout_worker, warm_model_dir, 0)  # later tests sample from the warm model
+    counts = ray.get(rollout_worker.engine_stats.remote())
+    assert counts["generated_tokens"] - old["generated_tokens"] == sum(t.generated_tokens for t in trajs)
