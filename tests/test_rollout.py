@@ -170,7 +170,7 @@ def test_a_rollout_in_flight_across_a_publish_goes_on_with_the_new_weights(
     old = ray.get(rollout_worker.engine_stats.remote())
     refs = [rollout_worker.rollout.remote(r, settings) for r in requests_for(ledger_data / "valid.jsonl", 2, step=4)]
     while ray.get(rollout_worker.engine_stats.remote())["in_flight"] < 2:
-        time.sleep(0.05)
+        assert not ray.wait(refs, timeout=0.05)[0], "a rollout ended before both were in flight"
     time.sleep(1.0)  # some tokens on the old weights
     new_version = 100
     try:
