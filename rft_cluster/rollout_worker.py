@@ -4,14 +4,20 @@ Each agent loop is a coroutine, so a trajectory waiting on a tool leaves the eng
 others (continuous batching). Trajectories are token-exact (see `chat.py`): the ids the engine
 was given and sampled, a loss mask that is 1 on sampled ids only, each sampled id's logprob
 and the weight version that produced it.
+
+One Ray call runs one rollout, so the driver sees each as it ends. Weights are loaded between
+two engine steps (`begin_weight_sync` ... `finish_weight_sync`) while in-flight rollouts wait in
+the engine and then go on; each token's version says which weights sampled it.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import time
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -47,6 +53,16 @@ class SamplingSettings:
 
 
 @dataclass
+class _Turn:
+    """One generate request's result: each sampled id with its logprob and weight version."""
+
+    ids: list[int]
+    logprobs: list[float]
+    versions: list[int]
+    finished: bool  # ended by eos, not cut off by max_tokens
+
+
+@dataclass
 class _Episode:
     """Mutable state of one agent loop."""
 
@@ -59,11 +75,54 @@ class _Episode:
     turns: int = 0
     reasoning_tokens: int = 0
 
-    def extend(self, ids: list[int], generated: bool, logprobs: list[float] | None = None, version: int = -1) -> None:
+    def shown(self, ids: list[int]) -> None:
+        """Appends ids the policy is given (prompt, tool results): no logprob, no version."""
         self.ids += ids
-        self.mask += [int(generated)] * len(ids)
-        self.logprobs += logprobs if logprobs is not None else [0.0] * len(ids)
-        self.versions += [version if generated else -1] * len(ids)
+        self.mask += [0] * len(ids)
+        self.logprobs += [0.0] * len(ids)
+        self.versions += [-1] * len(ids)
+
+    def sampled(self, turn: _Turn) -> None:
+        self.ids += turn.ids
+        self.mask += [1] * len(turn.ids)
+        self.logprobs += turn.logprobs
+        self.versions += turn.versions
+
+
+class _EngineStats:
+    """Cumulative accounting of this worker's generate requests (one per turn): `busy_s` is the
+    wall time with at least one in flight, `since_s` the time since the worker was made;
+    `cached_prompt_tokens` are prompt tokens the prefix cache served (not recomputed)."""
+
+    def __init__(self) -> None:
+        self.t0 = time.monotonic()
+        self.in_flight = 0
+        self.busy_since = 0.0
+        self.busy_s = 0.0
+        self.counts = dict(generated_tokens=0, prompt_tokens=0, cached_prompt_tokens=0, requests=0)
+
+    @contextlib.contextmanager
+    def request(self, prompt_tokens: int) -> Iterator[None]:
+        if self.in_flight == 0:
+            self.busy_since = time.monotonic()
+        self.in_flight += 1
+        self.counts["requests"] += 1
+        self.counts["prompt_tokens"] += prompt_tokens
+        try:
+            yield
+        finally:
+            self.in_flight -= 1
+            if self.in_flight == 0:
+                self.busy_s += time.monotonic() - self.busy_since
+
+    def add_output(self, generated: int, cached: int) -> None:
+        self.counts["generated_tokens"] += generated
+        self.counts["cached_prompt_tokens"] += cached
+
+    def snapshot(self) -> dict[str, float]:
+        now = time.monotonic()
+        busy = self.busy_s + (now - self.busy_since if self.in_flight else 0.0)
+        return {"busy_s": busy, "since_s": now - self.t0, "in_flight": self.in_flight, **self.counts}
 
 
 class RolloutWorker:
@@ -78,6 +137,7 @@ class RolloutWorker:
         self.engine: Any = None
         self.codec: ChatCodec | None = None
         self.node_id = ray.get_runtime_context().get_node_id()
+        self._stats = _EngineStats()
 
     async def start(self) -> dict[str, Any]:
         """Starts the engine (seconds to a minute); returns facts about it."""
@@ -97,42 +157,50 @@ class RolloutWorker:
             # of the actor's bundle (resources.rollout_worker.gpus >= tensor_parallel_size).
             tensor_parallel_size=self.spec.tensor_parallel_size,
             seed=self.seed,
+            # A group's rollouts share their prompt, and each turn of a conversation extends the
+            # last: both are computed once (vLLM's default for generation; set so it stays on).
+            enable_prefix_caching=True,
+            # vLLM's own metrics cost per-token work in this process and per step in the engine;
+            # `engine_stats` keeps what the driver needs.
+            disable_log_stats=True,
             worker_extension_cls="rft_cluster.weight_sync.WeightSyncExtension",
         )
         t0 = time.perf_counter()
         self.engine = AsyncLLM.from_engine_args(args)
         self.codec = ChatCodec(AutoTokenizer.from_pretrained(self.model))
+        await self.engine.update_weight_version(str(self.weight_version))  # vLLM's initial label is "default"
         return {"startup_s": time.perf_counter() - t0, "pid": os.getpid()}
 
     # ---------------------------------------------------------------- agent loops
 
-    async def rollout(self, req: RolloutRequest, s: SamplingSettings) -> Trajectory:
-        """One rollout (the driver makes one call per rollout, so each is handled as it ends)."""
+    async def rollout(self, request: RolloutRequest, settings: SamplingSettings) -> Trajectory:
+        """Runs one rollout to its end (one Ray call each, so the driver gets each as it ends)."""
         t0 = time.perf_counter()
         ep = _Episode([], [], [], [])
+        timeout = settings.rollout_timeout_s
         try:
-            status, error = await asyncio.wait_for(self._agent_loop(req, s, ep), timeout=s.rollout_timeout_s)
+            status, error = await asyncio.wait_for(self._agent_loop(request, settings, ep), timeout=timeout)
         except asyncio.TimeoutError:
-            status, error = RolloutStatus.TIMEOUT, f"rollout exceeded {s.rollout_timeout_s} s"
+            status, error = RolloutStatus.TIMEOUT, f"rollout exceeded {timeout} s"
         except Exception as e:  # an engine fault ends this rollout only, and is recorded
             status, error = RolloutStatus.ENGINE_FAILED, f"{type(e).__name__}: {e}"
-        return self._trajectory(req, ep, status, error, time.perf_counter() - t0)
+        return self._trajectory(request, ep, status, error, time.perf_counter() - t0)
 
     async def _agent_loop(self, req: RolloutRequest, s: SamplingSettings, ep: _Episode) -> tuple[RolloutStatus, str | None]:
         assert self.codec is not None, "start() first"
         prompt = self.codec.prompt_ids(req.messages, req.tools)
-        ep.extend(prompt, generated=False)
+        ep.shown(prompt)
         if len(prompt) >= self.spec.max_model_len:  # not the policy's doing: nothing to learn
             return RolloutStatus.ENGINE_FAILED, f"prompt of {len(prompt)} tokens does not fit max_model_len {self.spec.max_model_len}"
         while True:
             room = self.spec.max_model_len - len(ep.ids)
             if room <= 0:
                 return RolloutStatus.BUDGET_EXHAUSTED, "context length exhausted"
-            ids, lps, finished = await self._generate(ep.ids, min(s.max_tokens_per_turn, room), s, req.trace_id, ep.turns)
-            ep.extend(ids, generated=True, logprobs=lps, version=self.weight_version)
+            turn = await self._generate(ep.ids, min(s.max_tokens_per_turn, room), s, req.trace_id, ep.turns)
+            ep.sampled(turn)
             ep.turns += 1
-            ep.reasoning_tokens += self.codec.reasoning_tokens(ids)
-            text = self.codec.decode([t for t in ids if t != self.codec.eos_id])
+            ep.reasoning_tokens += self.codec.reasoning_tokens(turn.ids)
+            text = self.codec.decode([t for t in turn.ids if t != self.codec.eos_id])
             content, calls = parse_tool_calls(text)
             ep.assistant_messages.append({"role": "assistant", "content": content, "tool_calls": calls})
             if not calls:
@@ -144,30 +212,39 @@ class RolloutWorker:
             fatal = next((r for r in results if r.fatal), None)
             if fatal is not None:
                 return RolloutStatus.TOOL_FAILED, f"tool {fatal.name!r}: {fatal.status.value}: {fatal.output[:200]}"
-            if not finished:  # cut off by max_tokens: close the turn as the template would
-                ep.extend([self.codec.eos_id], generated=False)
-            ep.extend(self.codec.observation_ids([r.output for r in results]), generated=False)
+            if not turn.finished:  # cut off by max_tokens: close the turn as the template would
+                ep.shown([self.codec.eos_id])
+            ep.shown(self.codec.observation_ids([r.output for r in results]))
 
-    async def _generate(
-        self, ids: list[int], max_tokens: int, s: SamplingSettings, trace_id: str, turn: int
-    ) -> tuple[list[int], list[float], bool]:
+    async def _generate(self, ids: list[int], max_tokens: int, s: SamplingSettings, trace_id: str, turn: int) -> _Turn:
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
+        from vllm.sampling_params import RequestOutputKind
 
         params = SamplingParams(
             temperature=s.temperature,
             max_tokens=max_tokens,
             logprobs=0,
             seed=None if s.seed is None else hash((s.seed, trace_id, turn)) % (2**31),
-            skip_special_tokens=False,
+            # The agent loop decodes each turn once, itself, and needs only the finished turn
+            # (whose weight-version spans cover every token): no per-token detokenizing and no
+            # per-token output objects in this process, which shares the engine's cores.
+            detokenize=False,
+            output_kind=RequestOutputKind.FINAL_ONLY,
         )
-        final = None
-        async for out in self.engine.generate(TokensPrompt(prompt_token_ids=list(ids)), params, request_id=f"{trace_id}-{turn}"):
-            final = out
+        with self._stats.request(len(ids)):
+            async for final in self.engine.generate(TokensPrompt(prompt_token_ids=ids), params, request_id=f"{trace_id}-{turn}"):
+                pass
         comp = final.outputs[0]
         token_ids = list(comp.token_ids)
+        self._stats.add_output(len(token_ids), final.num_cached_tokens or 0)
+        # Spans of output positions [start, end) and the weight version the engine core stamped
+        # on the steps that sampled them (see `finish_weight_sync`).
+        versions = [int(span.version) for span in comp.weight_versions or () for _ in range(span.start, span.end)]
+        if len(versions) != len(token_ids):
+            raise RuntimeError(f"the engine labelled {len(versions)} of {len(token_ids)} sampled tokens with a weight version")
         lps = [step[tok].logprob for tok, step in zip(token_ids, comp.logprobs)]
-        return token_ids, lps, comp.finish_reason == "stop"
+        return _Turn(token_ids, lps, versions, comp.finish_reason == "stop")
 
     async def _call_tool(self, call: ParsedCall, req: RolloutRequest) -> ToolResult:
         call_id = f"call_{uuid.uuid4().hex[:24]}"
@@ -199,9 +276,27 @@ class RolloutWorker:
             sample=grader_sample(output_text, ep.tool_calls),
         )
 
+    async def engine_stats(self) -> dict[str, float]:
+        """Cumulative counters (cheap): busy_s, since_s, in_flight, generated_tokens,
+        prompt_tokens, cached_prompt_tokens, requests (see `_EngineStats`)."""
+        return self._stats.snapshot()
+
     # ---------------------------------------------------------------- weights
 
     async def begin_weight_sync(self) -> None:
+        """Pauses generation without ending in-flight requests, then readies the model for loading.
+
+        In-flight requests stay in the engine, frozen between two generation steps (vLLM's
+        pause mode "keep"); new ones queue. The KV cache is cleared now (`clear_cache=True`):
+        the prefix cache must not serve blocks the old weights computed to later requests, and
+        the in-flight requests are preempted, so on resume vLLM recomputes their context (prompt
+        and tokens so far) with the new weights before sampling on. Recomputing costs one prefill
+        per in-flight request per sync; in exchange every token sampled after the sync comes
+        from the new policy alone, so its recorded logprob is the new policy's logprob of it
+        given its whole context, and the learner's off-policy correction is exact. (Keeping the
+        old KV would sample from a mix no policy defines.)
+        """
+        await self.engine.pause_generation(mode="keep", clear_cache=True)
         await self.engine.collective_rpc("rft_begin_weight_sync")
 
     async def load_weight_bucket(self, bucket: WeightBucket) -> None:
@@ -209,9 +304,19 @@ class RolloutWorker:
         await self.engine.collective_rpc("rft_load_weight_bucket", args=bucket.staged_args())
 
     async def finish_weight_sync(self, version: int) -> None:
+        """Re-packs the loaded weights, labels them `version` and resumes generation.
+
+        The label is exact per token: the engine core stamps each step's outputs with its current
+        weight version, in its own process, at the step that sampled them, and the version is
+        changed by a message that the core handles between steps while it is paused, before the
+        resume message (its input queue is FIFO). So every token sampled before the pause carries
+        the old version and every one after the resume the new one, however late the outputs
+        reach this process.
+        """
         await self.engine.collective_rpc("rft_finish_weight_sync")
-        await self.engine.reset_prefix_cache()  # cached KV blocks were computed by the old weights
+        await self.engine.update_weight_version(str(version))
         self.weight_version = version
+        await self.engine.resume_generation()
 
     async def prompt_logprobs(self, token_ids: list[int]) -> list[float]:
         """The engine's logprob of each token given its prefix (first token: none) — the

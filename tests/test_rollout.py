@@ -15,6 +15,7 @@ from rft_cluster.driver import Trainer
 from rft_cluster.learner import Learner
 from rft_cluster.rollout_worker import RolloutRequest, SamplingSettings
 from rft_cluster.types import RolloutStatus, ToolCallStatus, Trajectory
+from rft_cluster.weight_sync import publish
 
 pytestmark = pytest.mark.slow
 
@@ -35,6 +36,17 @@ def requests_for(rows_path: Path, n: int, step: int = 0) -> list[RolloutRequest]
     ]
 
 
+def publish_model(worker, model_dir: Path, version: int) -> None:
+    """Loads a model directory's weights into the engine as `version` (the learner's protocol)."""
+    weights = AutoModelForCausalLM.from_pretrained(model_dir).named_parameters()
+    publish(((n, p.detach()) for n, p in weights), [worker], version=version, bucket_bytes=64 << 20)
+
+
+def rollouts(worker, reqs: list[RolloutRequest], settings: SamplingSettings) -> list[Trajectory]:
+    """The requests run concurrently, one Ray call each (as the driver calls them)."""
+    return ray.get([worker.rollout.remote(r, settings) for r in reqs])
+
+
 def runs(mask: list[int], value: int) -> list[tuple[int, int]]:
     """[start, end) spans where mask == value."""
     spans, start = [], None
@@ -50,7 +62,7 @@ def runs(mask: list[int], value: int) -> list[tuple[int, int]]:
 @pytest.fixture(scope="module")
 def trajectories(rollout_worker, ledger_data: Path) -> list[Trajectory]:
     settings = SamplingSettings(temperature=1.0, max_tokens_per_turn=48, max_episode_steps=4)
-    return ray.get(rollout_worker.rollout.remote(requests_for(ledger_data / "valid.jsonl", 12), settings))
+    return rollouts(rollout_worker, requests_for(ledger_data / "valid.jsonl", 12), settings)
 
 
 def test_multi_turn_trajectories_mask_everything_but_sampled_tokens(trajectories, warm_model_dir: Path) -> None:
@@ -94,7 +106,7 @@ def test_trace_id_tags_every_tool_call_of_its_rollout_only(trajectories, ledger_
 def test_budget_exhausted_when_the_model_wants_more_calls(rollout_worker, ledger_data: Path, warm_model_dir: Path) -> None:
     tok = AutoTokenizer.from_pretrained(warm_model_dir)
     settings = SamplingSettings(temperature=1.0, max_tokens_per_turn=48, max_episode_steps=0)
-    trajs = ray.get(rollout_worker.rollout.remote(requests_for(ledger_data / "valid.jsonl", 6, step=1), settings))
+    trajs = rollouts(rollout_worker, requests_for(ledger_data / "valid.jsonl", 6, step=1), settings)
     for t in trajs:
         assert t.tool_calls == [] and t.num_turns == 1  # a budget of 0 executes no call
         # A call is a closed block; one cut off by max_tokens_per_turn is no call (the turn is
@@ -107,7 +119,7 @@ def test_budget_exhausted_when_the_model_wants_more_calls(rollout_worker, ledger
 
 def test_a_rollout_past_its_time_limit_ends_as_timeout(rollout_worker, ledger_data: Path) -> None:
     settings = SamplingSettings(temperature=1.0, max_tokens_per_turn=48, max_episode_steps=4, rollout_timeout_s=0.001)
-    [t] = ray.get(rollout_worker.rollout.remote(requests_for(ledger_data / "valid.jsonl", 1, step=2), settings))
+    [t] = rollouts(rollout_worker, requests_for(ledger_data / "valid.jsonl", 1, step=2), settings)
     assert t.status == RolloutStatus.TIMEOUT and "0.001" in t.error
 
 
@@ -117,7 +129,7 @@ def test_an_engine_error_ends_that_rollout_only_as_engine_failed(rollout_worker,
     [ok, too_long] = requests_for(ledger_data / "valid.jsonl", 2, step=3)
     too_long.messages = [{"role": "user", "content": "balance? " * 3000}]
     settings = SamplingSettings(temperature=1.0, max_tokens_per_turn=48, max_episode_steps=4)
-    a, b = ray.get(rollout_worker.rollout.remote([ok, too_long], settings))
+    a, b = rollouts(rollout_worker, [ok, too_long], settings)
     assert a.status in (RolloutStatus.OK, RolloutStatus.BUDGET_EXHAUSTED)
     assert b.status == RolloutStatus.ENGINE_FAILED and "does not fit max_model_len 2048" in b.error
 
@@ -140,3 +152,48 @@ def test_weight_publish_matches_learner_logprobs(rollout_worker, trajectories, w
     assert max(abs(a - b) for a, b in zip(after, want)) < 1e-4
     n_params = sum(p.numel() for p in AutoModelForCausalLM.from_pretrained(warm_model_dir).parameters())
     assert sync.bytes == 4 * n_params  # every parameter once, tied ones once
+
+
+def test_a_rollout_in_flight_across_a_publish_goes_on_with_the_new_weights(
+    rollout_worker, ledger_data: Path, tiny_model_dir: Path, warm_model_dir: Path
+) -> None:
+    """A publish pauses the engine between two steps, loads, and resumes the rollouts it held.
+    Publishing a clearly different model (the tiny model before its warm start) mid-turn: the
+    rollouts complete; each token's version is the old one up to one boundary and the new one
+    after; tokens before it carry the old model's logprobs, tokens after it the NEW model's
+    given their whole context (neither the old weights nor KV they computed sampled them), and
+    the old model's logprobs of those later tokens differ (the check can tell the two apart)."""
+    publish_model(rollout_worker, warm_model_dir, 0)  # the old weights, whatever ran before
+    # Flattened sampling rarely picks eos: long turns that a publish can land in the middle of.
+    settings = SamplingSettings(temperature=2.0, max_tokens_per_turn=1200, max_episode_steps=4)
+    stats = ray.get(rollout_worker.engine_stats.remote())
+    *long, probe = requests_for(ledger_data / "valid.jsonl", 5, step=4)
+    refs = [rollout_worker.rollout.remote(r, settings) for r in long]
+    # A short rollout submitted after the long ones: once it ends, they have sampled tokens too.
+    ray.get(rollout_worker.rollout.remote(probe, SamplingSettings(temperature=2.0, max_tokens_per_turn=8, max_episode_steps=0)))
+    new_version = 100
+    try:
+        publish_model(rollout_worker, tiny_model_dir, new_version)
+        trajs = ray.get(refs)
+        by_new = [ray.get(rollout_worker.prompt_logprobs.remote(t.token_ids)) for t in trajs]
+    finally:
+        ray.get(refs)
+        publish_model(rollout_worker, warm_model_dir, 0)  # later tests sample from the warm model
+    by_old = [ray.get(rollout_worker.prompt_logprobs.remote(t.token_ids)) for t in trajs]
+    crossed = 0
+    for t, new, old in zip(trajs, by_new, by_old):
+        assert t.status in (RolloutStatus.OK, RolloutStatus.BUDGET_EXHAUSTED), t.error  # ended as agent loops end
+        sampled = [i for i, m in enumerate(t.loss_mask) if m]
+        versions = [t.weight_versions[i] for i in sampled]
+        boundary = versions.index(new_version) if new_version in versions else len(versions)
+        assert set(versions[:boundary]) <= {0} and set(versions[boundary:]) <= {new_version}  # one boundary
+        crossed += 0 < boundary < len(versions)
+        before, after = sampled[:boundary], sampled[boundary:]
+        # Each token's logprob is that of the weights its version names, given its whole context.
+        assert all(abs(old[i - 1] - t.logprobs[i]) < 1e-3 for i in before)
+        assert all(abs(new[i - 1] - t.logprobs[i]) < 1e-3 for i in after)
+        if after:  # and the old weights would have given the later tokens other logprobs
+            assert sum(abs(old[i - 1] - t.logprobs[i]) for i in after) / len(after) > 0.1
+    assert crossed, "the publish should land mid-turn in some rollout"
+    counts = ray.get(rollout_worker.engine_stats.remote())
+    assert counts["generated_tokens"] - stats["generated_tokens"] == sum(t.generated_tokens for t in trajs)
