@@ -31,6 +31,25 @@ def ray_local() -> Iterator[None]:
     ray.shutdown()
 
 
+class DelayedTool:
+    """An aiohttp handler that forwards tool calls to `upstream` after `delay_s`: rollouts then
+    spend most of their time waiting on tools, so a step lasts long enough to act within it."""
+
+    def __init__(self, upstream: str, delay_s: float):
+        self.upstream, self.delay_s = upstream, delay_s
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        import asyncio
+
+        import aiohttp
+
+        body = await request.read()
+        await asyncio.sleep(self.delay_s)
+        async with aiohttp.ClientSession() as session:
+            async with session.post(self.upstream, data=body, headers={"Authorization": request.headers["Authorization"]}) as up:
+                return web.Response(status=up.status, body=await up.read(), content_type=up.content_type)
+
+
 @dataclass(frozen=True)
 class S3Server:
     """moto's standalone S3 server on 127.0.0.1, with one bucket."""

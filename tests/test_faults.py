@@ -5,7 +5,6 @@ rollout worker or a tool proxy SIGKILLed mid-step."""
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 import signal
@@ -27,6 +26,7 @@ from rft_cluster.driver import Cluster, Trainer, train
 from rft_cluster.serving import ThreadedServer
 from rft_cluster.storage import RunStorage
 from rft_cluster.store import TrajectoryStore
+from tests.conftest import DelayedTool
 
 pytestmark = pytest.mark.slow
 
@@ -99,25 +99,11 @@ def test_a_third_of_tool_requests_failing_transiently_loses_no_rollout(ray_local
 # --------------------------------------------------------------------------- dead actors
 
 
-class SlowFront:
-    """Forwards tool calls to the ledger after `delay_s`, so calls are in flight most of the time."""
-
-    def __init__(self, upstream: str, delay_s: float):
-        self.upstream, self.delay_s = upstream, delay_s
-
-    async def handle(self, request: web.Request) -> web.StreamResponse:
-        body = await request.read()
-        await asyncio.sleep(self.delay_s)
-        async with aiohttp.ClientSession() as session:
-            async with session.post(self.upstream, data=body, headers={"Authorization": request.headers["Authorization"]}) as up:
-                return web.Response(status=up.status, body=await up.read(), content_type=up.content_type)
-
-
 @pytest.fixture
 def slow_tools(demo_job, ledger_env) -> Iterator[None]:
     """The demo job's tool behind a 1 s delay, and no validation (the kills happen in step 1)."""
     app = web.Application()
-    app.router.add_post("/tool", SlowFront(ledger_env.tool_url, 1.0).handle)
+    app.router.add_post("/tool", DelayedTool(ledger_env.tool_url, 1.0).handle)
     with ThreadedServer(app) as server:
         demo_job.rl.tools = [ToolSpec(name="lookup", server_url=f"{server.url}/tool", headers=ledger_env.headers)]
         demo_job.validation_file = None

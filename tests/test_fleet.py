@@ -5,7 +5,6 @@ current weights. And a run whose sampling runs one step ahead of training (max_s
 
 from __future__ import annotations
 
-import asyncio
 import json
 import re
 import subprocess
@@ -21,7 +20,7 @@ from aiohttp import web
 from rft_cluster.driver import train
 from rft_cluster.serving import ThreadedServer
 from rft_cluster.store import TrajectoryStore
-from tests.conftest import LEDGER_JOB
+from tests.conftest import LEDGER_JOB, DelayedTool
 from tests.ray_cluster import RayCluster
 
 pytestmark = pytest.mark.slow
@@ -51,22 +50,6 @@ def fake_autoscaling_config(gcs_address: str, head_cpus: int, worker_types: dict
         "file_mounts": {}, "cluster_synced_files": [], "file_mounts_sync_continuously": False,
         "rsync_exclude": [], "rsync_filter": [],
     }
-
-
-class DelayedTool:
-    """The ledger's tool behind a delay: steps long enough for a node to come up mid-run."""
-
-    def __init__(self, upstream: str, delay_s: float):
-        self.upstream, self.delay_s = upstream, delay_s
-
-    async def handle(self, request: web.Request) -> web.StreamResponse:
-        import aiohttp
-
-        body = await request.read()
-        await asyncio.sleep(self.delay_s)
-        async with aiohttp.ClientSession() as session:
-            async with session.post(self.upstream, data=body, headers={"Authorization": request.headers["Authorization"]}) as up:
-                return web.Response(status=up.status, body=await up.read(), content_type=up.content_type)
 
 
 def test_the_autoscaler_adds_a_rollout_node_and_its_worker_joins_with_current_weights(tmp_path: Path, demo_job, ledger_env) -> None:
