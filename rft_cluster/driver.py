@@ -313,8 +313,9 @@ class Trainer:
                 while next_submit <= self.steps and next_submit - step <= self.hp.max_staleness:
                     self._batches[next_submit] = self.submit(self.train_rows, next(order), self.hp.group_size, next_submit, "train")
                     next_submit += 1
-                batch = self._batches.pop(step)
+                batch = self._batches[step]
                 waiting = self.wait_for(batch)
+                del self._batches[step]
                 metrics = self.train(step, batch)
                 metrics["timing.step.waiting"] = waiting
                 # The step's own time: evaluations and checkpoints are timed apart.
