@@ -170,7 +170,7 @@ def test_a_rollout_in_flight_across_a_publish_goes_on_with_the_new_weights(
     *long, probe = requests_for(ledger_data / "valid.jsonl", 5, step=4)
     refs = [rollout_worker.rollout.remote(r, settings) for r in long]
     # A short rollout submitted after the long ones: once it ends, they have sampled tokens too.
-    ray.get(rollout_worker.rollout.remote(probe, SamplingSettings(temperature=2.0, max_tokens_per_turn=8, max_episode_steps=0)))
+    probed = ray.get(rollout_worker.rollout.remote(probe, SamplingSettings(temperature=2.0, max_tokens_per_turn=8, max_episode_steps=0)))
     new_version = 100
     try:
         publish_model(rollout_worker, tiny_model_dir, new_version)
@@ -196,4 +196,4 @@ def test_a_rollout_in_flight_across_a_publish_goes_on_with_the_new_weights(
             assert sum(abs(old[i - 1] - t.logprobs[i]) for i in after) / len(after) > 0.1
     assert crossed, "the publish should land mid-turn in some rollout"
     counts = ray.get(rollout_worker.engine_stats.remote())
-    assert counts["generated_tokens"] - stats["generated_tokens"] == sum(t.generated_tokens for t in trajs)
+    assert counts["generated_tokens"] - stats["generated_tokens"] == sum(t.generated_tokens for t in [*trajs, probed])
