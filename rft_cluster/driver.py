@@ -212,7 +212,7 @@ class Trainer:
         if isinstance(out, Lost):
             batch.record_lost(out.request, out.error, out.node_id)
             rerun = replace(out.request, trace_id=new_trace_id())
-            self.printer.console.print(f"[rft] {out.error}: re-running {out.request.trace_id} as {rerun.trace_id}", markup=False)
+            self.printer.note(f"[rft] {out.error}: re-running {out.request.trace_id} as {rerun.trace_id}")
             self._dispatch([rerun], batch)
             return
         batch.sampled()
@@ -249,7 +249,7 @@ class Trainer:
         if self.version != 0 and not self._send_weights([slot.worker], self.version):
             return  # died while loading them: replaced again
         self.cluster.fleet.joined(slot, time.perf_counter() - t0)
-        self.printer.console.print(f"[rft] rollout worker {slot.index} joined on node {slot.node_id} at weight version {self.version}", markup=False)
+        self.printer.note(f"[rft] rollout worker {slot.index} joined on node {slot.node_id} at weight version {self.version}")
         backlog, self._backlog = self._backlog, []
         for requests, batch in backlog:
             self._dispatch(requests, batch)
@@ -283,12 +283,11 @@ class Trainer:
         self.cluster = start_cluster(self.job, self.hp)
         c = self.cluster
         fleet = c.fleet.spec.fleet
-        self.printer.console.print(
+        self.printer.note(
             f"[rft] actors up in {c.startup['startup_s']:.1f} s: {c.roles()} "
             f"on {len({n for ids in c.nodes.values() for n in ids})} node(s)"
             + (f" (rollout fleet {fleet.min}..{fleet.max})" if fleet.min != fleet.max else "")
-            + f"; {self.steps} steps × {self.hp.batch_size} prompts × {self.hp.group_size} rollouts, max_staleness {self.hp.max_staleness}",
-            markup=False,
+            + f"; {self.steps} steps × {self.hp.batch_size} prompts × {self.hp.group_size} rollouts, max_staleness {self.hp.max_staleness}"
         )
         name = (self.job.suffix or "rft") + (f"-resumed-at-{self.resume_from}" if self.resume_from else "")
         logger = RunLogger(
@@ -330,7 +329,7 @@ class Trainer:
                 self.printer.print_step(step, metrics)
                 last_done = time.perf_counter()
             final = c.learner.save_hf(self.storage, "final")
-            self.printer.console.print(f"[rft] final policy saved to {final}", markup=False)
+            self.printer.note(f"[rft] final policy saved to {final}")
             return {"final": final, "output": self.storage.uri_for(), "steps": self.steps, "roles": c.roles(),
                     "fleet": {"losses": c.fleet.losses, "joins": c.fleet.joins}}
         finally:
@@ -419,7 +418,7 @@ class Trainer:
         self.staleness = Staleness(step)
         dropped = self.store.drop_after(step)
         logger.drop_after(step)
-        self.printer.console.print(f"[rft] resumed after step {step}; {dropped} later step file(s) will be redone", markup=False)
+        self.printer.note(f"[rft] resumed after step {step}; {dropped} later step file(s) will be redone")
         return step + 1
 
     def shutdown(self) -> None:

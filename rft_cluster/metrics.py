@@ -193,6 +193,8 @@ _STATUS_LABELS = {
     RolloutStatus.GRADER_FAILED: "grader",
     RolloutStatus.ENGINE_FAILED: "engine",
     RolloutStatus.TIMEOUT: "timeout",
+    RolloutStatus.WORKER_LOST: "lost",
+    RolloutStatus.STALE: "stale",
 }
 _TIMINGS = {
     "sampling": "timing.step.sampling",
@@ -218,6 +220,10 @@ class StepPrinter:
         self.console = console or Console()
         self.prefix = prefix
         self._header_printed = False
+
+    def note(self, text: str) -> None:
+        """A progress line, as is (no markup), on one line whatever the console width."""
+        self.console.print(text, markup=False, soft_wrap=True)
 
     def print_step(self, step: int, metrics: dict[str, float]) -> None:
         if not self._header_printed:
