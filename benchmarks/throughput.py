@@ -23,7 +23,7 @@ import threading
 import time
 from pathlib import Path
 from statistics import fmean
-from typing import Any
+from typing import Any, Callable
 
 from common import RESULTS, metadata, write_result  # benchmarks/common.py, beside this script
 
@@ -144,25 +144,30 @@ def rl_part(output: Path, steps: int, seed: int) -> dict[str, Any]:
     return {"sync": runs[0], "async": {f"max_staleness_{k}": runs[k] for k in (1, 2)}}
 
 
-def time_to_reward_part(output: Path, steps: int, seeds: list[int], eval_interval: int) -> list[dict[str, Any]]:
-    out = []
-    for delay in (0.0, 0.3):
-        row: dict[str, Any] = {"tool_delay_s": delay, "seeds": seeds, "sync_s": [], "async_s": [],
-                               "sync_final_reward": [], "async_final_reward": [], "curves": {}}
-        for seed in seeds:
+def time_to_reward_part(output: Path, steps: int, seeds: list[int], eval_interval: int,
+                        save: Callable[[list[dict[str, Any]]], None]) -> list[dict[str, Any]]:
+    """Per seed, sync and async 1 as shipped and with 300 ms tools; `save`s the rows after each
+    pair of runs, so a cut-short invocation keeps the seeds it finished."""
+    rows = [{"tool_delay_s": delay, "seeds": [], "sync_s": [], "async_s": [], "sync_final_reward": [],
+             "async_final_reward": [], "speedup": [], "curves": {}} for delay in (0.0, 0.3)]
+    for seed in seeds:
+        for row in rows:
+            delay = row["tool_delay_s"]
             sync = rl_run(output, seed=seed, steps=steps, max_staleness=0, eval_interval=eval_interval, tool_delay_s=delay)
             fast = rl_run(output, seed=seed, steps=steps, max_staleness=1, eval_interval=eval_interval, tool_delay_s=delay)
             target = sync["final_reward"]
-            row["sync_s"].append(time_to(sync["valid_curve"], target))
-            row["async_s"].append(time_to(fast["valid_curve"], target))
+            s, a = time_to(sync["valid_curve"], target), time_to(fast["valid_curve"], target)
+            row["seeds"].append(seed)
+            row["sync_s"].append(s)
+            row["async_s"].append(a)
             row["sync_final_reward"].append(target)
             row["async_final_reward"].append(fast["final_reward"])
+            row["speedup"].append(round(s / a, 2) if s and a else None)
             row["curves"][str(seed)] = {"sync": sync["valid_curve"], "async": fast["valid_curve"],
-                                        "sync_step_s": sync["step_s"], "async_step_s": fast["step_s"]}
-        done = [(s, a) for s, a in zip(row["sync_s"], row["async_s"]) if s and a]
-        row["speedup"] = [round(s / a, 2) for s, a in done]
-        out.append(row)
-    return out
+                                        "sync_step_s": sync["step_s"], "async_step_s": fast["step_s"],
+                                        "sync_rollouts_per_s": sync["rollouts_per_s"], "async_rollouts_per_s": fast["rollouts_per_s"]}
+            save(rows)
+    return rows
 
 
 def plot(result: dict[str, Any], results: Path) -> None:
@@ -219,7 +224,11 @@ def main() -> int:
         if part == "rl":
             result.update(rl_part(output, args.steps, args.seeds[0]))
         elif part == "time_to_reward":
-            result["time_to_reward"] = time_to_reward_part(output, args.steps, args.seeds, args.eval_interval)
+            def save(rows: list[dict[str, Any]]) -> None:
+                result["time_to_reward"] = rows
+                write_result(results, "throughput.json", result)
+
+            time_to_reward_part(output, args.steps, args.seeds, args.eval_interval, save)
         elif part == "generation":
             import bench_generation
 
