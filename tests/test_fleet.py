@@ -59,7 +59,8 @@ def test_the_autoscaler_adds_a_rollout_node_and_its_worker_joins_with_current_we
         job = yaml.safe_load(LEDGER_JOB.read_text())
         rl = job["method"]["reinforcement"]
         rl["hyperparameters"].update(batch_size=2, max_steps=24)
-        rl["grader"] = {"type": "endpoint", "name": "by-trace", "url": demo_job.rl.grader.url}
+        rl["grader"] = {"type": "endpoint", "name": "by-trace", "url": demo_job.rl.grader.url,
+                        "headers": {"Authorization": "Bearer ${RFT_DEMO_TOKEN}"}}
         rl["tools"][0]["server_url"] = f"{tool.url}/tool"
         job.pop("validation_file")
         job["cluster"].update(rollout_workers={"min": 1, "max": 2}, placement_timeout_s=120,
