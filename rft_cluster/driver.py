@@ -87,6 +87,7 @@ def start_cluster(job: JobSpec, hp: ResolvedHyperparameters) -> Cluster:
         graders = [ray.remote(GraderActor).options(**o, **restart).remote(rl.grader, rl.tool_settings) for o in placement["grader"].all_options()]
         model = str(_model_path(job))
         fleet = RolloutFleet(c, model, job.seed, proxies)
+        fleet.launch()  # engines start while the learner's ranks do
         learner = LearnerGroup(
             model, c.learner, hp.learning_rate, hp.clip_epsilon, job.seed, hp.warmup_steps, hp.kl_coef,
             placement["learner"].all_options(),

@@ -68,19 +68,22 @@ class RolloutFleet:
 
     # ------------------------------------------------------------------ life cycle
 
-    def start(self) -> dict[str, float]:
-        """Asks for every slot, waits `placement_timeout_s` for `min` of them to be placed
-        (else frees everything and raises PlacementError naming what is missing), then for their
-        engines. The other slots keep waiting for room and join later (`poll`)."""
+    def launch(self) -> None:
+        """Asks for every slot and starts an engine in each as soon as it is placed (returns at once)."""
+        self._t0 = time.perf_counter()
         for s in self.slots:
             p = s.placement
             if p.bundle:
                 p.group = placement_group([p.bundle], name=f"rft-rollout_worker-{s.index}",
                                           bundle_label_selector=[p.labels] if p.labels else None)
             self._launch(s)
+
+    def start(self) -> dict[str, float]:
+        """Waits `placement_timeout_s` for `min` slots to be placed (else frees everything and
+        raises PlacementError naming what is missing), then for the first `min` engines to come
+        up. The other slots keep waiting for room and join later (`poll`)."""
         need = self.spec.fleet.min
         placed = [s.placement.group.ready() for s in self.slots if s.placement.group is not None]
-        t0 = time.perf_counter()
         if placed:
             ready, _ = ray.wait(placed, num_returns=min(need, len(placed)), timeout=self.spec.placement_timeout_s)
             missing = need - len(ready) - (len(self.slots) - len(placed))
@@ -89,12 +92,11 @@ class RolloutFleet:
                 message = describe_missing([unplaced], self.spec.placement_timeout_s)
                 self.remove()
                 raise PlacementError(message)
-        # Engines of slots placed in time start now; the first `min` of them to come up begin sampling.
         starting = {s.starting: s for s in self.slots}
         up, _ = ray.wait(list(starting), num_returns=need)
         for ref in up:
             self._started(starting[ref], ref)
-        return {"startup_s": time.perf_counter() - t0}
+        return {"startup_s": time.perf_counter() - self._t0}
 
     def _launch(self, s: Slot) -> None:
         s.worker = ray.remote(RolloutWorker).options(**s.placement.options(0), max_restarts=0).remote(

@@ -72,9 +72,9 @@ def test_the_autoscaler_adds_a_rollout_node_and_its_worker_joins_with_current_we
         env = {"RFT_DEMO_DIR": str(tmp_path), "RFT_DEMO_URL": ledger_env.base_url,
                "RFT_DEMO_TOKEN": ledger_env.token, "WANDB_SILENT": "true", "HF_HUB_OFFLINE": "1"}
         config_file = tmp_path / "autoscaler.yaml"
-        # The autoscaler looks every 15 s: the second node comes up after the run has published
+        # The autoscaler looks every 30 s: the second node comes up after the run has published
         # weights, so the joiner has to load them (a join at version 0 would prove nothing).
-        cluster = RayCluster(env=env, head_cpus=2, head_env={"RAY_FAKE_CLUSTER": "1", "AUTOSCALER_UPDATE_INTERVAL_S": "15"})
+        cluster = RayCluster(env=env, head_cpus=2, head_env={"RAY_FAKE_CLUSTER": "1", "AUTOSCALER_UPDATE_INTERVAL_S": "30"})
         rollout_type = {"resources": {"CPU": 1, "rollout_node": 1}, "node_config": {}, "min_workers": 1, "max_workers": 2}
         config_file.write_text(json.dumps(fake_autoscaling_config(cluster.address, 2, {"rollout": rollout_type})))
         cluster.head_args = (f"--autoscaling-config={config_file}",)

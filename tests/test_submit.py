@@ -211,6 +211,7 @@ def test_a_fleet_below_its_min_is_named_within_the_timeout(ray_local: None) -> N
     spec = ClusterSpec(rollout_workers={"min": 2, "max": 3}, placement_timeout_s=2,
                        resources={"rollout_worker": RoleResources(cpus=1, resources={"rollout_node": 1})})
     fleet = RolloutFleet(spec, "unused-model", 0, [])
+    fleet.launch()
     with pytest.raises(PlacementError) as e:
         fleet.start()
     message = str(e.value)
