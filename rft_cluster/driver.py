@@ -194,8 +194,8 @@ class Trainer:
         """Waits up to `timeout` for rollouts, grades or engines, and handles all that are ready."""
         fleet = self.cluster.fleet
         refs = [*self._rollouts, *self._grades, *fleet.pending()]
-        if not refs:
-            return
+        if not refs:  # rollouts wait for a worker, and none is up or starting
+            raise RuntimeError("no rollout worker is left to run the waiting rollouts (every slot gave up; see the lines above)")
         ready, _ = ray.wait(refs, num_returns=1, timeout=timeout)
         if ready:  # and everything else already done
             ready, _ = ray.wait(refs, num_returns=len(refs), timeout=0)
@@ -249,7 +249,7 @@ class Trainer:
         # Version 0 is the model the engine loaded itself.
         if self.version != 0 and not self._send_weights([slot.worker], self.version):
             return  # died while loading them: replaced again
-        self.cluster.fleet.joined(slot, time.perf_counter() - t0)
+        self.cluster.fleet.joined(slot, self.version, time.perf_counter() - t0)
         self.printer.note(f"[rft] rollout worker {slot.index} joined on node {slot.node_id} at weight version {self.version}")
         backlog, self._backlog = self._backlog, []
         for requests, batch in backlog:

@@ -27,6 +27,8 @@ from rft_cluster.placement import PlacementError, RolePlacement, actor_nodes, bu
 from rft_cluster.rollout_worker import RolloutRequest, RolloutWorker, SamplingSettings
 from rft_cluster.types import Trajectory
 
+MAX_SLOT_RESTARTS = 3  # replacements of a worker that keeps dying before it comes up
+
 
 @dataclass
 class Slot:
@@ -65,6 +67,7 @@ class RolloutFleet:
         self._rollouts: dict[Any, tuple[Slot, Any, RolloutRequest]] = {}  # ref -> (slot, its worker then, request)
         self.joins: list[dict[str, Any]] = []  # one record per worker that joined after the start
         self.losses = 0
+        self._t0 = time.perf_counter()
 
     # ------------------------------------------------------------------ life cycle
 
@@ -114,24 +117,41 @@ class RolloutFleet:
 
     def poll(self, ready: list[Any]) -> list[Slot]:
         """The slots whose engines came up among `ready` refs: they need the current weights,
-        then `joined()`. A replacement that fails to start is retried once per loss."""
+        then `joined()`. A worker that died while starting is replaced (up to
+        MAX_SLOT_RESTARTS times a slot); one whose engine failed to start is reported and its
+        slot given up, so the run goes on with the others."""
         out = []
         for s in self.slots:
-            if s.starting is not None and s.starting in ready:
-                try:
-                    ray.get(s.starting)
-                    s.node_id = actor_nodes([s.worker])[0]
-                except RayActorError as e:  # died while starting: start another in its slot
+            if s.starting is None or s.starting not in ready:
+                continue
+            try:
+                ray.get(s.starting)
+                s.node_id = actor_nodes([s.worker])[0]
+            except RayActorError as e:
+                if s.restarts < MAX_SLOT_RESTARTS:
                     self._replace(s, type(e).__name__)
-                    continue
-                s.starting = None
-                out.append(s)
+                else:
+                    self._give_up(s, f"died {s.restarts + 1} times while starting")
+                continue
+            except Exception as e:  # noqa: BLE001 - a late worker's failure must not end the run
+                self._give_up(s, f"{type(e).__name__}: {str(e)[:300]}")
+                continue
+            s.starting = None
+            out.append(s)
         return out
 
-    def joined(self, s: Slot, seconds_to_weights: float) -> None:
+    def _give_up(self, s: Slot, reason: str) -> None:
+        print(f"[rft] rollout worker {s.index} could not start ({reason}); the run goes on without it", flush=True)
+        ray.kill(s.worker)
+        s.worker, s.starting, s.up = None, None, False
+        if s.placement.group is not None:
+            remove_placement_group(s.placement.group)
+            s.placement.group = None
+
+    def joined(self, s: Slot, version: int, seconds_to_weights: float) -> None:
         s.up = True
-        self.joins.append({"slot": s.index, "node_id": s.node_id, "start_s": round(time.perf_counter() - s.started_at, 2),
-                           "weights_s": round(seconds_to_weights, 3)})
+        self.joins.append({"slot": s.index, "node_id": s.node_id, "version": version,
+                           "start_s": round(time.perf_counter() - s.started_at, 2), "weights_s": round(seconds_to_weights, 3)})
 
     def remove(self) -> None:
         """Ends every worker and frees the slots' placement groups."""
