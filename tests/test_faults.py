@@ -115,15 +115,15 @@ def _pid(_actor: Any) -> int:
 
 
 def run_killing(trainer: Trainer, victim: Callable[[Cluster], Any], step: int) -> tuple[dict[str, Any], int]:
-    """Runs `trainer`, SIGKILLing the process of actor `victim(cluster)` 2 s into `step` (its
-    rollouts are then waiting on the 1 s tool calls). Returns (run result, the killed pid)."""
+    """Runs `trainer`, SIGKILLing the process of actor `victim(cluster)` 0.5 s into `step` (its
+    rollouts are then waiting on their first 1 s tool calls). Returns (run result, the killed pid)."""
     killed: list[int] = []
 
     def watch() -> None:
         deadline = time.monotonic() + 600
         while time.monotonic() < deadline:
             batch = trainer._batches.get(step)
-            if batch is not None and batch.ended < batch.expected and time.perf_counter() - batch.submitted_at > 2:
+            if batch is not None and batch.ended < batch.expected and time.perf_counter() - batch.submitted_at > 0.5:
                 pid = ray.get(victim(trainer.cluster).__ray_call__.remote(_pid))
                 os.kill(pid, signal.SIGKILL)
                 killed.append(pid)
