@@ -66,6 +66,8 @@ def test_rollout_metrics_hand_computed() -> None:
         "train_status/grader_failed": 1,
         "train_status/engine_failed": 0,
         "train_status/timeout": 0,
+        "train_status/worker_lost": 0,
+        "train_status/stale": 0,
     })
 
 
