@@ -81,7 +81,7 @@ def test_two_ranks_take_the_one_rank_step(tiny_model_dir: Path, ray_local: None,
         batch = group_batch(group, tiny_model_dir, [1.5, -0.5, 0.7, -1.2, 0.3], seed=2, off_policy=0.3)
         before = group_weights(group)
         t0 = time.perf_counter()
-        sync = group.train_step(batch)
+        stats = group.train_step(batch)
         runs.append((stats, time.perf_counter() - t0, before, group_weights(group)))
     (m1, s1, before, w1), (m2, s2, _, w2) = runs
     assert m1["clip_fraction"] > 0
