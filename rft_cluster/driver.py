@@ -88,6 +88,7 @@ def start_cluster(job: JobSpec, hp: ResolvedHyperparameters) -> Cluster:
         model = str(_model_path(job))
         fleet = RolloutFleet(c, model, job.seed, proxies)
         fleet.launch()  # engines start while the learner's ranks do
+        fleet.placed()
         learner = LearnerGroup(
             model, c.learner, hp.learning_rate, hp.clip_epsilon, job.seed, hp.warmup_steps, hp.kl_coef,
             placement["learner"].all_options(),

@@ -81,10 +81,9 @@ class RolloutFleet:
                                           bundle_label_selector=[p.labels] if p.labels else None)
             self._launch(s)
 
-    def start(self) -> dict[str, float]:
-        """Waits `placement_timeout_s` for `min` slots to be placed (else frees everything and
-        raises PlacementError naming what is missing), then for the first `min` engines to come
-        up. The other slots keep waiting for room and join later (`poll`)."""
+    def placed(self) -> None:
+        """Waits `placement_timeout_s` for `min` slots to be placed; else frees everything and
+        raises PlacementError naming what is missing."""
         need = self.spec.fleet.min
         placed = [s.placement.group.ready() for s in self.slots if s.placement.group is not None]
         if placed:
@@ -95,6 +94,11 @@ class RolloutFleet:
                 message = describe_missing([unplaced], self.spec.placement_timeout_s)
                 self.remove()
                 raise PlacementError(message)
+
+    def start(self) -> dict[str, float]:
+        """Waits for the first `min` engines to come up; the other slots keep waiting for room
+        and join later (`poll`)."""
+        need = self.spec.fleet.min
         starting = {s.starting: s for s in self.slots}
         up, _ = ray.wait(list(starting), num_returns=need)
         for ref in up:

@@ -213,7 +213,7 @@ def test_a_fleet_below_its_min_is_named_within_the_timeout(ray_local: None) -> N
     fleet = RolloutFleet(spec, "unused-model", 0, [])
     fleet.launch()
     with pytest.raises(PlacementError) as e:
-        fleet.start()
+        fleet.placed()
     message = str(e.value)
     assert message.startswith("could not place rollout_worker within 2 s: rollout_worker needs 2 x {CPU=1, rollout_node=1}")
     assert all(g["state"] == "REMOVED" for g in ray.util.placement_group_table().values() if g["name"].startswith("rft-rollout"))
