@@ -118,7 +118,7 @@ def rl_run(output: Path, *, seed: int, steps: int, max_staleness: int, eval_inte
         elapsed += records[s].get("timing.step.full_iteration", 0.0)
         if "valid_reward_mean" in records[s]:
             curve.append((round(elapsed, 1), round(records[s]["valid_reward_mean"], 4)))
-    busy = [(records[s]["pipeline/engine_busy"], it) for s, it in zip(range(1, steps + 1), iterations) if "pipeline/engine_busy" in records[s]]
+    busy = engine_busy(records, steps)
     return {
         "max_staleness": max_staleness, "seed": seed, "steps": steps, "tool_delay_s": tool_delay_s,
         "rl_wall_s": round(wall, 1),
@@ -126,12 +126,20 @@ def rl_run(output: Path, *, seed: int, steps: int, max_staleness: int, eval_inte
         "rollouts_per_s": round(len(train) / wall, 3),
         "generated_tokens_per_s": round(sum(r["generated_tokens"] for r in train) / wall, 1),
         "tool_calls_per_s": round(sum(len(r["tool_calls"]) for r in train) / wall, 3),
-        "engine_busy": round(sum(b * it for b, it in busy) / sum(it for _, it in busy), 3) if busy else None,
+        "engine_busy": busy,
         "cpu_utilisation": cpu.mean(start, start + wall),
         "staleness_mean": round(fmean(records[s].get("pipeline/staleness_mean", 0.0) for s in range(1, steps + 1)), 3),
         "valid_curve": curve,
         "final_reward": curve[-1][1] if curve else None,
     }
+
+
+def engine_busy(records: dict[int, dict[str, Any]], steps: int) -> float | None:
+    """The engines' busy share over steps 2..N, weighted by each step's time (step 1 starts the
+    pipeline from empty, and drivers before the fix logged 0 for it)."""
+    busy = [(records[s]["pipeline/engine_busy"], records[s]["timing.step.full_iteration"])
+            for s in range(2, steps + 1) if "pipeline/engine_busy" in records[s]]
+    return round(sum(b * t for b, t in busy) / sum(t for _, t in busy), 3) if busy else None
 
 
 def time_to(curve: list[tuple[float, float]], target: float) -> float | None:

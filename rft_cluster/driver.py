@@ -309,6 +309,7 @@ class Trainer:
             for _ in range(first - 1):
                 next(order)
             next_submit, last_done = first, time.perf_counter()
+            self._engine_busy()  # the mark the first step's busy share is measured from
             for step in range(first, self.steps + 1):
                 # Sampling runs ahead: steps up to `step + max_staleness` are in flight.
                 while next_submit <= self.steps and next_submit - step <= self.hp.max_staleness:
