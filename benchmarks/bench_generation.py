@@ -169,15 +169,18 @@ def run(model: str | None = None, prompts: int = 32, group: int = 4, repeats: in
             model_dir, data = Path(model), Path(tmp) / "data"
             write_datasets(data, seed=LEDGER_SEED)
         rows = load_rows(data / "train.jsonl")
-        os.environ.setdefault("RAY_TMPDIR", tempfile.mkdtemp(prefix="rt-", dir="/tmp"))
-        ray.init(num_cpus=4, include_dashboard=False)
+        own_ray = not ray.is_initialized()  # inside benchmarks/throughput.py Ray is up already
+        if own_ray:
+            os.environ.setdefault("RAY_TMPDIR", tempfile.mkdtemp(prefix="rt-", dir="/tmp"))
+            ray.init(num_cpus=4, include_dashboard=False)
         try:
             with ledger_tools() as tools:
                 proxy = ray.remote(num_cpus=0)(ToolProxy).remote(tools, ToolSettings())
                 worker = RolloutWorker(str(model_dir), EngineSpec(dtype="float32", max_model_len=2048), 0, [proxy])
                 return asyncio.run(measure(worker, rows, prompts, group, repeats))
         finally:
-            ray.shutdown()
+            if own_ray:
+                ray.shutdown()
 
 
 def main() -> int:
