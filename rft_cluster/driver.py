@@ -251,7 +251,9 @@ class Trainer:
         if self.version != 0 and not self._send_weights([slot.worker], self.version):
             return  # died while loading them: replaced again
         self.cluster.fleet.joined(slot, self.version, time.perf_counter() - t0)
-        self.printer.note(f"[rft] rollout worker {slot.index} joined on node {slot.node_id} at weight version {self.version}")
+        j = self.cluster.fleet.joins[-1]
+        self.printer.note(f"[rft] rollout worker {slot.index} joined on node {slot.node_id} at weight version {self.version} "
+                          f"({j['start_s']:.1f} s after it was asked for; weights loaded in {j['weights_s']:.2f} s)")
         backlog, self._backlog = self._backlog, []
         for requests, batch in backlog:
             self._dispatch(requests, batch)
