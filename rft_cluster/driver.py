@@ -157,8 +157,11 @@ class Trainer:
             max_tokens_per_turn=self.hp.max_tokens_per_turn,
             max_episode_steps=job.rl.max_episode_steps,
             rollout_timeout_s=job.rl.tool_settings.rollout_timeout_s,
+            reasoning_effort=None if job.rl.hyperparameters.reasoning_effort == "default" else job.rl.hyperparameters.reasoning_effort,
         )
         self.store = TrajectoryStore(output)
+        # OpenAI's graders that score on a scale carry it; string_check and multi do not.
+        self.pass_threshold: float | None = getattr(job.grader, "pass_threshold", None)
         self.printer = printer or StepPrinter()
         self.cluster: Cluster | None = None
         # The loop's state: what is in flight, and the weight version the engines hold.
@@ -274,12 +277,21 @@ class Trainer:
         adv = group_advantages([t.reward for t in kept], [t.group_id for t in kept], scale_advantages)
         return [TrainSample(t.token_ids, t.loss_mask, t.logprobs, a) for t, a in zip(kept, adv) if a != 0.0]
 
+    def warm_up(self) -> float:
+        """One GRPO group per rollout worker on the first prompts, not graded into any metric and
+        not stored: a cold engine (kernels not yet built, caches not allocated) and cold tool
+        connections would make the baseline evaluation look slower than every later one."""
+        rows = self.valid_rows or self.train_rows
+        workers = len(self.cluster.fleet.workers)
+        batch = self.submit(rows, [i % len(rows) for i in range(workers)], self.hp.group_size, 0, "warmup")
+        return self.wait_for(batch)
+
     def evaluate(self, step: int) -> dict[str, float]:
         """Validation rollouts on the current weights (no publish happens until they end), stored as kind=eval."""
         batch = self.submit(self.valid_rows, list(range(len(self.valid_rows))), self.hp.eval_samples, step, "eval")
         self.wait_for(batch)
         self.store.append(batch.trajs, kind="eval")
-        return {**rollout_metrics(batch.trajs, prefix="valid"), "timing.step.eval": batch.completed_at - batch.submitted_at}
+        return {**rollout_metrics(batch.trajs, prefix="valid", pass_threshold=self.pass_threshold), "timing.step.eval": batch.completed_at - batch.submitted_at}
 
     # ------------------------------------------------------------------ loop
 
@@ -307,7 +319,9 @@ class Trainer:
             if self.resume_from is not None:
                 first = self._restore(self.resume_from, logger)
             elif self.valid_rows:
-                logger.log(0, self.evaluate(0), nodes=c.nodes)
+                warm = self.warm_up()
+                self.printer.note(f"[rft] engines warmed up in {warm:.1f} s ({len(c.fleet.workers)} group(s), not stored); baseline evaluation next")
+                logger.log(0, {**self.evaluate(0), "timing.warmup": warm}, nodes=c.nodes)
             for _ in range(first - 1):
                 next(order)
             next_submit, last_done = first, time.perf_counter()
@@ -362,7 +376,7 @@ class Trainer:
             "pipeline/engine_busy": self._engine_busy(),
         })
         return {
-            **rollout_metrics(trajs, prefix="train"),
+            **rollout_metrics(trajs, prefix="train", pass_threshold=self.pass_threshold),
             "train/trained_samples": float(len(samples)),
             **{f"train/{k}": float(v) for k, v in learner_stats.items()},
             **{f"train/{k}": float(v) for k, v in sync.items()},

@@ -13,6 +13,7 @@ import math
 import shutil
 import sys
 import tempfile
+import uuid
 from collections import Counter
 from pathlib import Path
 from statistics import fmean
@@ -30,11 +31,13 @@ REDACTED = "<redacted>"
 MALFORMED_TOOL_KEY = "_malformed"
 
 
-def rollout_metrics(trajs: list[Trajectory], prefix: str = "train") -> dict[str, float]:
+def rollout_metrics(trajs: list[Trajectory], prefix: str = "train", pass_threshold: float | None = None) -> dict[str, float]:
     """Aggregates one step's rollouts into `{prefix}_...` metrics.
 
     - `reward_mean`: the grader's score, over rollouts it scored (failed ones have none);
       `shaped_reward_mean`: the reward trained on (score minus penalties), over the same.
+    - `pass_rate` (when the grader sets `pass_threshold`): the fraction of scored rollouts whose
+      score is at least the threshold.
     - `tool_calls_per_rollout[/<tool>]`: calls (of that tool; `_malformed` for unparseable calls)
       divided by all rollouts.
     - `tool_latency_mean_s`: over all calls; `tool_errors`: calls whose status is not `ok`.
@@ -55,6 +58,8 @@ def rollout_metrics(trajs: list[Trajectory], prefix: str = "train") -> dict[str,
 
     put_mean("reward_mean", [t.score for t in trajs if t.score is not None])
     put_mean("shaped_reward_mean", [t.reward for t in trajs if t.reward is not None])
+    if pass_threshold is not None:
+        put_mean("pass_rate", [float(t.score >= pass_threshold) for t in trajs if t.score is not None])
     # Graded = the grader ran: it returned a score or failed; other rollouts never reached it.
     graded = [t for t in trajs if t.reward is not None or t.status == RolloutStatus.GRADER_FAILED]
     put_mean("grader_latency_mean_s", [t.grader_latency_s for t in graded])
@@ -114,6 +119,7 @@ class RunLogger:
     """
 
     METRICS = "metrics.jsonl"
+    WANDB_ID = "wandb/run_id"
 
     def __init__(
         self,
@@ -136,7 +142,11 @@ class RunLogger:
                 self._staging = Path(tempfile.mkdtemp(prefix="rft-wandb-"))
             parent = local or self._staging
             parent.mkdir(parents=True, exist_ok=True)
-            self._run = wandb.init(mode=wandb_mode, dir=parent, project=project, name=job_name, config=redact(config))
+            # One W&B run per output: a resumed run continues the id the first one recorded.
+            run_id = self.storage.read_text(self.WANDB_ID).strip() if self.storage.exists(self.WANDB_ID) else uuid.uuid4().hex[:12]
+            self._run = wandb.init(mode=wandb_mode, dir=parent, project=project, name=job_name, config=redact(config),
+                                   id=run_id, resume="allow")
+            self.storage.write_text(self.WANDB_ID, run_id)
             self.wandb_run_dir = Path(self._run.dir).parent
 
     def log(self, step: int, metrics: dict[str, float], nodes: dict[str, list[str]] | None = None) -> None:
