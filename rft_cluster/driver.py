@@ -161,7 +161,7 @@ class Trainer:
         )
         self.store = TrajectoryStore(output)
         # OpenAI's graders that score on a scale carry it; string_check and multi do not.
-        self.pass_threshold: float | None = getattr(job.grader, "pass_threshold", None)
+        self.pass_threshold: float | None = getattr(job.rl.grader, "pass_threshold", None)
         self.printer = printer or StepPrinter()
         self.cluster: Cluster | None = None
         # The loop's state: what is in flight, and the weight version the engines hold.

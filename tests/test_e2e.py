@@ -22,6 +22,7 @@ pytestmark = pytest.mark.slow
 
 def test_two_step_train_runs_every_role_and_writes_every_output(ray_local, demo_job, tmp_path: Path, ledger_env) -> None:
     out = tmp_path / "run"
+    seen_before = ledger_env.trace_ids()  # the servers are the session's
     result = train(demo_job, out, max_steps=2)
     assert result["steps"] == 2 and result["roles"] == {"rollout_worker": 1, "tool_proxy": 1, "grader": 1, "learner": 1}
 
@@ -57,6 +58,10 @@ def test_two_step_train_runs_every_role_and_writes_every_output(ray_local, demo_
         assert m["train/trained_samples"] == m["train/samples"] > 0 and "train/loss" in m
         assert m["timing.step.full_iteration"] >= m["timing.step.sampling"] > 0
     assert "valid_reward_mean" in steps[0] and "valid_reward_mean" in steps[2]
+    # The engines were warmed before the baseline: the warm-up's group (4 rollouts) reached the
+    # tool server under trace ids of their own and was stored nowhere (16 eval rows above).
+    warm_up = ledger_env.trace_ids() - seen_before - {r["trace_id"] for r in rows}
+    assert steps[0]["timing.warmup"] > 0 and 0 < len(warm_up) <= 4
     [run_dir] = (out / "wandb").glob("offline-run-*")
     history = wandb_history(run_dir)
     assert history[2]["train_rollouts"] == 8 and "timing.step.weight_sync" in history[2]
