@@ -62,7 +62,7 @@ class Hostile:
             "escape-tool": json.dumps({"output": ESCAPES}),
             "score-huge": '{"score": 1e308}',
             "score-two": '{"score": 2}',
-            "score-half": '{"score": 0.5}',
+            "deep-tool": "[" * 5000 + "]" * 5000,  # deeper than the JSON parser recurses
         }
         if kind in raw:
             return web.Response(text=raw[kind], content_type="application/json")
@@ -129,6 +129,11 @@ async def test_grader_error_holding_a_lone_surrogate_is_stored(tmp_path: Path) -
     result = await grade({"type": "python", "name": "py", "source": "def grade(sample, item):\n    raise ValueError('cut \\ud83d')\n"})
     assert result.score is None and "cut \ufffd" in result.error
     TrajectoryStore(tmp_path).append([trajectory([], grader_error=result.error)])
+
+
+async def test_json_too_deep_to_parse_is_a_bad_response_not_a_crash(hostile: Hostile) -> None:
+    result = await call_tool(hostile.at("deep-tool"))  # before, RecursionError escaped the proxy's batch
+    assert result.status is ToolCallStatus.BAD_RESPONSE and "string 'output'" in result.output
 
 
 # --- scores: finite and inside score_range, or grader_failed ---------------------------------
@@ -256,13 +261,15 @@ def corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
-@pytest.mark.parametrize("path", ["acme\x00.txt", "x" * 5000, "x/" * 3000, "loop.txt"])
-async def test_finqa_tools_answer_unusable_paths_with_4xx(corpus: Path, path: str) -> None:
+@pytest.mark.parametrize("path", ["acme\x00.txt", "x" * 5000, "x/" * 3000, "loop.txt", None])
+async def test_finqa_tools_answer_unusable_paths_with_4xx(corpus: Path, path: str | None) -> None:
+    # None: arguments nested deeper than the JSON parser goes, as a model could write them.
+    arguments = "[" * 5000 if path is None else json.dumps({"path": path})
     with FinQAServers(corpus, backend="bm25") as env:
         for name in ("cat", "list"):
             proxy = ToolProxy(env.tool_specs(), FAST)
             try:
-                result = await proxy.call(name, json.dumps({"path": path}), "call_1", "trace_1", ITEM)
+                result = await proxy.call(name, arguments, "call_1", "trace_1", ITEM)
             finally:
                 await proxy.close()
             assert result.status is ToolCallStatus.CLIENT_ERROR and result.http_status == 400, (name, result.output[:200])

@@ -12,12 +12,12 @@ neither hang nor crash the server.
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 from typing import Any
 
 from rft_cluster.envs.finqa.search import Backend, make_searcher
+from rft_cluster.untrusted import loads
 
 log = logging.getLogger(__name__)
 DEFAULT_K = 3
@@ -106,7 +106,7 @@ class FinQATools:
         """The output of one call (`arguments` a JSON object string, as the protocol carries it);
         raises ToolError for a call the tools refuse, malformed ones included."""
         try:
-            args = json.loads(arguments)
+            args = loads(arguments)  # nesting too deep for the parser is a ValueError too
         except (TypeError, ValueError):
             raise ToolError(400, "arguments must be a JSON object string") from None
         if not isinstance(args, dict):
