@@ -40,7 +40,32 @@ class ToolSpec(Strict):
 # --- graders ---------------------------------------------------------------------------------
 
 
-class StringCheckGrader(Strict):
+def _finite_interval(name: str, value: tuple[float, float]) -> tuple[float, float]:
+    low, high = value
+    if not (math.isfinite(low) and math.isfinite(high) and low < high):
+        raise ValueError(f"{name} must be [min, max] with finite min < max, got {list(value)}")
+    return value
+
+
+# The widest score_range: rewards far beyond it would overflow a group's statistics (1e308 + 1e308).
+MAX_SCORE_MAGNITUDE = 1e6
+
+
+class GraderCommon(Strict):
+    """What every grader accepts. `score_range` (ours) declares the scores it may give, bounds
+    included: any other score, like a non-finite one, fails the grade (`grader_failed`)."""
+
+    score_range: tuple[float, float] = (0.0, 1.0)
+
+    @field_validator("score_range")
+    @classmethod
+    def _score_range_is_an_interval(cls, value: tuple[float, float]) -> tuple[float, float]:
+        if max(abs(v) for v in _finite_interval("score_range", value)) > MAX_SCORE_MAGNITUDE:
+            raise ValueError(f"score_range bounds must lie within ±{MAX_SCORE_MAGNITUDE:g}, got {list(value)}")
+        return value
+
+
+class StringCheckGrader(GraderCommon):
     type: Literal["string_check"]
     name: str = "string_check"
     input: str  # template, e.g. "{{sample.output_text}}"
@@ -48,7 +73,7 @@ class StringCheckGrader(Strict):
     operation: Literal["eq", "ne", "like", "ilike"] = "eq"
 
 
-class TextSimilarityGrader(Strict):
+class TextSimilarityGrader(GraderCommon):
     """Similarity of two rendered templates in [0, 1] (metrics: rft_cluster/graders/text_similarity.py)."""
 
     type: Literal["text_similarity"]
@@ -61,7 +86,7 @@ class TextSimilarityGrader(Strict):
     pass_threshold: float | None = None
 
 
-class EndpointGrader(Strict):
+class EndpointGrader(GraderCommon):
     type: Literal["endpoint"]
     name: str = "endpoint"
     url: str
@@ -91,7 +116,7 @@ class JudgeSamplingParams(Strict):
     reasoning_effort: Literal["none", "minimal", "low", "medium", "high", "xhigh"] | None = None
 
 
-class ScoreModelGrader(Strict):
+class ScoreModelGrader(GraderCommon):
     """An LLM judge on any OpenAI-compatible chat endpoint (`base_url`, `headers` are ours)."""
 
     type: Literal["score_model"]
@@ -107,13 +132,10 @@ class ScoreModelGrader(Strict):
     @field_validator("range")
     @classmethod
     def _range_is_an_interval(cls, value: tuple[float, float]) -> tuple[float, float]:
-        low, high = value
-        if not (math.isfinite(low) and math.isfinite(high) and low < high):
-            raise ValueError(f"range must be [min, max] with finite min < max, got {list(value)}")
-        return value
+        return _finite_interval("range", value)
 
 
-class PythonGrader(Strict):
+class PythonGrader(GraderCommon):
     """`grade(sample, item) -> float` from `source`, run in a limited child process (graders/python.py)."""
 
     type: Literal["python"]
@@ -136,7 +158,7 @@ class PythonGrader(Strict):
         return source
 
 
-class MultiGrader(Strict):
+class MultiGrader(GraderCommon):
     """Sub-graders run concurrently, combined by `calculate_output` over their names."""
 
     type: Literal["multi"]

@@ -36,6 +36,12 @@ __all__ = ["GraderActor", "TemplateError", "build_grader", "check_string", "rend
 def build_grader(spec: Grader, settings: ToolSettings) -> BaseGrader:
     """The implementation of a grader config (recursively, for a multi grader's sub-graders).
     `settings` (the job's tool_settings) governs the HTTP of endpoint and score_model graders."""
+    grader = _implementation(spec, settings)
+    grader.score_range = spec.score_range
+    return grader
+
+
+def _implementation(spec: Grader, settings: ToolSettings) -> BaseGrader:
     if isinstance(spec, StringCheckGrader):
         return StringCheck(spec)
     if isinstance(spec, TextSimilarityGrader):

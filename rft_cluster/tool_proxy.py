@@ -8,7 +8,6 @@ Rollout workers reach it through `ProxyClient`, which carries many calls per act
 from __future__ import annotations
 
 import asyncio
-import json
 import uuid
 from collections.abc import Sequence
 from typing import Any
@@ -17,8 +16,16 @@ from rft_cluster.config import ToolSettings, ToolSpec
 from rft_cluster.http import Failure, HttpOutcome, JsonPoster
 from rft_cluster.types import ToolCallStatus, ToolResult
 
-# The model sees at most this much of an error body: enough to act on, cheap in context.
-ERROR_TEXT_CHARS = 1000
+# What each failure of a call makes of it; the fatal ones end the rollout as `tool_failed` (a
+# 429 too: waited out while retries last, then the rollout is discarded, never shown).
+_FAILURE_STATUS = {
+    Failure.REQUEST_TOO_LARGE: ToolCallStatus.MALFORMED,
+    Failure.RESPONSE_TOO_LARGE: ToolCallStatus.CLIENT_ERROR,
+    Failure.SERVER: ToolCallStatus.SERVER_ERROR,
+    Failure.RATE_LIMITED: ToolCallStatus.SERVER_ERROR,
+    Failure.CONNECTION: ToolCallStatus.CONNECTION_ERROR,
+    Failure.TIMEOUT: ToolCallStatus.TIMEOUT,
+}
 
 # One tool call's arguments to `ToolProxy.call`: (name, arguments, call_id, trace_id, item).
 ToolCall = tuple[str, str, str, str, dict[str, Any]]
@@ -81,36 +88,19 @@ class ToolProxy:
         return self._tools.get(name)
 
     def _interpret(self, outcome: HttpOutcome) -> tuple[str, ToolCallStatus]:
-        """(text shown to the model, status) for one outcome."""
-        failure = outcome.failure
-        if failure is Failure.REQUEST_TOO_LARGE:
-            return f"tool call not sent: {outcome.detail}", ToolCallStatus.MALFORMED
-        if failure is Failure.RESPONSE_TOO_LARGE:
-            return f"HTTP 413: tool response exceeds {self._settings.max_response_bytes} bytes", ToolCallStatus.CLIENT_ERROR
-        if failure is not None:
-            # Fatal: the rollout is discarded, but the text still lands in the trajectory record.
-            status = {
-                Failure.SERVER: ToolCallStatus.SERVER_ERROR,
-                Failure.CONNECTION: ToolCallStatus.CONNECTION_ERROR,
-                Failure.TIMEOUT: ToolCallStatus.TIMEOUT,
-            }[failure]
-            return f"tool failed after {outcome.attempts} attempts: {outcome.detail}", status
-        assert outcome.status is not None  # no failure means a response arrived
-        if 400 <= outcome.status < 500:
-            return f"HTTP {outcome.status}: {outcome.text(ERROR_TEXT_CHARS)}", ToolCallStatus.CLIENT_ERROR
-        if not 200 <= outcome.status < 300:
-            return f"tool endpoint answered unexpected HTTP {outcome.status}", ToolCallStatus.BAD_RESPONSE
-        try:
-            output = json.loads(outcome.body)["output"]
-        except (ValueError, TypeError, KeyError):
-            output = None
-        if not isinstance(output, str):
-            snippet = outcome.text(ERROR_TEXT_CHARS)
-            return (
-                f"tool endpoint answered HTTP {outcome.status} without a JSON body holding a string 'output': {snippet}",
-                ToolCallStatus.BAD_RESPONSE,
-            )
-        return output, ToolCallStatus.OK
+        """(text shown to the model, status) for one outcome. A fatal one's text still lands in
+        the trajectory record."""
+        error = outcome.error()
+        if error is None:
+            output = outcome.field("output")
+            if isinstance(output, str):
+                return output, ToolCallStatus.OK
+            return outcome.missing("JSON body holding a string 'output'"), ToolCallStatus.BAD_RESPONSE
+        if outcome.failure is not None:
+            return error, _FAILURE_STATUS[outcome.failure]
+        # An answer outside 2xx: a 4xx is the model's to see and act on, a 1xx/3xx the endpoint's fault.
+        client = outcome.status is not None and 400 <= outcome.status < 500
+        return error, ToolCallStatus.CLIENT_ERROR if client else ToolCallStatus.BAD_RESPONSE
 
     async def close(self) -> None:
         await self._poster.close()

@@ -203,7 +203,7 @@ async def test_multi_combines_sub_scores(formula: str, expected: float) -> None:
 async def test_multi_runs_sub_graders_concurrently() -> None:
     slow = {"type": "python", "source": "import time\ndef grade(sample, item):\n    time.sleep(1.0)\n    return 1.0\n"}
     started = time.monotonic()
-    result = await grade(multi("a + b", a=slow, b=slow))
+    result = await grade({**multi("a + b", a=slow, b=slow), "score_range": [0, 2]})
     assert result.score == 2.0 and time.monotonic() - started < 1.9
 
 
@@ -253,7 +253,7 @@ def test_multi_sub_grader_names_must_be_identifiers() -> None:
 
 def test_multi_in_a_ray_actor(ray_local: None) -> None:
     """The python sub-grader's child process works from a Ray async actor's event loop."""
-    spec = GRADER.validate_python(multi("exact + half", exact=EXACT, half=HALF))
+    spec = GRADER.validate_python({**multi("exact + half", exact=EXACT, half=HALF), "score_range": [0, 2]})
     actor = ray.remote(GraderActor).remote(spec, FAST)
     result = ray.get(actor.grade.remote(SAMPLE, ITEM, "trace_ray"))
     ray.get(actor.close.remote())

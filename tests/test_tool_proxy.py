@@ -156,7 +156,7 @@ async def test_oversized_response_becomes_a_413_for_the_model(server: ToolServer
     result = await proxy.call("search", "{}", "c", "t", {})
     await proxy.close()
     assert result.status is ToolCallStatus.CLIENT_ERROR and not result.fatal
-    assert result.output == "HTTP 413: tool response exceeds 1000 bytes"
+    assert result.output == "HTTP 413: response exceeds 1000 bytes"
     assert server.hits["big"] == 1
 
 
