@@ -15,6 +15,7 @@ from typing import Any
 
 from rft_cluster.config import ToolSettings, ToolSpec
 from rft_cluster.http import Failure, HttpOutcome, JsonPoster
+from rft_cluster.redact import Redactor, redact_logs
 from rft_cluster.types import ToolCallStatus, ToolResult
 
 # The model sees at most this much of an error body: enough to act on, cheap in context.
@@ -38,7 +39,11 @@ def function_call_body(name: str, arguments: str, call_id: str, trace_id: str, i
 
 
 class ToolProxy:
-    def __init__(self, tools: list[ToolSpec], settings: ToolSettings):
+    """`redactor` (the job's) hides secrets in what the model sees and in this process's logs."""
+
+    def __init__(self, tools: list[ToolSpec], settings: ToolSettings, redactor: Redactor | None = None):
+        self._redact = redactor or Redactor()
+        redact_logs(self._redact)
         self._tools = {t.name: t for t in tools}
         if len(self._tools) != len(tools):
             raise ValueError(f"duplicate tool names in {[t.name for t in tools]}")
@@ -70,7 +75,7 @@ class ToolProxy:
             call_id=body["call_id"],
             name=body["name"],
             arguments=body["arguments"],
-            output=output,
+            output=self._redact.text(output),
             status=status,
             http_status=outcome.status,
             latency_s=outcome.latency_s,
