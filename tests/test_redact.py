@@ -223,3 +223,41 @@ def offline_wandb(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("WANDB_MODE", "offline")
     for var in ("WANDB_CONFIG_DIR", "WANDB_CACHE_DIR", "WANDB_DATA_DIR"):
         monkeypatch.setenv(var, str(tmp_path / "wandb-home"))
+
+
+# ---------------------------------------------------------------- in the Ray actors
+
+
+@pytest.mark.usefixtures("ray_local")
+def test_proxy_and_grader_actors_redact_observations_errors_and_their_logs(servers: dict[str, str]) -> None:
+    """The job's redactor travels to the actors: what a tool proxy returns (the model's
+    observation), a grader's error and the actors' own retry log lines hold no secret."""
+    import ray
+
+    from rft_cluster.config import EndpointGrader, ToolSettings, ToolSpec
+    from rft_cluster.grader import GraderActor
+    from rft_cluster.tool_proxy import ToolProxy
+
+    redactor = Redactor(SECRET_ENV)
+    settings = ToolSettings(max_retries=1, backoff_s=0.01, timeout_s=5)
+    userinfo = f"http://bob:{USERINFO_PASS}@"
+    tools = [ToolSpec(name="garbage", server_url=f"{servers['garbage']}?key={PLANTED}"),
+             ToolSpec(name="fail", server_url=servers["fail"].replace("http://", userinfo) + f"?key={PLANTED}")]
+    proxy = ray.remote(ToolProxy).options(num_cpus=0).remote(tools, settings, redactor)
+    grader = ray.remote(GraderActor).options(num_cpus=0).remote(
+        EndpointGrader(type="endpoint", url=servers["fail"].replace("http://", userinfo)), settings, redactor)
+    try:
+        calls = [(name, "{}", f"call_{name}", "trace_1", {}) for name in ("garbage", "fail")]
+        garbage, fail = ray.get(proxy.call_batch.remote(calls))
+        graded = ray.get(grader.grade.remote({"output_text": "1"}, {}, "trace_1"))
+    finally:
+        ray.get([proxy.close.remote(), grader.close.remote()])
+        ray.kill(proxy)
+        ray.kill(grader)
+    assert "ClientResponseError" in garbage.output and "/g?key=${RFT_T_KEY}" in garbage.output
+    assert fail.status is ToolCallStatus.SERVER_ERROR and graded.score is None
+    assert leaks(garbage.output + fail.output + (graded.error or "")) == []
+    logs = Path(ray._private.worker._global_node.get_logs_dir_path())
+    texts = [p.read_bytes() for p in logs.glob("worker-*") if p.is_file()]
+    assert any(b"attempt 1 failed (HTTP 500)" in t and b"http://***@127.0.0.1" in t for t in texts)
+    assert [leaks(t) for t in texts if leaks(t)] == []
