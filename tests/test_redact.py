@@ -261,3 +261,48 @@ def test_proxy_and_grader_actors_redact_observations_errors_and_their_logs(serve
     texts = [p.read_bytes() for p in logs.glob("worker-*") if p.is_file()]
     assert any(b"attempt 1 failed (HTTP 500)" in t and b"http://***@127.0.0.1" in t for t in texts)
     assert [leaks(t) for t in texts if leaks(t)] == []
+
+
+# ---------------------------------------------------------------- a whole run
+
+
+@pytest.mark.slow
+def test_a_training_run_writes_and_prints_no_planted_secret(ray_local, demo_job, trace_grader: str, ledger_env, tmp_path: Path,
+                                                            capfd: pytest.CaptureFixture) -> None:
+    """The ledger token (a `${VAR}`) is also in the tool's query string and the grader's URL
+    userinfo; the tool server answers some calls with a 404 quoting its query, and some with a
+    500 (retried, logged). Nothing the run writes or prints holds the token."""
+    from tests.conftest import DelayedTool
+
+    from rft_cluster.driver import train
+
+    secret = ledger_env.token
+    forward, calls = DelayedTool(f"{ledger_env.base_url}/tool", 0.0), [0]
+
+    async def flaky(request: web.Request) -> web.StreamResponse:
+        calls[0] += 1
+        if calls[0] % 3 == 1:
+            return web.Response(status=404, text=f"no such page: {request.path_qs}")
+        if calls[0] % 3 == 2:
+            return web.Response(status=500, text="down")  # retried: the next attempt is forwarded
+        return await forward.handle(request)
+
+    app = web.Application()
+    app.router.add_post("/tool", flaky)
+    with ThreadedServer(app) as server:
+        rl = demo_job.rl
+        rl.tools[0].server_url = f"{server.url}/tool?key={secret}"
+        rl.grader.url = trace_grader.replace("http://", f"http://bob:{secret}@")
+        rl.tool_settings.backoff_s = 0.05
+        out = tmp_path / "run"
+        train(demo_job, out, max_steps=1)
+
+    printed = capfd.readouterr()
+    assert calls[0] > 2, "the warm-started policy should call the tool"
+    rows = TrajectoryStore(out).read().to_pylist()
+    outputs = [c["output"] for r in rows for c in r["tool_calls"]]
+    assert any("no such page: /tool?key=${RFT_DEMO_TOKEN}" in o for o in outputs)  # the model saw the 404, redacted
+    files = [p for p in out.rglob("*") if p.is_file()]
+    assert any(p.suffix == ".wandb" for p in files) and any(p.suffix == ".parquet" for p in files)
+    assert [str(p.relative_to(out)) for p in files if secret.encode() in p.read_bytes()] == []
+    assert secret not in printed.out + printed.err
