@@ -152,7 +152,7 @@ class RunLogger:
         except OSError as e:
             if final:
                 raise
-            print(f"[rft] W&B upload to {self.storage.uri_for('wandb')} skipped until the next checkpoint: {e}", file=sys.stderr)
+            print(self._redact.text(f"[rft] W&B upload to {self.storage.uri_for('wandb')} skipped until the next checkpoint: {e}"), file=sys.stderr)
 
     def finish(self) -> None:
         if self._run is not None:

@@ -100,10 +100,18 @@ def redact_logs(redactor: Redactor) -> None:
 
         def factory(*args: Any, **kwargs: Any) -> logging.LogRecord:
             record = make(*args, **kwargs)
-            if _log_redactor is not None:
-                record.msg, record.args = _log_redactor.text(record.getMessage()), None
-                if record.exc_info:
-                    record.exc_text = _log_redactor.text(logging.Formatter().formatException(record.exc_info))
+            if _log_redactor is None:
+                return record
+            try:
+                message = record.getMessage()
+            except Exception:  # a malformed call: left for logging to report as it does
+                return record
+            # A record is rewritten only when it held a secret: formatters that read `args`
+            # (access logs) keep working on every other record.
+            if (clean := _log_redactor.text(message)) != message:
+                record.msg, record.args = clean, None
+            if record.exc_info:
+                record.exc_text = _log_redactor.text(logging.Formatter().formatException(record.exc_info))
             return record
 
         logging.setLogRecordFactory(factory)

@@ -306,3 +306,20 @@ def test_a_training_run_writes_and_prints_no_planted_secret(ray_local, demo_job,
     assert any(p.suffix == ".wandb" for p in files) and any(p.suffix == ".parquet" for p in files)
     assert [str(p.relative_to(out)) for p in files if secret.encode() in p.read_bytes()] == []
     assert secret not in printed.out + printed.err
+
+
+def test_submit_leaves_the_expanded_storage_out_of_the_job_list(tmp_path: Path, ledger_data: Path) -> None:
+    """A job's `storage` may hold a credential (`?secret_key=${VAR}`, set where submit runs): the
+    entrypoint, which anyone who can read the cluster's job list sees, does not carry it."""
+    from tests.ray_cluster import RayCluster
+    from tests.test_submit import ledger_job
+
+    job = ledger_job(tmp_path / "job.yaml", ledger_data, storage="s3://rft-test/run?secret_key=${RFT_T_KEY}")
+    with RayCluster(env={}, head_cpus=1) as cluster:
+        run = cli("submit", str(job), "--address", cluster.dashboard, env={**cluster.client_env(), **SECRET_ENV})
+        assert run.returncode == 0, run.stderr
+        submission_id = run.stdout.splitlines()[0]
+        info, listing = cluster.get(f"/api/jobs/{submission_id}"), cluster.get("/api/jobs/")
+        cli("stop", submission_id, "--address", cluster.dashboard, env=cluster.client_env())
+    assert json.loads(info)["entrypoint"] == "python -m rft_cluster.cli train job.yaml"
+    assert leaks(info + listing + run.stdout + run.stderr) == []
