@@ -58,7 +58,8 @@ class GraderActor:
     def __init__(self, grader: Grader, settings: ToolSettings, redactor: Redactor | None = None):
         self._grader = build_grader(grader, settings)
         self._redact = redactor or Redactor()
-        redact_logs(self._redact)
+        if redactor is not None:  # the job's: this process's log records go through it too
+            redact_logs(redactor)
 
     async def grade(self, sample: dict[str, Any], item: dict[str, Any], trace_id: str) -> GradeResult:
         started = time.monotonic()

@@ -120,7 +120,8 @@ class RunLogger:
                 self._staging = Path(tempfile.mkdtemp(prefix="rft-wandb-"))
             parent = local or self._staging
             parent.mkdir(parents=True, exist_ok=True)
-            self._run = wandb.init(mode=wandb_mode, dir=parent, project=project, name=job_name, config=self._redact(config))
+            self._run = wandb.init(mode=wandb_mode, dir=parent, project=self._redact.text(project), name=self._redact.text(job_name),
+                                   config=self._redact(config))
             self.wandb_run_dir = Path(self._run.dir).parent
 
     def log(self, step: int, metrics: dict[str, float], nodes: dict[str, list[str]] | None = None) -> None:

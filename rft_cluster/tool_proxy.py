@@ -43,7 +43,8 @@ class ToolProxy:
 
     def __init__(self, tools: list[ToolSpec], settings: ToolSettings, redactor: Redactor | None = None):
         self._redact = redactor or Redactor()
-        redact_logs(self._redact)
+        if redactor is not None:  # the job's: this process's log records go through it too
+            redact_logs(redactor)
         self._tools = {t.name: t for t in tools}
         if len(self._tools) != len(tools):
             raise ValueError(f"duplicate tool names in {[t.name for t in tools]}")
