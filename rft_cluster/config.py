@@ -17,10 +17,11 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Union, get_args
 
 import yaml
-from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, ValidationInfo, field_validator, model_validator
 
 from rft_cluster.graders.formula import FUNCTIONS as _FORMULA_FUNCTIONS
 from rft_cluster.graders.formula import Formula, FormulaError
+from rft_cluster.redact import Redactor
 
 Auto = Literal["auto"]
 
@@ -455,6 +456,8 @@ class JobSpec(Strict):
     wandb: WandbSpec = Field(default_factory=WandbSpec)
     # Where the job file lives; relative paths in it resolve against this directory.
     source_path: Path | None = Field(default=None, exclude=True)
+    # Hides the values of the `${VAR}`s the job file expanded, wherever the run writes or prints.
+    _redactor: Redactor = PrivateAttr(default_factory=Redactor)
 
     @model_validator(mode="after")
     def _integrations_name_the_wandb_project(self) -> "JobSpec":
@@ -462,6 +465,10 @@ class JobSpec(Strict):
         if self.integrations and "project" not in self.wandb.model_fields_set:
             self.wandb.project = self.integrations[0].wandb.project
         return self
+
+    @property
+    def redactor(self) -> Redactor:
+        return self._redactor
 
     @property
     def rl(self) -> Reinforcement:
@@ -505,19 +512,23 @@ def _yaml_lines(text: str) -> dict[tuple[str, ...], int]:
 _ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 
 
-def _expand_env(node: Any, path: tuple[str, ...], missing: list[tuple[tuple[str, ...], str]]) -> Any:
-    """Replaces `${VAR}` in every string with the environment's value (secrets stay out of files)."""
+def _expand_env(
+    node: Any, path: tuple[str, ...], missing: list[tuple[tuple[str, ...], str]], expanded: dict[str, str]
+) -> Any:
+    """Replaces `${VAR}` in every string with the environment's value (secrets stay out of files);
+    records each variable it expanded in `expanded` (the job's redactor hides their values)."""
     if isinstance(node, dict):
-        return {k: _expand_env(v, path + (str(k),), missing) for k, v in node.items()}
+        return {k: _expand_env(v, path + (str(k),), missing, expanded) for k, v in node.items()}
     if isinstance(node, list):
-        return [_expand_env(v, path + (str(i),), missing) for i, v in enumerate(node)]
+        return [_expand_env(v, path + (str(i),), missing, expanded) for i, v in enumerate(node)]
     if isinstance(node, str):
 
         def sub(m: re.Match[str]) -> str:
             if m.group(1) not in os.environ:
                 missing.append((path, m.group(1)))
                 return m.group(0)
-            return os.environ[m.group(1)]
+            expanded[m.group(1)] = os.environ[m.group(1)]
+            return expanded[m.group(1)]
 
         return _ENV_REF.sub(sub, node)
     return node
@@ -541,7 +552,8 @@ def load_job(path: str | Path, unset_env_ok: bool = False) -> JobSpec:
         raise SpecError([f"{path}:1: the job must be a mapping, got {type(data).__name__}"])
     lines = _yaml_lines(text)
     missing: list[tuple[tuple[str, ...], str]] = []
-    data = _expand_env(data, (), missing)
+    expanded: dict[str, str] = {}
+    data = _expand_env(data, (), missing, expanded)
     if missing and not unset_env_ok:
         raise SpecError(
             [f"{path}:{lines.get(p, 1)}: {'.'.join(p)}: environment variable ${{{var}}} is not set" for p, var in missing]
@@ -557,4 +569,5 @@ def load_job(path: str | Path, unset_env_ok: bool = False) -> JobSpec:
             problems.append(f"{path}:{line}: {'.'.join(keyed) or '<root>'}: {err['msg']}")
         raise SpecError(problems) from None
     job.source_path = path.resolve()
+    job._redactor = Redactor(expanded)
     return job

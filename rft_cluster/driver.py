@@ -41,6 +41,7 @@ from rft_cluster.grpo import group_advantages, shaped_reward
 from rft_cluster.learner_group import LearnerGroup
 from rft_cluster.metrics import RunLogger, StepPrinter, rollout_metrics
 from rft_cluster.pipeline import Batch, Staleness, drop_stale
+from rft_cluster.redact import redact_logs
 from rft_cluster.placement import Placement, actor_nodes, place
 from rft_cluster.rollout_worker import RolloutRequest, SamplingSettings
 from rft_cluster.storage import RunStorage
@@ -83,8 +84,8 @@ def start_cluster(job: JobSpec, hp: ResolvedHyperparameters) -> Cluster:
     fleet = None
     try:
         restart = restartable(c.actor_max_restarts)
-        proxies = [ray.remote(ToolProxy).options(**o, **restart).remote(rl.tools, rl.tool_settings) for o in placement["tool_proxy"].all_options()]
-        graders = [ray.remote(GraderActor).options(**o, **restart).remote(rl.grader, rl.tool_settings) for o in placement["grader"].all_options()]
+        proxies = [ray.remote(ToolProxy).options(**o, **restart).remote(rl.tools, rl.tool_settings, job.redactor) for o in placement["tool_proxy"].all_options()]
+        graders = [ray.remote(GraderActor).options(**o, **restart).remote(rl.grader, rl.tool_settings, job.redactor) for o in placement["grader"].all_options()]
         model = str(_model_path(job))
         fleet = RolloutFleet(c, model, job.seed, proxies)
         fleet.launch()  # engines start while the learner's ranks do
@@ -143,6 +144,7 @@ class Trainer:
         self, job: JobSpec, output: RunStorage, max_steps: int | None = None, resume: bool = False, printer: StepPrinter | None = None
     ):
         self.job = job
+        redact_logs(job.redactor)  # the driver's own log records
         self.storage = output
         self.checkpoints = CheckpointDir(output)
         self.resume_from = self.checkpoints.resumable_step() if resume else None
@@ -159,10 +161,10 @@ class Trainer:
             rollout_timeout_s=job.rl.tool_settings.rollout_timeout_s,
             reasoning_effort=None if job.rl.hyperparameters.reasoning_effort == "default" else job.rl.hyperparameters.reasoning_effort,
         )
-        self.store = TrajectoryStore(output)
+        self.store = TrajectoryStore(output, job.redactor)
         # OpenAI's graders that score on a scale carry it; string_check and multi do not.
         self.pass_threshold: float | None = getattr(job.rl.grader, "pass_threshold", None)
-        self.printer = printer or StepPrinter()
+        self.printer = printer or StepPrinter(redactor=job.redactor)
         self.cluster: Cluster | None = None
         # The loop's state: what is in flight, and the weight version the engines hold.
         self._rollouts: dict[Any, Batch] = {}  # rollout ref -> its batch
@@ -312,6 +314,7 @@ class Trainer:
             {"job": self.job.model_dump(mode="json"), "resolved": self.hp.model_dump(), "nodes": c.nodes},
             wandb_mode=self.job.wandb.mode,
             project=self.job.wandb.project,
+            redactor=self.job.redactor,
         )
         try:
             order = batches(len(self.train_rows), self.hp.batch_size, self.job.seed)

@@ -153,10 +153,11 @@ def submit(job_path: Path, address: str, output: str | None = None, forward_env:
            model_limit: int = MODEL_STAGE_LIMIT, working_dir_limit: int = WORKING_DIR_LIMIT) -> str:
     """Validates, stages and submits a job; returns its submission id."""
     job = check(job_path)
-    output = output or job.storage
-    if not output or ("://" not in output and not Path(output).is_absolute()):
+    target = output or job.storage
+    if not target or ("://" not in target and not Path(target).is_absolute()):
         raise SubmitError(
-            f"--output (or the job's storage) must be a URI such as s3://bucket/run or an absolute path on the cluster, got {output!r}"
+            "--output (or the job's storage) must be a URI such as s3://bucket/run or an absolute path on the cluster, "
+            f"got {job.redactor.text(repr(target))}"
         )
     missing = [v for v in forward_env if v not in os.environ]
     if missing:
@@ -166,7 +167,9 @@ def submit(job_path: Path, address: str, output: str | None = None, forward_env:
         runtime_env: dict[str, Any] = {"working_dir": workdir}
         if forward_env:
             runtime_env["env_vars"] = {v: os.environ[v] for v in forward_env}
-        entrypoint = f"python -m rft_cluster.cli train {shlex.quote(name)} --output {shlex.quote(output)}"
+        # The job's own storage travels as written, in the staged job (its `${VAR}`s resolve on the
+        # cluster): the entrypoint, visible in the job list, names only an explicit --output.
+        entrypoint = f"python -m rft_cluster.cli train {shlex.quote(name)}" + (f" --output {shlex.quote(output)}" if output else "")
         with jobs_api(address) as jobs:
             return jobs.submit_job(entrypoint=entrypoint, runtime_env=runtime_env, metadata={"rft_job": job_path.name})
 

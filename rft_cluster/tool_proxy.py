@@ -14,6 +14,7 @@ from typing import Any
 
 from rft_cluster.config import ToolSettings, ToolSpec
 from rft_cluster.http import Failure, HttpOutcome, JsonPoster
+from rft_cluster.redact import Redactor, redact_logs
 from rft_cluster.types import ToolCallStatus, ToolResult
 
 # What each failure of a call makes of it; the fatal ones end the rollout as `tool_failed` (a
@@ -45,7 +46,12 @@ def function_call_body(name: str, arguments: str, call_id: str, trace_id: str, i
 
 
 class ToolProxy:
-    def __init__(self, tools: list[ToolSpec], settings: ToolSettings):
+    """`redactor` (the job's) hides secrets in what the model sees and in this process's logs."""
+
+    def __init__(self, tools: list[ToolSpec], settings: ToolSettings, redactor: Redactor | None = None):
+        self._redact = redactor or Redactor()
+        if redactor is not None:  # the job's: this process's log records go through it too
+            redact_logs(redactor)
         self._tools = {t.name: t for t in tools}
         if len(self._tools) != len(tools):
             raise ValueError(f"duplicate tool names in {[t.name for t in tools]}")
@@ -77,7 +83,7 @@ class ToolProxy:
             call_id=body["call_id"],
             name=body["name"],
             arguments=body["arguments"],
-            output=output,
+            output=self._redact.text(output),
             status=status,
             http_status=outcome.status,
             latency_s=outcome.latency_s,

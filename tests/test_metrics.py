@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from rich.console import Console
 
-from rft_cluster.metrics import RunLogger, StepPrinter, redact, rollout_metrics
+from rft_cluster.metrics import RunLogger, StepPrinter, rollout_metrics
 from rft_cluster.storage import RunStorage
 from rft_cluster.types import RolloutStatus, ToolCallStatus, ToolResult, Trajectory
 from tests.conftest import RunLocation, S3Server
@@ -92,24 +92,6 @@ def test_rollout_metrics_omits_undefined_means_and_uses_prefix() -> None:
     assert empty["train_rollouts"] == 0 and empty["train_tool_errors"] == 0
     statuses = {k for k in empty if k.startswith("train_status/")}
     assert statuses == {f"train_status/{s.value}" for s in RolloutStatus}
-
-
-def test_redact_replaces_header_values_at_any_depth() -> None:
-    config = {
-        "model": "tiny",
-        "headers": {"Authorization": "Bearer top"},
-        "method": {"reinforcement": {
-            "tools": [{"name": "search", "headers": {"X-Key": "k1"}}, {"name": "cat"}],
-            "grader": {"type": "endpoint", "headers": "Bearer raw-string"},
-        }},
-    }
-    out = redact(config)
-    assert out["headers"] == {"Authorization": "<redacted>"}
-    assert out["method"]["reinforcement"]["tools"] == [
-        {"name": "search", "headers": {"X-Key": "<redacted>"}}, {"name": "cat"}
-    ]
-    assert out["method"]["reinforcement"]["grader"] == {"type": "endpoint", "headers": "<redacted>"}
-    assert config["headers"]["Authorization"] == "Bearer top"  # the input is not modified
 
 
 @pytest.fixture
