@@ -14,7 +14,7 @@ UTS namespaces, and then:
 - has rlimits on memory (address space), CPU time, processes, open files and file size;
 - takes every process it started with it: when process 1 of a PID namespace exits, the kernel
   kills the rest, so `setsid` children cannot outlive the grade; and when the waiting process is
-  killed (the grader's timeout), process 1 gets SIGKILL (`PR_SET_PDEATHSIG`).
+  killed (the grader's timeout, or its output cap), process 1 gets SIGKILL (`PR_SET_PDEATHSIG`).
 
 Standard library only: `python_child.py` loads this file by path inside `python -I`, and the
 parent (`python.py`) imports it for the names below.
@@ -190,14 +190,15 @@ def enter(limits: Limits) -> None:
         os.close(alive_read)
         _wait_and_exit(pid)
     os.close(alive_write)
-    _call("prctl(PR_SET_PDEATHSIG)", _libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0))
-    if select.select([alive_read], [], [], 0)[0]:  # the waiting process died before the line above
-        os._exit(128 + signal.SIGKILL)
-    os.close(alive_read)
     os.setsid()  # out of the host's process group: kill(0, ...) reaches only the sandbox
     try:
         _build_root(limits)
         _limit(limits)
         _drop_privileges(UID_BASE + launcher if setuid_mode else None)
+        # After the uid change, which clears it.
+        _call("prctl(PR_SET_PDEATHSIG)", _libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0))
     except (SandboxUnavailable, OSError) as e:
         raise SandboxUnavailable(f"python grader sandbox: {e}") from None
+    if select.select([alive_read], [], [], 0)[0]:  # the waiting process died before the line above
+        os._exit(128 + signal.SIGKILL)
+    os.close(alive_read)
