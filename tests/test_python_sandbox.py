@@ -11,12 +11,14 @@ import subprocess
 import sys
 import textwrap
 import threading
+import time
 import uuid
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from rft_cluster.graders.sandbox import UNSANDBOXED_ENV
 from tests.test_graders_builtin import grade, python
 
 REPO = Path(__file__).resolve().parent.parent
@@ -34,6 +36,12 @@ print(json.dumps({"score": result.score, "error": result.error, "maxrss_mb": res
 """
 # The user-namespace path (what a non-root user gets) is tried as well, from `unshare -r`.
 MODES = {"host": [], "user-namespace": ["unshare", "-r"]}
+
+
+@pytest.fixture(autouse=True)
+def sandboxed(monkeypatch: pytest.MonkeyPatch) -> None:
+    """These graders attack the host (one sends SIGKILL to -1): never run them unsandboxed."""
+    monkeypatch.delenv(UNSANDBOXED_ENV, raising=False)
 
 
 def grader(body: str) -> str:
@@ -195,8 +203,10 @@ async def test_timeout_kills_every_process_in_the_sandbox() -> None:
         subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", {marker!r}], start_new_session=True)
         time.sleep(60)  # asleep: no CPU-time limit ends it first
     """)
+    started = time.monotonic()
     result = await grade(python(source, timeout_s=2.0))
     assert result.score is None and "did not finish within timeout_s=2 (killed)" in result.error
+    assert time.monotonic() - started < 30  # not the 60 s of the sleep: killed, not waited for
     assert processes_with(marker) == []
 
 
