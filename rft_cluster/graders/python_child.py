@@ -26,7 +26,7 @@ def load_sandbox():
     # `python -I` puts no script directory on sys.path, and the user's code must not import it.
     path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "sandbox.py")
     spec = importlib.util.spec_from_file_location("rft_grader_sandbox", path)
-    module = sys.modules[spec.name] = importlib.util.module_from_spec(spec)  # dataclasses look it up
+    module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
 
@@ -59,7 +59,7 @@ def confine(request: dict) -> dict | None:
         return None
     sandbox = load_sandbox()
     try:
-        sandbox.enter(sandbox.Limits(memory_mb=request["memory_mb"], cpu_s=request["cpu_s"]))
+        sandbox.enter(request["memory_mb"], request["cpu_s"])
     except sandbox.SandboxUnavailable as e:
         return {"unavailable": str(e)}
     return None

@@ -1,6 +1,6 @@
 """Confines the calling process before it runs a python grader's code, with what Linux provides.
 
-`enter(limits)` forks. The caller stays on the host, waits for its child and exits with the
+`enter(memory_mb, cpu_s)` forks. The caller stays on the host, waits for its child and exits with the
 child's status; the child returns from `enter` as process 1 of new PID, network, mount, IPC and
 UTS namespaces, and then:
 
@@ -28,7 +28,6 @@ import resource
 import select
 import signal
 import sys
-from dataclasses import dataclass
 
 # An operator's explicit opt-out for machines that cannot provide namespaces (python.py logs it).
 UNSANDBOXED_ENV = "RFT_PYTHON_GRADER_UNSANDBOXED"
@@ -49,13 +48,8 @@ DEVICES = ("null", "zero", "full", "random", "urandom")
 STAGING = "/sys"
 
 
-@dataclass(frozen=True)
-class Limits:
-    memory_mb: int  # address space of each process
-    cpu_s: int  # CPU time of each process: a backstop to the caller's wall-time limit
-    processes: int = 32
-    open_files: int = 64
-    tmp_mb: int = 64  # the size of /tmp, and of any one file written
+PROCESSES, OPEN_FILES = 32, 64
+TMP_MB = 64  # the size of /tmp, and of any one file written
 
 
 class SandboxUnavailable(RuntimeError):
@@ -114,9 +108,12 @@ def _shared_paths() -> list[str]:
     return paths
 
 
-def _build_root(limits: Limits) -> None:
+def _build_root() -> None:
     _mount(None, "/", None, MS_REC | MS_PRIVATE)  # nothing below propagates to the host
     _mount("sandbox", STAGING, "tmpfs", MS_NOSUID | MS_NODEV, "size=1m,mode=0755")
+    # /tmp first: a Python install under /tmp (a CI's venv) is then shared inside it, not hidden.
+    os.makedirs(STAGING + "/tmp")
+    _mount("tmp", STAGING + "/tmp", "tmpfs", MS_NOSUID | MS_NODEV, f"size={TMP_MB}m,nr_inodes=4096,mode=1777")
     for path in _shared_paths():
         target = STAGING + path
         if os.path.islink(path):
@@ -126,8 +123,6 @@ def _build_root(limits: Limits) -> None:
             _bind_read_only(path, target)
     for device in DEVICES:
         _bind_read_only(f"/dev/{device}", f"{STAGING}/dev/{device}", extra_flags=MS_NOEXEC)
-    os.makedirs(STAGING + "/tmp")
-    _mount("tmp", STAGING + "/tmp", "tmpfs", MS_NOSUID | MS_NODEV, f"size={limits.tmp_mb}m,nr_inodes=4096,mode=1777")
     os.makedirs(STAGING + "/proc")
     _mount("proc", STAGING + "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC)
     _mount(None, STAGING, None, MS_REMOUNT | MS_RDONLY | MS_NOSUID | MS_NODEV)
@@ -135,14 +130,14 @@ def _build_root(limits: Limits) -> None:
     os.chdir("/tmp")
 
 
-def _limit(limits: Limits) -> None:
+def _limit(memory_mb: int, cpu_s: int) -> None:
     mb = 1024 * 1024
     for which, value in (
-        (resource.RLIMIT_AS, limits.memory_mb * mb),
-        (resource.RLIMIT_CPU, limits.cpu_s),
-        (resource.RLIMIT_NPROC, limits.processes),
-        (resource.RLIMIT_NOFILE, limits.open_files),
-        (resource.RLIMIT_FSIZE, limits.tmp_mb * mb),
+        (resource.RLIMIT_AS, memory_mb * mb),
+        (resource.RLIMIT_CPU, cpu_s),
+        (resource.RLIMIT_NPROC, PROCESSES),
+        (resource.RLIMIT_NOFILE, OPEN_FILES),
+        (resource.RLIMIT_FSIZE, TMP_MB * mb),
         (resource.RLIMIT_CORE, 0),
     ):
         resource.setrlimit(which, (value, value))
@@ -169,8 +164,10 @@ def _wait_and_exit(pid: int) -> None:
     os._exit(code if code >= 0 else 128 - code)
 
 
-def enter(limits: Limits) -> None:
-    """Returns in the confined child; the calling process never returns (see the module doc)."""
+def enter(memory_mb: int, cpu_s: int) -> None:
+    """Returns in the confined child; the calling process never returns (see the module doc).
+    `memory_mb`: address space of each process; `cpu_s`: CPU time of each process, a backstop to
+    the caller's wall-time limit."""
     setuid_mode = _setuid_mode()
     flags = CLONE_NEWNS | CLONE_NEWPID | CLONE_NEWNET | CLONE_NEWIPC | CLONE_NEWUTS
     if not setuid_mode:
@@ -192,8 +189,8 @@ def enter(limits: Limits) -> None:
     os.close(alive_write)
     os.setsid()  # out of the host's process group: kill(0, ...) reaches only the sandbox
     try:
-        _build_root(limits)
-        _limit(limits)
+        _build_root()
+        _limit(memory_mb, cpu_s)
         _drop_privileges(UID_BASE + launcher if setuid_mode else None)
         # After the uid change, which clears it.
         _call("prctl(PR_SET_PDEATHSIG)", _libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0))
