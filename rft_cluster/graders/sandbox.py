@@ -46,8 +46,6 @@ DEVICES = ("null", "zero", "full", "random", "urandom")
 # The new root is built on a tmpfs mounted over /sys in the private mount namespace: a directory
 # every Linux system has and that none of the shared paths lives under.
 STAGING = "/sys"
-
-
 PROCESSES, OPEN_FILES = 32, 64
 TMP_MB = 64  # the size of /tmp, and of any one file written
 
@@ -174,7 +172,7 @@ def enter(memory_mb: int, cpu_s: int) -> None:
         flags |= CLONE_NEWUSER
     outer_uid, outer_gid = os.geteuid(), os.getegid()
     try:
-        _call("unshare(user, pid, net, mount namespaces)" if not setuid_mode else "unshare(pid, net, mount namespaces)", _libc.unshare(flags))
+        _call(f"unshare({'' if setuid_mode else 'user, '}pid, net, mount namespaces)", _libc.unshare(flags))
     except SandboxUnavailable as e:
         needs = "CAP_SYS_ADMIN" if setuid_mode else "user namespaces (sysctl user.max_user_namespaces > 0, no seccomp/AppArmor block)"
         raise SandboxUnavailable(f"python grader sandbox: {e}; this machine must allow {needs}") from None
