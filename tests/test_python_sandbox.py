@@ -226,6 +226,35 @@ def test_the_parent_cannot_be_killed(mode: str) -> None:
     assert (result["score"], result["error"]) == (0.0, None)
 
 
+async def test_processes_and_tmp_are_bounded_and_private_to_a_grade() -> None:
+    fill_and_fork = grader("""
+        import time
+        started = 0
+        try:
+            for _ in range(64):  # a fork bomb, held back by the process limit
+                subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+                started += 1
+        except OSError:
+            pass
+        written = 0
+        try:
+            with open("/tmp/fill", "wb") as f:
+                for _ in range(256):  # 256 MiB into a 64 MiB /tmp
+                    f.write(bytes(1 << 20))
+                    f.flush()
+                    written += 1
+        except OSError:
+            pass
+        open("/tmp/left-behind", "w").write("from an earlier grade")
+        return started / 1000 + written / 1000000  # both counts in one score within [0, 1]
+    """)
+    result = await grade(python(fill_and_fork))
+    started, written = divmod(round(result.score * 1000000), 1000)  # processes, MiB
+    assert result.error is None and 0 < started < 16 and 0 < written <= 64
+    later = await grade(python(grader("return float(os.path.exists('/tmp/left-behind'))")))
+    assert (later.score, later.error) == (0.0, None)
+
+
 def test_output_cannot_balloon_the_parent() -> None:
     source = grader("""
         block = b"x" * (1 << 20)

@@ -46,7 +46,7 @@ DEVICES = ("null", "zero", "full", "random", "urandom")
 # The new root is built on a tmpfs mounted over /sys in the private mount namespace: a directory
 # every Linux system has and that none of the shared paths lives under.
 STAGING = "/sys"
-PROCESSES, OPEN_FILES = 32, 64
+PROCESSES, OPEN_FILES = 16, 64  # processes (threads count too): each may use memory_mb
 TMP_MB = 64  # the size of /tmp, and of any one file written
 
 
