@@ -284,12 +284,14 @@ def test_grader_runs_unprivileged_in_namespaces_of_its_own(mode: str) -> None:
     assert (result["score"], result["error"]) == (1.0, None)
 
 
+# Root of a user namespace that may create none: a machine without namespaces.
+WITHOUT_NAMESPACES = ["unshare", "-r", "sh", "-c", 'echo 0 > /proc/sys/user/max_user_namespaces && exec "$@"', "sh"]
+
+
 def test_a_machine_without_namespaces_is_refused_clearly() -> None:
-    """Root of a user namespace that may create none: the grader must refuse to start, naming what is
-    missing, and run only when the operator opts out."""
+    """The grader must refuse to start, naming what is missing, and run only when the operator opts out."""
     spec = json.dumps({"type": "python", "name": "py", "source": "def grade(sample, item):\n    return 0.5\n", "item": {}})
-    script = 'echo 0 > /proc/sys/user/max_user_namespaces && exec "$0" -c "$1" "$2"'
-    command = ["unshare", "-r", "sh", "-c", script, sys.executable, GRADE_IN_A_PROCESS, spec]
+    command = [*WITHOUT_NAMESPACES, sys.executable, "-c", GRADE_IN_A_PROCESS, spec]
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     refused = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
     assert refused.returncode == 1 and "SandboxUnavailable" in refused.stderr
@@ -297,3 +299,16 @@ def test_a_machine_without_namespaces_is_refused_clearly() -> None:
     opted_out = subprocess.run(command, env={**env, "RFT_PYTHON_GRADER_UNSANDBOXED": "1"}, capture_output=True, text=True, timeout=120)
     assert json.loads(opted_out.stdout.splitlines()[-1])["score"] == 0.5
     assert "runs WITHOUT a sandbox" in opted_out.stderr
+
+
+def test_grader_run_without_namespaces_is_one_line_not_a_traceback(tmp_path: Path) -> None:
+    (tmp_path / "train.jsonl").write_text(json.dumps({"messages": [{"role": "user", "content": "hi"}], "answer": "42"}) + "\n")
+    job = tmp_path / "job.yaml"
+    job.write_text(
+        "model: some/model\ntraining_file: train.jsonl\nmethod:\n  type: reinforcement\n  reinforcement:\n"
+        "    grader: {type: python, source: \"def grade(sample, item):\\n    return 1.0\"}\n"
+    )
+    command = [*WITHOUT_NAMESPACES, sys.executable, "-m", "rft_cluster.cli", "grader-run", str(job), "--output-text", "42"]
+    done = subprocess.run(command, env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1 and "Traceback" not in done.stderr
+    assert "this machine must allow user namespaces" in done.stderr.strip().splitlines()[-1]
