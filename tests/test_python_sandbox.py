@@ -34,8 +34,10 @@ item = spec.pop("item")
 result = asyncio.run(Python(PythonGrader(**spec)).grade({"output_text": "42"}, item, "trace"))
 print(json.dumps({"score": result.score, "error": result.error, "maxrss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024}))
 """
-# The user-namespace path (what a non-root user gets) is tried as well, from `unshare -r`.
-MODES = {"host": [], "user-namespace": ["unshare", "-r"]}
+# The user-namespace path is tried as well: what a non-root user gets (from `unshare -r`, root of a
+# user namespace mapping one uid), and root's fallback where it lacks CAP_SYS_ADMIN.
+NO_SYS_ADMIN = ["setpriv", "--inh-caps=-sys_admin", "--bounding-set=-sys_admin"]
+MODES = {"host": [], "user-namespace": ["unshare", "-r"], "root-without-sys-admin": NO_SYS_ADMIN}
 
 
 @pytest.fixture(autouse=True)

@@ -9,8 +9,8 @@ UTS namespaces, and then:
   processes only) and a private tmpfs /tmp (its cwd), limited in size;
 - has no network (a new network namespace has only a loopback, which is down);
 - runs as an unprivileged uid with no capabilities and `no_new_privs` (setuid binaries grant
-  nothing): as root, a uid of its own (`UID_BASE` + the waiting process's pid); otherwise, in a
-  new user namespace, uid 65534 mapped onto the caller's uid;
+  nothing): as root, a uid of its own (`UID_BASE` + the waiting process's pid); otherwise (or
+  as root without CAP_SYS_ADMIN), in a new user namespace, uid 65534 mapped onto the caller's uid;
 - has rlimits on memory (address space), CPU time, processes, open files and file size;
 - takes every process it started with it: when process 1 of a PID namespace exits, the kernel
   kills the rest, so `setsid` children cannot outlive the grade; and when the waiting process is
@@ -162,22 +162,27 @@ def _wait_and_exit(pid: int) -> None:
     os._exit(code if code >= 0 else 128 - code)
 
 
+def _unshare() -> bool:
+    """New namespaces for the process forked next; True if as root on the host (setuid mode),
+    False if in a user namespace (also root's fallback where it lacks CAP_SYS_ADMIN)."""
+    flags = CLONE_NEWNS | CLONE_NEWPID | CLONE_NEWNET | CLONE_NEWIPC | CLONE_NEWUTS
+    if _setuid_mode() and _libc.unshare(flags) == 0:
+        return True
+    outer_uid, outer_gid = os.geteuid(), os.getegid()
+    try:
+        _call("unshare(user, pid, net, mount namespaces)", _libc.unshare(flags | CLONE_NEWUSER))
+    except SandboxUnavailable as e:
+        needs = "user namespaces (sysctl user.max_user_namespaces > 0, no seccomp/AppArmor block) or root with CAP_SYS_ADMIN"
+        raise SandboxUnavailable(f"python grader sandbox: {e}; this machine must allow {needs}") from None
+    _map_user(outer_uid, outer_gid)
+    return False
+
+
 def enter(memory_mb: int, cpu_s: int) -> None:
     """Returns in the confined child; the calling process never returns (see the module doc).
     `memory_mb`: address space of each process; `cpu_s`: CPU time of each process, a backstop to
     the caller's wall-time limit."""
-    setuid_mode = _setuid_mode()
-    flags = CLONE_NEWNS | CLONE_NEWPID | CLONE_NEWNET | CLONE_NEWIPC | CLONE_NEWUTS
-    if not setuid_mode:
-        flags |= CLONE_NEWUSER
-    outer_uid, outer_gid = os.geteuid(), os.getegid()
-    try:
-        _call(f"unshare({'' if setuid_mode else 'user, '}pid, net, mount namespaces)", _libc.unshare(flags))
-    except SandboxUnavailable as e:
-        needs = "CAP_SYS_ADMIN" if setuid_mode else "user namespaces (sysctl user.max_user_namespaces > 0, no seccomp/AppArmor block)"
-        raise SandboxUnavailable(f"python grader sandbox: {e}; this machine must allow {needs}") from None
-    if not setuid_mode:
-        _map_user(outer_uid, outer_gid)
+    setuid_mode = _unshare()
     launcher = os.getpid()
     alive_read, alive_write = os.pipe()
     pid = os.fork()
