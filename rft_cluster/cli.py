@@ -82,9 +82,13 @@ def _grader_run(args: argparse.Namespace) -> int:
 
     from rich.console import Console
 
+    from rft_cluster.graders.sandbox import SandboxUnavailable
     from rft_cluster.tryout import grader_run
 
-    result = asyncio.run(grader_run(_load_or_exit(Path(args.job)), args.output_text, args.row, Console()))
+    try:
+        result = asyncio.run(grader_run(_load_or_exit(Path(args.job)), args.output_text, args.row, Console()))
+    except SandboxUnavailable as e:  # a python grader on a machine without namespaces
+        sys.exit(str(e))
     return 0 if result.score is not None else 1
 
 

