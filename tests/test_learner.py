@@ -15,7 +15,7 @@ from rft_cluster.grpo import group_advantages, policy_loss, token_logprobs
 from rft_cluster.learner import Learner
 from rft_cluster.storage import RunStorage
 from rft_cluster.types import TrainSample
-from rft_cluster.weight_sync import WeightBucket, pack_buckets
+from rft_cluster.weight_sync import WeightBucket, pack_buckets, publish_from
 from tests.conftest import RunLocation
 
 LR = 2e-5
@@ -369,9 +369,9 @@ class RecordingWorker:
 
 @pytest.mark.slow
 def test_publish_sends_every_bucket_to_every_worker_between_begin_and_finish(model_dir: Path, ray_local: None) -> None:
-    learner = make_learner(model_dir, zero_stage=2, weight_bucket_mb=1)
+    learner = make_learner(model_dir, zero_stage=2)
     workers = [RecordingWorker.remote() for _ in range(2)]
-    result = learner.publish(workers, version=7)
+    result = publish_from(learner, workers, version=7, bucket_bytes=1 << 20)
 
     n = result.buckets
     assert n > 1
