@@ -123,7 +123,7 @@ async def test_python_timeout_kills_the_child(tmp_path: Path) -> None:
     pidfile = tmp_path / "pid"
     started = time.monotonic()
     result = await grade(python(source, timeout_s=1.0), SAMPLE, {"pidfile": str(pidfile)})
-    assert time.monotonic() - started < 3.0
+    assert time.monotonic() - started < 20  # the child never ends by itself; room for a loaded machine
     assert result.score is None and "did not finish within timeout_s=1 (killed)" in result.error
     with pytest.raises(ProcessLookupError):
         os.kill(int(pidfile.read_text()), 0)
@@ -133,7 +133,7 @@ async def test_python_memory_limit() -> None:
     source = "def grade(sample, item):\n    block = bytearray(1024 ** 3)\n    return 1.0\n"
     result = await grade(python(source, memory_mb=256))
     assert result.score is None and "exceeded the memory limit of memory_mb=256" in result.error
-    assert (await grade(python(source, memory_mb=2048))).score == 1.0  # the limit, not the machine
+    assert (await grade(python(source, memory_mb=2048, timeout_s=60))).score == 1.0  # the limit, not the machine (a loaded machine pages 1 GiB in slowly)
 
 
 @pytest.mark.parametrize(
@@ -201,10 +201,12 @@ async def test_multi_combines_sub_scores(formula: str, expected: float) -> None:
 
 
 async def test_multi_runs_sub_graders_concurrently() -> None:
-    slow = {"type": "python", "source": "import time\ndef grade(sample, item):\n    time.sleep(1.0)\n    return 1.0\n"}
-    started = time.monotonic()
-    result = await grade(multi("a + b", a=slow, b=slow))
-    assert result.score == 2.0 and time.monotonic() - started < 1.9
+    """Each sub-grader scores its own start time and then holds for 3 s: run one after the other,
+    the second would start >= 3 s after the first; run together, only process start-up apart
+    (measured between the two starts, so a loaded machine's slow start-ups do not add up)."""
+    slow = {"type": "python", "source": "import time\ndef grade(sample, item):\n    t = time.time()\n    time.sleep(3.0)\n    return t\n"}
+    result = await grade(multi("abs(a - b)", a=slow, b=slow))
+    assert result.error is None and result.score < 3.0
 
 
 async def test_multi_nests() -> None:

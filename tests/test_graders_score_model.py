@@ -20,11 +20,11 @@ import aiohttp
 import pytest
 import pytest_asyncio
 from aiohttp import web
-from aiohttp.test_utils import TestServer
 
 from rft_cluster.config import ScoreModelGrader
 from rft_cluster.grader import GraderActor
 from rft_cluster.graders.score_model import parse_score
+from tests.recording_server import RecordingServer
 from tests.test_grader import FAST, ITEM, SAMPLE
 
 PROMPT = [
@@ -75,31 +75,29 @@ def test_parse_score(reply: str, score: float | None) -> None:
 # --- loopback imitation of /chat/completions -----------------------------------------------------
 
 
-class FakeJudge:
+class FakeJudge(RecordingServer):
     """Answers each POST with the next of `replies` (HTTP status, message content or a raw body),
-    the last repeating, and records the requests."""
+    the last repeating."""
 
     def __init__(self) -> None:
+        super().__init__()
         self.replies: list[tuple[int, str | None]] = []
-        self.requests: list[tuple[str, dict[str, str], dict[str, Any]]] = []
-        self.base_url = ""
 
-    async def handle(self, request: web.Request) -> web.Response:
-        self.requests.append((request.path, dict(request.headers), await request.json()))
+    @property
+    def base_url(self) -> str:
+        return self.url("/v1")
+
+    async def answer(self, request: web.Request, body: Any) -> web.Response:
         status, content = self.replies.pop(0) if len(self.replies) > 1 else self.replies[0]
         if status != 200:
             return web.Response(status=status, text=content or "")
-        body = {"object": "chat.completion", "choices": [{"index": 0, "message": {"role": "assistant", "content": content}}]}
-        return web.json_response(body)
+        reply = {"object": "chat.completion", "choices": [{"index": 0, "message": {"role": "assistant", "content": content}}]}
+        return web.json_response(reply)
 
 
 @pytest_asyncio.fixture(loop_scope="function")
 async def fake() -> AsyncIterator[FakeJudge]:
-    judge_server = FakeJudge()
-    app = web.Application()
-    app.router.add_post("/v1/chat/completions", judge_server.handle)
-    async with TestServer(app, host="127.0.0.1") as srv:
-        judge_server.base_url = str(srv.make_url("/v1"))
+    async with FakeJudge().serving() as judge_server:
         yield judge_server
 
 
@@ -108,7 +106,7 @@ async def test_request_shape(fake: FakeJudge) -> None:
     params = {"temperature": 0.0, "seed": 7, "max_completions_tokens": 32}
     result = await grade_once(judge(fake.base_url + "/", sampling_params=params, headers={"Authorization": "Bearer j-secret"}))
     assert (result.score, result.error) == (1.0, None)
-    [(path, headers, body)] = fake.requests
+    [(path, headers, body)] = [(r.path, r.headers, r.body) for r in fake.requests]
     assert path == "/v1/chat/completions" and headers["Authorization"] == "Bearer j-secret"
     # OpenAI's `max_completions_tokens` goes out under its Chat Completions name; unset params stay out.
     assert body == {"model": "judge-model", "messages": RENDERED, "temperature": 0.0, "seed": 7, "max_completion_tokens": 32}
