@@ -1,6 +1,7 @@
 """score_model: the judge's request, score parsing and range normalisation against a loopback
 imitation of /chat/completions, and the whole path against a real vLLM OpenAI-compatible server
-hosting the tiny model."""
+hosting the warm-started tiny model (a judge that scores, one whose reply holds no score, and an
+unknown model)."""
 
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ import pytest_asyncio
 from aiohttp import web
 
 from rft_cluster.config import ScoreModelGrader
+from rft_cluster.envs.ledger import SYSTEM_PROMPT
 from rft_cluster.grader import GraderActor
 from rft_cluster.graders.score_model import parse_score
 from tests.recording_server import RecordingServer
@@ -174,14 +176,14 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def vllm_server(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """vLLM's OpenAI-compatible server on the tiny model, in its own process group so anything it
+def vllm_server(warm_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """vLLM's OpenAI-compatible server on the warm-started tiny model, in its own process group so anything it
     spawns goes down with it. Eager mode (no compile) with the engine and its worker inside the
     server process: it starts about twice as fast on two cores as the multi-process default."""
     port = _free_port()
     log_path = tmp_path_factory.mktemp("vllm") / "server.log"
     cmd = [
-        sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(tiny_model_dir),
+        sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(warm_model_dir),
         "--served-model-name", "tiny-judge", "--host", "127.0.0.1", "--port", str(port),
         "--dtype", "float32", "--max-model-len", "2048", "--enforce-eager", "--distributed-executor-backend", "uni",
     ]  # fmt: skip
@@ -221,17 +223,44 @@ def _signal_group(pgid: int, sig: signal.Signals) -> None:
 GREEDY = {"temperature": 0.0, "seed": 0, "max_completions_tokens": 16}
 
 
-@pytest.mark.slow
-async def test_real_vllm_judge_reply_without_a_score_is_a_recorded_failure(vllm_server: str) -> None:
-    """vLLM accepts the grader's request (a 200 with a completion), and the random tiny model's
-    reply, which holds no score, becomes a failure quoting it. The reply is fetched independently
-    with the same greedy request to check that the error carries exactly what the judge said."""
+async def judge_reply(vllm_server: str, messages: list[dict[str, str]]) -> str:
+    """The judge's greedy reply, fetched without the grader (what its result must carry)."""
     async with aiohttp.ClientSession() as session:
-        request = {"model": "tiny-judge", "messages": RENDERED, "temperature": 0.0, "seed": 0, "max_completion_tokens": 16}
+        request = {"model": "tiny-judge", "messages": messages, "temperature": 0.0, "seed": 0, "max_completion_tokens": 16}
         async with session.post(vllm_server + "/chat/completions", json=request) as resp:
             assert resp.status == 200
-            reply = (await resp.json())["choices"][0]["message"]["content"]
-    assert parse_score(reply) is None, f"the tiny model now emits a number ({reply!r}): pick another prompt"
+            return (await resp.json())["choices"][0]["message"]["content"]
+
+
+# The ledger conversation the warm start learned, up to the tool's answer: the judge's reply
+# reads the balance back ("The balance of ACC-0137 is 4521."), a number the grader must find.
+LEDGER_JUDGE = [
+    {"role": "system", "content": SYSTEM_PROMPT},
+    {"role": "user", "content": "What is the balance of account {{item.account}}? Use the lookup tool, then answer with the number."},
+    {"role": "assistant", "content": '<tool_call>\n{"name": "lookup", "arguments": {"account": "{{item.account}}"}}\n</tool_call>'},
+    {"role": "user", "content": "<tool_response>\n{{item.account}} balance: {{item.answer}}\n</tool_response>"},
+]
+
+
+@pytest.mark.slow
+async def test_real_vllm_judge_score_is_parsed_and_normalised(vllm_server: str) -> None:
+    """The success path end to end: the rendered prompt reaches vLLM, the warm model's reply
+    carries the item's balance, and that number, normalised by `range`, is the score."""
+    rendered = [{**m, "content": m["content"].replace("{{item.account}}", ITEM["account"]).replace("{{item.answer}}", str(ITEM["answer"]))} for m in LEDGER_JUDGE]
+    reply = await judge_reply(vllm_server, rendered)
+    assert parse_score(reply) == 4521, f"the warm model no longer reads the balance back ({reply!r}): pick another prompt"
+    spec = ScoreModelGrader(type="score_model", name="judge", model="tiny-judge", input=LEDGER_JUDGE, base_url=vllm_server,
+                            sampling_params=GREEDY, range=(0, 10_000))
+    result = await grade_once(GraderActor(spec, FAST.model_copy(update={"timeout_s": 60.0})))
+    assert (result.score, result.error) == (pytest.approx(0.4521), None)
+
+
+@pytest.mark.slow
+async def test_real_vllm_judge_reply_without_a_score_is_a_recorded_failure(vllm_server: str) -> None:
+    """vLLM accepts the grader's request (a 200 with a completion), and the model's reply to a
+    prompt unlike its warm start, which holds no score, becomes a failure quoting it exactly."""
+    reply = await judge_reply(vllm_server, RENDERED)
+    assert parse_score(reply) is None, f"the judge model now emits a number ({reply!r}): pick another prompt"
     spec = ScoreModelGrader(type="score_model", name="judge", model="tiny-judge", input=PROMPT, base_url=vllm_server, sampling_params=GREEDY)
     result = await grade_once(GraderActor(spec, FAST.model_copy(update={"timeout_s": 60.0})))
     assert result.score is None
