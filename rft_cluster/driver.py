@@ -49,7 +49,7 @@ from rft_cluster.tool_proxy import ToolProxy
 from rft_cluster.types import GradeResult, RolloutStatus, TrainSample, Trajectory, new_trace_id
 from rft_cluster.weight_sync import publish_from
 
-# Rollouts in these states are graded and trained on; the rest are discarded (DESIGN §3).
+# Rollouts in these states are graded and trained on; the rest are discarded (docs/architecture.md §4).
 # A rollout that ran out of budget still teaches: its (usually low) reward is the budget pressure.
 GRADED = (RolloutStatus.OK, RolloutStatus.BUDGET_EXHAUSTED)
 

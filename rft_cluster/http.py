@@ -1,5 +1,5 @@
-"""POSTing JSON to users' endpoints with the discipline of DESIGN §2: one session, bounded
-concurrency per endpoint host, per-attempt timeout, exponential backoff on 5xx/connection
+"""POSTing JSON to users' endpoints with the discipline of docs/architecture.md §4: one session,
+bounded concurrency per endpoint host, per-attempt timeout, exponential backoff on 5xx/connection
 errors/timeouts, an optional rate limit, and size caps both ways. Shared by the tool proxy and the grader actor,
 which only differ in how they turn an `HttpOutcome` into a result.
 
