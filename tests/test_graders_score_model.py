@@ -5,7 +5,6 @@ unknown model)."""
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import socket
