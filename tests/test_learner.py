@@ -126,10 +126,9 @@ def test_policy_loss_is_a_token_mean_over_the_whole_batch() -> None:
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from rft_cluster.tiny_model import make_tiny_model
-
-    return make_tiny_model(tmp_path_factory.mktemp("tiny"))
+def model_dir(tiny_model_dir: Path) -> Path:
+    """The session's tiny model (learners only read it): built once, not once more per module."""
+    return tiny_model_dir
 
 
 def make_learner(model_dir: Path, learning_rate: float = LR, warmup_steps: int = 0, kl_coef: float = 0.0, **spec: object) -> Learner:
