@@ -1,4 +1,4 @@
-"""The job spec: OpenAI Agent RFT's shape (DESIGN §3) plus our explicit extensions.
+"""The job spec: OpenAI Agent RFT's shape (docs/architecture.md §3) plus our explicit extensions.
 
 OpenAI fields keep OpenAI's names and `"auto"` defaults. Our additions sit beside them under
 their own names (`hyperparameters.group_size`, `tool_settings`, `cluster`, ...). Every model

@@ -1,4 +1,4 @@
-"""Dataset rows (JSONL, DESIGN §3): checked up front, every problem reported at once.
+"""Dataset rows (JSONL; docs/architecture.md §3): checked up front, every problem reported at once.
 
 A row is `{"messages": [...], "tools": [...], ...reference data}`. `messages` is a chat whose last
 message is from the user; `tools` are Chat Completions function schemas; every other key is the
@@ -21,7 +21,7 @@ from rft_cluster.config import SpecError, load_job
 ROLES = ("system", "developer", "user", "assistant", "tool")
 TOOL_NAME = re.compile(r"^[a-zA-Z0-9_-]{1,64}$")
 DEFAULT_MAX_ROW_BYTES = 1_000_000
-# Row keys that would be confused with the protocol's own fields (DESIGN §3).
+# Row keys that would be confused with the protocol's own fields (docs/architecture.md §3).
 RESERVED_KEYS = {
     "sample": "reserved: graders address the model's output as `sample` ({{sample.output_text}}, "
     "the endpoint grader's request body), so a row field of that name is ambiguous",

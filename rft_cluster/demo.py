@@ -1,4 +1,4 @@
-"""The main job on the embedded default: the FinQA demo (DESIGN §6) from nothing to a report.
+"""The main job on the embedded default: the FinQA demo (README "The demo") from nothing to a report.
 
     environment (reports, datasets, demonstrations)  ->  tiny model  ->  warm start (SFT)
     ->  agent RFT against the FinQA tool server and grader (baseline evaluation at step 0,

@@ -48,8 +48,9 @@ from rft_cluster.storage import RunStorage
 from rft_cluster.store import TrajectoryStore
 from rft_cluster.tool_proxy import ToolProxy
 from rft_cluster.types import GradeResult, RolloutStatus, TrainSample, Trajectory, new_trace_id
+from rft_cluster.weight_sync import publish_from
 
-# Rollouts in these states are graded and trained on; the rest are discarded (DESIGN §3).
+# Rollouts in these states are graded and trained on; the rest are discarded (docs/architecture.md §4).
 # A rollout that ran out of budget still teaches: its (usually low) reward is the budget pressure.
 GRADED = (RolloutStatus.OK, RolloutStatus.BUDGET_EXHAUSTED)
 
@@ -417,7 +418,7 @@ class Trainer:
 
     def _send_weights(self, workers: list[Any], version: int) -> dict[str, float]:
         """Publishes to `workers`; those found dead are replaced. Returns the stats, empty when none survived."""
-        result = self.cluster.learner.publish(workers, version)
+        result = publish_from(self.cluster.learner, workers, version, self.job.cluster.learner.weight_bucket_mb << 20)
         for i in result.lost:
             self.cluster.fleet.lost(workers[i], "died during a weight publish")
         return result.stats() if len(result.lost) < len(workers) else {}

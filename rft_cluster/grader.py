@@ -1,4 +1,4 @@
-"""The grader actor (DESIGN §2): scores one rollout's `sample` against its dataset `item`.
+"""The grader actor (docs/architecture.md §1): scores one rollout's `sample` against its dataset `item`.
 
 A plain class with async methods; the driver wraps it with `ray.remote` (an async actor).
 Any failure is returned as `GradeResult(score=None, error=...)`, never as a silent 0.

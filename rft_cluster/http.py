@@ -1,5 +1,5 @@
-"""POSTing JSON to users' endpoints with the discipline of DESIGN §2: one session, bounded
-concurrency per endpoint host, per-attempt timeout, exponential backoff on 5xx/connection
+"""POSTing JSON to users' endpoints with the discipline of docs/architecture.md §4: one session,
+bounded concurrency per endpoint host, per-attempt timeout, exponential backoff on 5xx/connection
 errors/timeouts, 429 retried after its `Retry-After`, an optional rate limit, and size caps both
 ways. Shared by the tool proxy and the endpoint and score_model graders; `HttpOutcome` says what
 went wrong in one wording and reads the body under one rule (`untrusted.loads`), so the three

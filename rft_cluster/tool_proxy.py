@@ -1,5 +1,5 @@
-"""The tool proxy (DESIGN §2): forwards the model's tool calls to users' endpoints in OpenAI's
-function_call protocol (DESIGN §3) and turns every outcome into a `ToolResult`.
+"""The tool proxy (docs/architecture.md §1): forwards the model's tool calls to users' endpoints
+in OpenAI's function_call protocol (§3 there) and turns every outcome into a `ToolResult`.
 
 A plain class with async methods; the driver wraps it with `ray.remote` (an async actor).
 Rollout workers reach it through `ProxyClient`, which carries many calls per actor call.
@@ -33,7 +33,7 @@ ToolCall = tuple[str, str, str, str, dict[str, Any]]
 
 
 def function_call_body(name: str, arguments: str, call_id: str, trace_id: str, item: dict[str, Any]) -> dict[str, Any]:
-    """The request body of OpenAI's tool-endpoint protocol (DESIGN §3)."""
+    """The request body of OpenAI's tool-endpoint protocol (docs/architecture.md §3)."""
     return {
         "type": "function_call",
         "id": f"fc_{uuid.uuid4().hex}",

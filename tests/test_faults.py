@@ -87,7 +87,12 @@ def test_a_third_of_tool_requests_failing_transiently_loses_no_rollout(ray_local
     # Every HTTP request the front saw is an attempt recorded on some stored tool call.
     calls = [c for r in rows for c in r["tool_calls"] if c["status"] != "malformed"]
     assert sum(c["attempts"] for c in calls) == front.requests
-    assert front.injected >= front.requests // 3 and any(c["attempts"] > 1 for c in calls)
+    # Every injected fault shows on its call: as a retry, or as the failure that ended it once
+    # retries ran out (a call that gave up early, retried a success or lost count would not add up).
+    exhausted = [c for c in calls if c["status"] in ("server_error", "connection_error")]
+    assert front.injected == sum(c["attempts"] - 1 for c in calls) + len(exhausted)
+    assert any(c["attempts"] > 1 and c["status"] == "ok" for c in calls), "some call recovered by retrying"
+    assert all(c["http_status"] == 503 for c in exhausted if c["status"] == "server_error")
     # Calls that exhausted their retries ended their rollout as tool_failed, never silently.
     for r in rows:
         fatal = [c for c in r["tool_calls"] if c["status"] in ("server_error", "connection_error", "timeout")]
