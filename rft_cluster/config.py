@@ -26,8 +26,17 @@ from rft_cluster.graders.formula import Formula, FormulaError
 from rft_cluster.jobfile import CONTROL, ENV_REF, Document, EnvFindings, KeyPath, SpecError, expand_env, read_document
 
 Auto = Literal["auto"]
-# Every integer fits an int64 (Parquet, torch, numpy seeds); strict: a bool or 2.0 is refused.
-Int = Annotated[int, _StrictType(), Field(ge=-(2**63), le=2**63 - 1)]
+
+
+def _int64(value: int) -> int:
+    if not -(2**63) <= value < 2**63:
+        raise ValueError("must fit in 64 bits")
+    return value
+
+
+# Every integer fits an int64 (Parquet, torch); strict: a bool or 2.0 is refused. (A validator,
+# not Field bounds: those would override the bounds a field sets.)
+Int = Annotated[int, _StrictType(), AfterValidator(_int64)]
 PositiveInt = Annotated[Int, Field(gt=0)]
 Float = Annotated[float, _StrictType()]  # finite: see Strict.model_config
 PositiveFloat = Annotated[Float, Field(gt=0)]
@@ -246,15 +255,16 @@ class Hyperparameters(Strict):
     """OpenAI's hyperparameters (each `"auto"` by default) and our explicit extensions."""
 
     batch_size: PositiveInt | Auto = "auto"  # prompts per step (at most the training rows)
-    compute_multiplier: PositiveFloat | Auto = "auto"  # scales rollouts per prompt
+    compute_multiplier: Annotated[PositiveFloat, Field(le=256)] | Auto = "auto"  # scales rollouts per prompt (group_size's bound)
     n_epochs: PositiveInt | Auto = "auto"
     learning_rate_multiplier: PositiveFloat | Auto = "auto"
     eval_interval: PositiveInt | Auto = "auto"
-    eval_samples: PositiveInt | Auto = "auto"
+    eval_samples: Annotated[PositiveInt, Field(le=1024)] | Auto = "auto"
     reasoning_effort: Literal["default", "low", "medium", "high"] = "default"
     NOT_ACTED_ON: ClassVar[dict[str, str]] = {"reasoning_effort": "the prompt is rendered without it"}
     # --- rft-cluster extensions ---
-    group_size: Annotated[Int, Field(ge=2)] | Auto = "auto"  # rollouts per prompt (GRPO group): a group of one has no advantage
+    # Rollouts per prompt (GRPO group): a group of one has no advantage; over 1024 is one prompt's batch beyond any engine.
+    group_size: Annotated[Int, Field(ge=2, le=1024)] | Auto = "auto"
     max_steps: Int | None = Field(default=None, gt=0)  # stop before the epochs are done
     base_learning_rate: Float = Field(default=1e-5, gt=0)
     warmup_steps: Int = Field(default=0, ge=0)  # the rate ramps linearly up to its value over these steps
@@ -337,7 +347,7 @@ class ToolSettings(Strict):
     max_concurrency: Int = Field(default=1024, gt=0, description="requests in flight per endpoint host, per tool proxy actor")
     max_request_bytes: Int = Field(default=1_000_000, gt=0)
     max_response_bytes: Int = Field(default=1_000_000, gt=0)
-    rollout_timeout_s: Float = Field(default=900.0, gt=0, description="wall time of one whole rollout")
+    rollout_timeout_s: Float = Field(default=900.0, gt=0, le=86400, description="wall time of one whole rollout")
 
     @model_validator(mode="after")
     def _retries_end(self) -> "ToolSettings":
@@ -396,7 +406,7 @@ class LearnerSpec(Strict):
     dtype: Literal["float32", "bfloat16"] = "float32"
     ranks: Int = Field(default=1, gt=0, description="processes of the learner's DeepSpeed world, one Ray actor each")
     micro_batch_size: Int = Field(default=4, gt=0)
-    weight_bucket_mb: Int = Field(default=64, gt=0, description="size of each weight-sync bucket")
+    weight_bucket_mb: Int = Field(default=64, gt=0, le=2**20, description="size of each weight-sync bucket")
     gradient_checkpointing: bool = False
     cpu_threads: Int | None = Field(
         default=None, gt=0,
@@ -465,7 +475,7 @@ class ClusterSpec(Strict):
     graders: Int = Field(default=1, gt=0)
     resources: ClusterResources = Field(default_factory=ClusterResources)
     placement_timeout_s: Float = Field(
-        default=120.0, gt=0, description="how long to wait for every role to be placed before failing with what is missing"
+        default=120.0, gt=0, le=86400, description="how long to wait for every role to be placed before failing with what is missing"
     )
     actor_max_restarts: Int = Field(
         default=5, ge=0, description="restarts of a dead tool proxy or grader actor (its in-flight calls are retried)"
@@ -642,6 +652,7 @@ def load_job(path: str | Path, unset_env_ok: bool = False) -> JobSpec:
     if problems := _cross_field_problems(job):
         raise SpecError([at(p, m) for p, m in problems])
     job.source_path = path.resolve()
-    job._warnings = [at(p, f"warning: {m}") for p, m in env.warnings + _ignored_fields(job)]
+    warnings = sorted(env.warnings + _ignored_fields(job), key=lambda found: doc.line(found[0]))
+    job._warnings = [at(p, f"warning: {m}") for p, m in warnings]
     job._document = Document(None, doc.lines)  # the lines only: the data may hold expanded secrets
     return job
