@@ -13,7 +13,9 @@ from __future__ import annotations
 import ast as _ast
 import keyword as _keyword
 import math
+import os
 import re
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal, Union
 from urllib.parse import urlsplit
@@ -621,8 +623,9 @@ def _ignored_fields(model: Any, path: KeyPath = ()) -> list[tuple[KeyPath, str]]
     return found
 
 
-def load_job(path: str | Path, unset_env_ok: bool = False) -> JobSpec:
+def load_job(path: str | Path, unset_env_ok: bool = False, environ: Mapping[str, str] | None = None) -> JobSpec:
     """Parses and validates a job file (YAML or JSON); raises SpecError naming file:line:field.
+    `${VAR}`s take their values from `environ` (default: this process's environment);
     `unset_env_ok` (validating a job for submission: its `${VAR}`s resolve on the cluster)
     leaves an unset variable's `${VAR}` in place instead of reporting it. What the job sets and
     this project ignores, or a `$VAR` left as written, is in `job.warnings`."""
@@ -635,7 +638,7 @@ def load_job(path: str | Path, unset_env_ok: bool = False) -> JobSpec:
         return f"{path}:{doc.line(key_path)}: {'.'.join(key_path) or '<root>'}: {message}"
 
     env = EnvFindings()
-    data = expand_env(doc.data, unset_env_ok, env)
+    data = expand_env(doc.data, os.environ if environ is None else environ, unset_env_ok, env)
     if env.errors:
         raise SpecError([at(p, m) for p, m in env.errors])
     try:

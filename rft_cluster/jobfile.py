@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import bisect
 import json
-import os
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -241,15 +241,15 @@ class EnvFindings:
     warnings: list[tuple[KeyPath, str]] = field(default_factory=list)
 
 
-def expand_env(node: Any, unset_env_ok: bool, found: EnvFindings, path: KeyPath = ()) -> Any:
-    """Replaces `${VAR}` in every string with the environment's value (secrets stay out of files).
+def expand_env(node: Any, environ: Mapping[str, str], unset_env_ok: bool, found: EnvFindings, path: KeyPath = ()) -> Any:
+    """Replaces `${VAR}` in every string with its value in `environ` (secrets stay out of files).
     An unset variable is an error unless `unset_env_ok` (then it is left as written); so is an
     empty one, one holding a line break or control character (it would split a header), and a
     malformed `${...}`; a bare `$VAR`, left as written, is a warning. Messages never hold values."""
     if isinstance(node, dict):
-        return {k: expand_env(v, unset_env_ok, found, path + (str(k),)) for k, v in node.items()}
+        return {k: expand_env(v, environ, unset_env_ok, found, path + (str(k),)) for k, v in node.items()}
     if isinstance(node, list):
-        return [expand_env(v, unset_env_ok, found, path + (str(i),)) for i, v in enumerate(node)]
+        return [expand_env(v, environ, unset_env_ok, found, path + (str(i),)) for i, v in enumerate(node)]
     if not isinstance(node, str) or "$" not in node:
         return node
     for m in _BRACED.finditer(node):
@@ -260,7 +260,7 @@ def expand_env(node: Any, unset_env_ok: bool, found: EnvFindings, path: KeyPath 
 
     def sub(m: re.Match[str]) -> str:
         name = m.group(1)
-        value = os.environ.get(name)
+        value = environ.get(name)
         if value is None:
             if not unset_env_ok:
                 found.errors.append((path, f"environment variable ${{{name}}} is not set"))

@@ -107,8 +107,8 @@ class Manifests:
 def render(job_path: Path, options: K8sOptions = K8sOptions()) -> Manifests:
     """The manifests for the job file at `job_path`; SpecError for a bad job, K8sError for a job
     or option that could not run on Kubernetes."""
-    # `${VAR}`s stay unresolved where unset: they resolve in the pods, from the Secret.
-    job = load_job(job_path, unset_env_ok=True)
+    # `${VAR}`s stay unresolved: they resolve in the pods, from the Secret (this machine's values are not theirs).
+    job = load_job(job_path, unset_env_ok=True, environ={})
     text = job_path.read_text()  # readable: load_job read it
     # Strings are taken from the file as written, so a value from this machine's env never lands in a manifest.
     raw: dict[str, Any] = read_document(job_path).data
