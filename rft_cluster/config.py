@@ -404,7 +404,7 @@ class EngineSpec(Strict):
 
 
 class LearnerSpec(Strict):
-    zero_stage: Literal[0, 1, 2, 3] = 2
+    zero_stage: Annotated[Int, Field(ge=0, le=3)] = 2  # an Int, not Literal[0..3]: that would take `true` as 1
     dtype: Literal["float32", "bfloat16"] = "float32"
     ranks: Int = Field(default=1, gt=0, description="processes of the learner's DeepSpeed world, one Ray actor each")
     micro_batch_size: Int = Field(default=4, gt=0)

@@ -106,6 +106,9 @@ HOSTILE_JOBS: dict[str, tuple[bytes, int, str]] = {
     "backoff-inf.yaml": (BASE + "    tool_settings:\n      backoff_s: .inf\n", 16, "backoff_s: Input should be a finite number"),
     "retries-outlast.yaml": (BASE + "    tool_settings:\n      max_retries: 10\n      backoff_s: 60\n", 15, "longer than rollout_timeout_s"),
     "retries-bool.yaml": (BASE + "    tool_settings:\n      max_retries: true\n", 16, "max_retries: Input should be a valid integer"),
+    "zero-stage-true.yaml": (BASE + "cluster:\n  learner:\n    zero_stage: true\n", 17, "zero_stage: Input should be a valid integer"),
+    "workers-true.yaml": (BASE + "cluster:\n  rollout_workers: true\n", 16, "rollout_workers: Input should be a valid integer"),
+    "cpus-nan.yaml": (BASE + "cluster:\n  resources:\n    learner: {cpus: .nan}\n", 17, "cpus: Input should be a finite number"),
     "seed-float.yaml": (BASE.replace("model: m", "model: m\nseed: 1.0"), 2, "seed: Input should be a valid integer"),
     # --- paths, tools, URLs, headers, variables
     "empty-training-file.yaml": (BASE.replace("training_file: train.jsonl", "training_file: ''"), 2, "training_file: must not be empty"),
@@ -125,6 +128,10 @@ HOSTILE_JOBS: dict[str, tuple[bytes, int, str]] = {
     "var-url-scheme.yaml": (BASE.replace("http://127.0.0.1:9/tool", "${RFT_T_URL}"), 8, "got scheme 'file'"),
     # --- graders against the data, and their limits
     "template-field.yaml": (BASE.replace("{{item.answer}}", "{{item.answr}}"), 12, f"no key 'answr' in the row at train.jsonl:1 (and {TRAIN_ROWS - 1} more rows)"),
+    "multi-template.yaml": (grader('      type: multi\n      calculate_output: a\n      graders:\n        a:\n' + STRING_CHECK.replace("      ", "          ").replace("item.answer", "item.answr")),
+                            16, "method.reinforcement.grader.graders.a.reference: template variable 'item.answr'"),
+    "judge-template.yaml": (grader('      type: score_model\n      model: j\n      base_url: http://127.0.0.1:9/v1\n      input:\n        - {role: user, content: "{{item.question}}"}\n'),
+                            14, "method.reinforcement.grader.input.0.content: template variable 'item.question'"),
     "template-sample.yaml": (BASE.replace("{{sample.output_text}}", "{{sample.output_txt}}"), 11, "no key 'output_txt'"),
     "template-root.yaml": (BASE.replace("{{item.answer}}", "{{row.answer}}"), 12, "must start with 'item.' or 'sample.'"),
     "python-one-arg.yaml": (python_grader("def grade(x):\n    return 1\n"), 11, "`grade` must take two positional arguments"),
