@@ -157,15 +157,15 @@ def _read_yaml(text: str, problems: list[tuple[int, str]]) -> Document | None:
         loader = yaml.SafeLoader(text)
         try:
             node = loader.get_single_node()
+            lines: dict[KeyPath, int] = {}
+            if node is not None:  # walked before construction, which merges `<<` keys into the nodes
+                _yaml_walk(node, (), lines, problems)
             data = loader.construct_document(node) if node is not None else None
         finally:
             loader.dispose()
     except yaml.YAMLError as e:
         problems.append(_yaml_problem(text, e))
         return None
-    lines: dict[KeyPath, int] = {}
-    if node is not None:
-        _yaml_walk(node, (), lines, problems)
     return Document(data, lines)
 
 

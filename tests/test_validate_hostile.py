@@ -319,3 +319,15 @@ def test_an_unset_variable_in_a_url_waits_for_the_cluster(tmp_path: Path, monkey
     monkeypatch.setenv("RFT_T_UNSET", "ftp://host")
     [problem] = check_job_and_data(job)[0]
     assert problem.endswith("server_url: must be an http:// or https:// URL with a host, got scheme 'ftp'")
+
+
+def test_yaml_anchors_and_merge_keys_within_the_budget_are_accepted(tmp_path: Path) -> None:
+    (tmp_path / "train.jsonl").write_text(json.dumps(ROW) + "\n")
+    job = tmp_path / "job.yaml"
+    job.write_text(BASE.replace("batch_size: 2", "batch_size: 1").replace(
+        "      - name: t\n        server_url: http://127.0.0.1:9/tool\n",
+        "      - &tool\n        name: t\n        server_url: http://127.0.0.1:9/tool\n        headers: &auth {Authorization: x}\n"
+        "      - <<: *tool\n        name: u\n        headers: *auth\n",
+    ))
+    assert check_job_and_data(job) == ([], [])  # `name: u` overrides the merged `name`: not a duplicate
+    assert [(t.name, t.headers) for t in load_job(job).rl.tools] == [("t", {"Authorization": "x"}), ("u", {"Authorization": "x"})]
