@@ -193,9 +193,9 @@ class PythonGrader(Strict):
     def _defines_grade(cls, source: str) -> str:
         try:
             module = _ast.parse(source)
-        except (SyntaxError, ValueError) as e:  # ValueError: a NUL byte in the source
-            raise ValueError(f"source line {getattr(e, 'lineno', '?')}: {getattr(e, 'msg', e)}") from None
-        except RecursionError:
+        except SyntaxError as e:  # a NUL byte has no line
+            raise ValueError(f"source line {e.lineno}: {e.msg}" if e.lineno else e.msg) from None
+        except (RecursionError, MemoryError):  # CPython's parser reports a deep expression as either
             raise ValueError("source is nested too deeply to compile") from None
         grades = [node for node in module.body if isinstance(node, (_ast.FunctionDef, _ast.AsyncFunctionDef)) and node.name == "grade"]
         if not grades:

@@ -138,6 +138,8 @@ HOSTILE_JOBS: dict[str, tuple[bytes, int, str]] = {
     "python-three-args.yaml": (python_grader("def grade(sample, item, extra):\n    return 1\n"), 11, "`grade` must take two positional arguments"),
     "python-kwonly.yaml": (python_grader("def grade(sample, item, *, k):\n    return 1\n"), 11, "`grade` must take two positional arguments"),
     "python-async.yaml": (python_grader("async def grade(sample, item):\n    return 1\n"), 11, "returns a coroutine"),
+    "python-nul.yaml": (python_grader("def grade(sample, item):\n    return \x00\n"), 11, "grader.source: source code string cannot contain null bytes"),
+    "python-deep.yaml": (python_grader("x = " + "-" * 100000 + "1\ndef grade(sample, item):\n    return 1\n"), 11, "source is nested too deeply"),
     "python-memory.yaml": (python_grader("def grade(sample, item):\n    return 1\n", memory_mb=10**14), 11, "memory_mb: Input should be less than or equal to"),
     "python-memory-float.yaml": (python_grader("def grade(sample, item):\n    return 1\n", memory_mb="1.0e+14"), 11, "memory_mb: Input should be a valid integer"),
     "python-timeout-inf.yaml": (python_grader("def grade(sample, item):\n    return 1\n", timeout_s=".inf"), 11, "timeout_s: Input should be a finite number"),
