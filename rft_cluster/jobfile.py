@@ -191,6 +191,9 @@ def _yaml_within_limits(text: str, problems: list[tuple[int, str]]) -> bool:
                 sizes[anchor] = size
             if open_sizes:
                 open_sizes[-1] += size
+        elif isinstance(event, yaml.AliasEvent) and event.anchor in open_anchors:
+            problems.append((line, f"YAML alias *{event.anchor} refers to a collection that holds it: a job is not recursive"))
+            return False
         elif isinstance(event, (yaml.ScalarEvent, yaml.AliasEvent)):
             size = sizes.get(event.anchor, 1) if isinstance(event, yaml.AliasEvent) else 1
             if isinstance(event, yaml.ScalarEvent) and event.anchor is not None:
@@ -199,7 +202,7 @@ def _yaml_within_limits(text: str, problems: list[tuple[int, str]]) -> bool:
                 open_sizes[-1] += size
             total += size
         if total > MAX_VALUES:
-            problems.append((line, f"YAML aliases expand to more than {MAX_VALUES} values: refused (an alias bomb?)"))
+            problems.append((line, f"more than {MAX_VALUES} values once YAML aliases are expanded: refused (an alias bomb?)"))
             return False
     return True
 
