@@ -548,11 +548,15 @@ class JobSpec(Strict):
     # (s3://, gs://, hdfs://, file://), written by whichever actor holds the data.
     storage: NonEmptyStr | None = None
     wandb: WandbSpec = Field(default_factory=WandbSpec)
-    # Where the job file lives; relative paths in it resolve against this directory.
-    source_path: Path | None = Field(default=None, exclude=True)
-    # Set by load_job: the file's key lines, and its warnings ("file:line: warning: field: message").
+    # Set by load_job (private: a job file cannot set them): where the file lives (relative paths
+    # in it resolve against its directory), its key lines, and its warnings ("file:line: ...").
+    _source_path: Path | None = PrivateAttr(default=None)
     _document: Document = PrivateAttr(default_factory=lambda: Document(None, {}))
     _warnings: list[str] = PrivateAttr(default_factory=list)
+
+    @property
+    def source_path(self) -> Path | None:
+        return self._source_path
 
     @property
     def warnings(self) -> list[str]:
@@ -654,7 +658,7 @@ def load_job(path: str | Path, unset_env_ok: bool = False, environ: Mapping[str,
         raise SpecError([at(p, "; or ".join(m)) for p, m in grouped.items()]) from None
     if problems := _cross_field_problems(job):
         raise SpecError([at(p, m) for p, m in problems])
-    job.source_path = path.resolve()
+    job._source_path = path.resolve()
     warnings = sorted(env.warnings + _ignored_fields(job), key=lambda found: doc.line(found[0]))
     job._warnings = [at(p, f"warning: {m}") for p, m in warnings]
     job._document = Document(None, doc.lines)  # the lines only: the data may hold expanded secrets

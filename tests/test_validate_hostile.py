@@ -110,6 +110,7 @@ HOSTILE_JOBS: dict[str, tuple[bytes, int, str]] = {
     "zero-stage-true.yaml": (BASE + "cluster:\n  learner:\n    zero_stage: true\n", 17, "zero_stage: Input should be a valid integer"),
     "workers-true.yaml": (BASE + "cluster:\n  rollout_workers: true\n", 16, "rollout_workers: Input should be a valid integer"),
     "cpus-nan.yaml": (BASE + "cluster:\n  resources:\n    learner: {cpus: .nan}\n", 17, "cpus: Input should be a finite number"),
+    "source-path.yaml": (BASE + "source_path: /etc\n", 15, "source_path: Extra inputs are not permitted"),
     "seed-float.yaml": (BASE.replace("model: m", "model: m\nseed: 1.0"), 2, "seed: Input should be a valid integer"),
     # --- paths, tools, URLs, headers, variables
     "empty-training-file.yaml": (BASE.replace("training_file: train.jsonl", "training_file: ''"), 2, "training_file: must not be empty"),
