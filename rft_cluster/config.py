@@ -287,11 +287,12 @@ class Hyperparameters(Strict):
     max_staleness: Int = Field(default=0, ge=0)
 
     def resolved(self, n_train_rows: int) -> "ResolvedHyperparameters":
-        """Turns every "auto" into a number (documented in README: "auto" values)."""
+        """Turns every "auto" into a number (documented in README: "auto" values); raises
+        ValueError for values that cannot run with this many training rows."""
         cm = 1.0 if self.compute_multiplier == "auto" else float(self.compute_multiplier)
         if self.batch_size != "auto" and self.batch_size > n_train_rows:
-            # A step could never fill its batch: the driver would wait forever.
-            raise ValueError(f"batch_size {self.batch_size} is larger than the {n_train_rows} training rows")
+            # The driver would wait forever for a full batch.
+            raise ValueError(f"batch_size {self.batch_size} is larger than the {n_train_rows} training rows: a step could never fill its batch")
         batch = min(8, n_train_rows) if self.batch_size == "auto" else self.batch_size
         group = max(2, round(4 * cm)) if self.group_size == "auto" else self.group_size
         epochs = 1 if self.n_epochs == "auto" else self.n_epochs

@@ -85,11 +85,12 @@ def check_job_and_data(job_path: Path, unset_env_ok: bool = False) -> tuple[list
                         f"{path}:{line}: tools[{j}].function.name: tool {name!r} is not declared "
                         f"in the job's method.reinforcement.tools (declared: {sorted(declared)})"
                     )
-    batch_size = job.rl.hyperparameters.batch_size
     train_path, train_rows = scanned[0]
-    if batch_size != "auto" and train_rows and batch_size > len(train_rows):
-        where = job.locate("method", "reinforcement", "hyperparameters", "batch_size")
-        problems.append(f"{where}: {batch_size} is larger than the {len(train_rows)} rows of {train_path}: a step could never fill its batch")
+    try:
+        if train_rows:  # none: the file's problem is reported already
+            job.rl.hyperparameters.resolved(len(train_rows))
+    except ValueError as e:  # values that only fail against the data
+        problems.append(f"{job.locate('method', 'reinforcement', 'hyperparameters', 'batch_size')}: {e} ({train_path})")
     problems += _template_problems(job, scanned)
     return problems, job.warnings
 

@@ -89,7 +89,7 @@ HOSTILE_JOBS: dict[str, tuple[bytes, int, str]] = {
     # --- hyperparameters: real ranges, strict numbers
     "batch-0.yaml": (BASE.replace("batch_size: 2", "batch_size: 0"), HP_LINE, "batch_size: Input should be greater than 0"),
     "batch-true.yaml": (BASE.replace("batch_size: 2", "batch_size: true"), HP_LINE, "batch_size: Input should be a valid integer"),
-    "batch-over-rows.yaml": (BASE.replace("batch_size: 2", f"batch_size: {TRAIN_ROWS + 1}"), HP_LINE, f"larger than the {TRAIN_ROWS} rows"),
+    "batch-over-rows.yaml": (BASE.replace("batch_size: 2", f"batch_size: {TRAIN_ROWS + 1}"), HP_LINE, f"batch_size: batch_size {TRAIN_ROWS + 1} is larger than the {TRAIN_ROWS} training rows"),
     "group-1.yaml": (hp("group_size", 1), 15, "group_size: Input should be greater than or equal to 2"),
     "epochs-0.yaml": (hp("n_epochs", 0), 15, "n_epochs: Input should be greater than 0"),
     "eval-interval-0.yaml": (hp("eval_interval", 0), 15, "eval_interval: Input should be greater than 0"),
