@@ -15,7 +15,6 @@ cluster's job list can see.
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import shlex
 import shutil
