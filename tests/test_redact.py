@@ -27,12 +27,15 @@ from rft_cluster.types import RolloutStatus, ToolCallStatus, ToolResult, Traject
 
 PLANTED = "planted-Secret/9f+x 7"  # with characters a URL quotes, so its encoded forms matter
 PLANTED_FORMS = [PLANTED, "planted-Secret/9f+x%207", "planted-Secret%2F9f%2Bx%207", "planted-Secret%2F9f%2Bx+7"]
+# A URL may not hold a raw space (`validate` refuses it), so what travels in URLs has none.
+URL_PLANTED = "planted-UrlSecret/9f+x=7"
+URL_PLANTED_FORMS = [URL_PLANTED, "planted-UrlSecret%2F9f%2Bx%3D7", "planted-UrlSecret/9f%2Bx%3D7"]
 USERINFO_PASS = "userinfo-pass-41c7"
 
 
 def leaks(text: str | bytes) -> list[str]:
     data = text.encode() if isinstance(text, str) else text
-    return [f for f in [*PLANTED_FORMS, USERINFO_PASS] if f.encode() in data]
+    return [f for f in [*PLANTED_FORMS, *URL_PLANTED_FORMS, USERINFO_PASS] if f.encode() in data]
 
 
 # ---------------------------------------------------------------- the redactor itself
@@ -70,10 +73,10 @@ def test_redactor_copies_structures_hiding_header_values_and_travels_by_pickle()
 
 
 def test_load_job_records_every_expanded_variable(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("RFT_T_KEY", PLANTED)
+    monkeypatch.setenv("RFT_T_KEY", URL_PLANTED)
     monkeypatch.setenv("RFT_T_PASS", USERINFO_PASS)
     job = write_job(tmp_path, {"q": "http://127.0.0.1:9/t?key=${RFT_T_KEY}"}, grader_url="http://u:${RFT_T_PASS}@127.0.0.1:9/g")
-    assert load_job(job).redactor.secrets == {"RFT_T_KEY": PLANTED, "RFT_T_PASS": USERINFO_PASS}
+    assert load_job(job).redactor.secrets == {"RFT_T_KEY": URL_PLANTED, "RFT_T_PASS": USERINFO_PASS}
 
 
 def test_log_records_are_redacted_whatever_the_logger(caplog: pytest.LogCaptureFixture) -> None:
@@ -148,7 +151,7 @@ def cli(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=120)
 
 
-SECRET_ENV = {"RFT_T_KEY": PLANTED, "RFT_T_PASS": USERINFO_PASS}
+SECRET_ENV = {"RFT_T_KEY": URL_PLANTED, "RFT_T_PASS": USERINFO_PASS}
 
 
 def test_tool_run_prints_no_secret_on_any_path(tmp_path: Path, servers: dict[str, str]) -> None:
@@ -198,7 +201,7 @@ def trajectory(output: str, error: str) -> Trajectory:
 
 @pytest.mark.usefixtures("offline_wandb")
 def test_parquet_metrics_and_wandb_files_hold_no_secret(tmp_path: Path) -> None:
-    redactor = Redactor(SECRET_ENV)
+    redactor = Redactor({**SECRET_ENV, "RFT_T_KEY": PLANTED})  # no URL is validated here: a space may travel
     run = tmp_path / "run"
     text = f"ClientResponseError: 400, url='http://h/t?key={PLANTED_FORMS[2]}'"
     store = TrajectoryStore(run, redactor)
@@ -241,8 +244,8 @@ def test_proxy_and_grader_actors_redact_observations_errors_and_their_logs(serve
     redactor = Redactor(SECRET_ENV)
     settings = ToolSettings(max_retries=1, backoff_s=0.01, timeout_s=5)
     userinfo = f"http://bob:{USERINFO_PASS}@"
-    tools = [ToolSpec(name="garbage", server_url=f"{servers['garbage']}?key={PLANTED}"),
-             ToolSpec(name="fail", server_url=servers["fail"].replace("http://", userinfo) + f"?key={PLANTED}")]
+    tools = [ToolSpec(name="garbage", server_url=f"{servers['garbage']}?key={URL_PLANTED}"),
+             ToolSpec(name="fail", server_url=servers["fail"].replace("http://", userinfo) + f"?key={URL_PLANTED}")]
     proxy = ray.remote(ToolProxy).options(num_cpus=0).remote(tools, settings, redactor)
     grader = ray.remote(GraderActor).options(num_cpus=0).remote(
         EndpointGrader(type="endpoint", url=servers["fail"].replace("http://", userinfo)), settings, redactor)
