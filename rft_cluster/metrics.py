@@ -208,7 +208,8 @@ class StepPrinter:
 
     On a terminal the header and reward are styled; elsewhere (CI logs, files) rich emits plain
     text, and soft wrapping keeps each step on one line whatever the console width. Notes pass
-    through `redactor` (they may quote an error).
+    through `redactor` (they may quote an error). Not a `rich.table.Table`: a table renders once,
+    whole, while a step's row must reach the log the moment the step ends.
     """
 
     def __init__(self, console: Console | None = None, prefix: str = "train", redactor: Redactor | None = None):

@@ -7,7 +7,9 @@ Hive-style partitions, so `pandas.read_parquet("<run>/trajectories")` or DuckDB'
 `read_parquet('<run>/trajectories/**/*.parquet', hive_partitioning=true)` recover a `kind` column.
 Writing a step again (e.g. after a resume) replaces that step's file instead of duplicating it.
 Each step file appears whole or not at all (`RunStorage.write_bytes`): a local temp file renamed,
-or one object-store upload.
+or one object-store upload. (`pyarrow.dataset.write_dataset` writes the same Hive layout, but it
+can only replace a whole `kind=` partition, not one step's file, and not atomically: hence the
+one `write_table` per step here.)
 
 | column | type | meaning |
 |---|---|---|
