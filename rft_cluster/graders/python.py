@@ -42,6 +42,7 @@ _CHILD = Path(__file__).with_name("python_child.py")
 _COMMAND = (sys.executable, "-I", str(_CHILD))
 _CHILD_ENV = {"PATH": "/usr/bin:/bin", "HOME": "/tmp", "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 OUTPUT_BYTES = 64 * 1024  # a result is a score or a clipped traceback: far less than this
+KILL_GRACE_S = 10.0  # for a killed sandbox to be gone: the kernel ends it at once
 _PROBE = "def grade(sample, item):\n    return 1.0\n"
 
 
@@ -72,6 +73,38 @@ async def _read_capped(stream: asyncio.StreamReader, limit: int) -> bytes | None
     return bytes(data)
 
 
+async def _discard(stream: asyncio.StreamReader) -> None:
+    """Reads `stream` to its end, keeping none of it."""
+    while await stream.read(64 * 1024):
+        pass
+
+
+async def _result_stream(read_end: int) -> tuple[asyncio.StreamReader, asyncio.BaseTransport]:
+    """Reads the child's result pipe through a transport of this side's own, not the child's:
+    Python 3.11's Process.wait() also waits for the child's pipes to close, and a pipe whose
+    reader paused on a full buffer (a child writing past OUTPUT_BYTES) never sees its end, so
+    the wait after the kill hung forever."""
+    loop = asyncio.get_running_loop()
+    stream = asyncio.StreamReader()
+    transport, _ = await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(stream), open(read_end, "rb", buffering=0))
+    return stream, transport
+
+
+async def _kill(child: asyncio.subprocess.Process, results: asyncio.StreamReader) -> None:
+    """Kills the child and waits for the end of its sandbox: the launcher's exit, then the end of
+    the result stream, which every process in the sandbox holds open until it is gone (killed with
+    the launcher), for at most KILL_GRACE_S, so that nothing there can hang this side."""
+    child.kill()
+    assert child.stdin is not None
+    if child.stdin.transport.get_write_buffer_size():  # a request still unsent would keep wait() waiting
+        child.stdin.transport.abort()
+    await child.wait()
+    try:
+        await asyncio.wait_for(_discard(results), KILL_GRACE_S)
+    except asyncio.TimeoutError:
+        log.warning("a python grader's sandbox still held its result stream %gs after its kill", KILL_GRACE_S)
+
+
 class Python(BaseGrader):
     def __init__(self, spec: PythonGrader):
         super().__init__(spec.name)
@@ -90,19 +123,26 @@ class Python(BaseGrader):
         spec = self._spec
         request = _request(spec.source, sample, item, spec.memory_mb, spec.timeout_s, self._sandbox)
         async with self._slots:
-            # A session of its own: nothing the child signals by process group reaches this one.
-            child = await asyncio.create_subprocess_exec(
-                *_COMMAND, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
-                stderr=asyncio.subprocess.DEVNULL, env=_CHILD_ENV, start_new_session=True,
-            )  # fmt: skip
+            read_end, write_end = os.pipe()
+            results, transport = await _result_stream(read_end)
             try:
-                stdout = await asyncio.wait_for(self._exchange(child, request), spec.timeout_s)
-            except asyncio.TimeoutError:
-                return self.fail(f"grade() did not finish within timeout_s={spec.timeout_s:g} (killed)")
+                try:
+                    # A session of its own: nothing the child signals by process group reaches this one.
+                    child = await asyncio.create_subprocess_exec(
+                        *_COMMAND, stdin=asyncio.subprocess.PIPE, stdout=write_end,
+                        stderr=asyncio.subprocess.DEVNULL, env=_CHILD_ENV, start_new_session=True,
+                    )  # fmt: skip
+                finally:
+                    os.close(write_end)  # held by the child (and its sandbox) alone: their end is its end
+                try:
+                    stdout = await asyncio.wait_for(self._exchange(child, request, results), spec.timeout_s)
+                except asyncio.TimeoutError:
+                    return self.fail(f"grade() did not finish within timeout_s={spec.timeout_s:g} (killed)")
+                finally:
+                    if child.returncode is None:  # timed out, wrote too much, or this grade was cancelled
+                        await _kill(child, results)
             finally:
-                if child.returncode is None:  # timed out, wrote too much, or this grade was cancelled
-                    child.kill()
-                    await child.wait()
+                transport.close()  # a process of the sandbox still writing gets EPIPE, not a blocked write
         if stdout is None:
             return self.fail(f"the grader process wrote more than {OUTPUT_BYTES} bytes to its result stream (killed)")
         try:
@@ -117,13 +157,13 @@ class Python(BaseGrader):
         return GradeResult(score=score)
 
     @staticmethod
-    async def _exchange(child: asyncio.subprocess.Process, request: bytes) -> bytes | None:
-        assert child.stdin is not None and child.stdout is not None
+    async def _exchange(child: asyncio.subprocess.Process, request: bytes, results: asyncio.StreamReader) -> bytes | None:
+        assert child.stdin is not None
         with contextlib.suppress(BrokenPipeError, ConnectionResetError):  # a child that died early
             child.stdin.write(request)
             await child.stdin.drain()
             child.stdin.close()
-        stdout = await _read_capped(child.stdout, OUTPUT_BYTES)
+        stdout = await _read_capped(results, OUTPUT_BYTES)
         if stdout is not None:
             await child.wait()
         return stdout
