@@ -25,9 +25,11 @@ REPO = Path(__file__).resolve().parent.parent
 SECRET = "s3cret-" + uuid.uuid4().hex
 # Run as the parent of a grader in a process of its own, so that its environment at start (what
 # /proc/PID/environ shows) holds the planted secret and a successful kill would be seen. It grades
-# `times` times at once (1 unless given); "score" and "error" are the first grade's.
+# `times` times at once (1 unless given); "score" and "error" are the first grade's. The peak is
+# VmHWM, this address space's own: ru_maxrss survives exec, so it would report the peak of a
+# large pytest process that forked this one.
 GRADE_IN_A_PROCESS = """
-import asyncio, json, resource, sys
+import asyncio, json, re, sys
 from rft_cluster.config import PythonGrader
 from rft_cluster.graders.python import Python
 spec = json.loads(sys.argv[1])
@@ -37,7 +39,7 @@ async def grades():
     return await asyncio.gather(*(grader.grade({"output_text": "42"}, item, "trace") for _ in range(times)))
 results = asyncio.run(grades())
 print(json.dumps({"score": results[0].score, "error": results[0].error, "errors": [r.error for r in results],
-                  "maxrss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024}))
+                  "maxrss_mb": int(re.search(r"VmHWM:\\s+(\\d+) kB", open("/proc/self/status").read())[1]) // 1024}))
 """
 # The user-namespace path is tried as well: what a non-root user gets (from `unshare -r`, root of a
 # user namespace mapping one uid), and root's fallback where it lacks CAP_SYS_ADMIN.
