@@ -136,14 +136,15 @@ class RunLogger:
     def log(self, step: int, metrics: dict[str, float], nodes: dict[str, list[str]] | None = None) -> None:
         """`nodes` (role -> node id of each actor) goes into the JSONL record only; W&B gets it
         once, in the run's config, since its step values are numbers."""
+        metrics = self._redact(metrics)  # once, for both sinks
         # Strict JSON has no NaN/Infinity; write null so every JSON reader accepts the file.
         record = {"step": step, **{k: v if math.isfinite(v) else None for k, v in metrics.items()}}
         if nodes is not None:
-            record["nodes"] = nodes
-        self._lines.append(json.dumps(self._redact(record)) + "\n")
+            record["nodes"] = self._redact(nodes)
+        self._lines.append(json.dumps(record) + "\n")
         self.storage.write_text(self.METRICS, "".join(self._lines))
         if self._run is not None:
-            self._run.log(self._redact(metrics), step=step)
+            self._run.log(metrics, step=step)
 
     def drop_after(self, step: int) -> None:
         """Forgets logged steps after `step` in metrics.jsonl (a resumed run logs them again)."""
