@@ -278,6 +278,7 @@ def test_proxy_client_sends_one_tick_of_calls_as_one_batch_per_proxy(ray_local: 
 
         tick, alone = asyncio.run(calls())
         sizes = [ray.get(p.batch_sizes.remote()) for p in proxies]
+        ray.get([p.close.remote() for p in proxies])  # an unclosed session warns at exit, into a later test's output
         for p in proxies:
             ray.kill(p)
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import resource
 import subprocess
 import sys
@@ -193,9 +194,13 @@ def env(monkeypatch: pytest.MonkeyPatch) -> None:
         monkeypatch.setenv(k, v)
 
 
+# Ray forwards a worker's output, prefixed `(Name pid=N)`, to whichever test is running when it arrives.
+RAY_WORKER_LINE = re.compile(r"^(\x1b\[\d+m)?\(\S+ pid=\d+")
+
+
 def validate(path: Path, capsys: pytest.CaptureFixture) -> tuple[int, list[str]]:
     code = main(["validate", str(path)])
-    err = capsys.readouterr().err.splitlines()
+    err = [line for line in capsys.readouterr().err.splitlines() if not RAY_WORKER_LINE.match(line)]
     assert err[-1].endswith("nothing was started.")
     return code, err[:-1]
 
