@@ -13,6 +13,7 @@ import keyword as _keyword
 import math
 import os
 import re
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union, get_args
 
@@ -483,28 +484,29 @@ def _yaml_lines(text: str) -> dict[tuple[str, ...], int]:
 _ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 
 
-def _expand_env(node: Any, path: tuple[str, ...], missing: list[tuple[tuple[str, ...], str]]) -> Any:
-    """Replaces `${VAR}` in every string with the environment's value (secrets stay out of files)."""
+def _expand_env(node: Any, path: tuple[str, ...], missing: list[tuple[tuple[str, ...], str]], env: Mapping[str, str]) -> Any:
+    """Replaces `${VAR}` in every string with `env`'s value (secrets stay out of files)."""
     if isinstance(node, dict):
-        return {k: _expand_env(v, path + (str(k),), missing) for k, v in node.items()}
+        return {k: _expand_env(v, path + (str(k),), missing, env) for k, v in node.items()}
     if isinstance(node, list):
-        return [_expand_env(v, path + (str(i),), missing) for i, v in enumerate(node)]
+        return [_expand_env(v, path + (str(i),), missing, env) for i, v in enumerate(node)]
     if isinstance(node, str):
 
         def sub(m: re.Match[str]) -> str:
-            if m.group(1) not in os.environ:
+            if m.group(1) not in env:
                 missing.append((path, m.group(1)))
                 return m.group(0)
-            return os.environ[m.group(1)]
+            return env[m.group(1)]
 
         return _ENV_REF.sub(sub, node)
     return node
 
 
-def load_job(path: str | Path, unset_env_ok: bool = False) -> JobSpec:
+def load_job(path: str | Path, unset_env_ok: bool = False, variables: Mapping[str, str] | None = None) -> JobSpec:
     """Parses and validates a job file (YAML or JSON); raises SpecError naming file:line:field.
     `unset_env_ok` (validating a job for submission: its `${VAR}`s resolve on the cluster)
-    leaves an unset variable's `${VAR}` in place instead of reporting it."""
+    leaves an unset variable's `${VAR}` in place instead of reporting it. `variables` resolve
+    `${VAR}`s before the environment does (a caller that starts the job's servers names them)."""
     path = Path(path)
     try:
         text = path.read_text()
@@ -519,7 +521,7 @@ def load_job(path: str | Path, unset_env_ok: bool = False) -> JobSpec:
         raise SpecError([f"{path}:1: the job must be a mapping, got {type(data).__name__}"])
     lines = _yaml_lines(text)
     missing: list[tuple[tuple[str, ...], str]] = []
-    data = _expand_env(data, (), missing)
+    data = _expand_env(data, (), missing, {**os.environ, **(variables or {})})
     if missing and not unset_env_ok:
         raise SpecError(
             [f"{path}:{lines.get(p, 1)}: {'.'.join(p)}: environment variable ${{{var}}} is not set" for p, var in missing]
