@@ -81,9 +81,12 @@ def write_datasets(out_dir: str | Path, splits: Splits) -> tuple[Path, Path]:
 
 
 def answer(question: Question) -> str:
-    """A demonstration's reply: "Compact Steel Hinge at Denver: 41", the name and warehouse copied
-    from the question, the number from the stock line that starts with the same warehouse."""
-    return f"{question.product.name} at {question.warehouse}: {question.answer}"
+    """A demonstration's reply: the question restated up to its warehouse, then the units ("How
+    many units of Compact Steel Hinge are in stock at Denver: 41"). Every word is a verbatim copy
+    from the context, each anchored by the words before it: a reply that opened with the product's
+    name ("Compact Steel Hinge at Denver: 41") gave a copying model no anchor for its first word,
+    and the warm start named look-alikes and other warehouses (baseline 0.00 in the pre-check)."""
+    return f"{question.text.rstrip('?')}: {question.answer}"
 
 
 def demonstration_calls(question: Question, tools: WarehouseTools, rng: random.Random) -> list[tuple[str, dict[str, Any]]]:
