@@ -28,6 +28,7 @@ from rft_cluster.config import EngineSpec, LearnerSpec
 from rft_cluster.learner_group import LearnerGroup
 from rft_cluster.rollout_worker import RolloutWorker
 from rft_cluster.tiny_model import make_tiny_model
+from rft_cluster.weight_sync import publish_from
 
 # make_tiny_model's defaults are the demo's model; the large one keeps its vocabulary and
 # head_dim (64, as the copy circuit needs) and grows width and depth to ~103 M parameters.
@@ -56,8 +57,9 @@ def measure(name: str, model_dir: Path, repeats: int) -> dict[str, Any]:
     group = LearnerGroup(str(model_dir), LearnerSpec(zero_stage=2), 1e-5, 0.2, seed=0)
     try:
         ray.get(started)
-        first = group.publish([worker], version=1)
-        runs = [group.publish([worker], version=2 + i) for i in range(repeats)]
+        bucket = LearnerSpec().weight_bucket_mb << 20
+        first = publish_from(group, [worker], 1, bucket)
+        runs = [publish_from(group, [worker], 2 + i, bucket) for i in range(repeats)]
         assert not first.lost and not any(r.lost for r in runs), "the engine's actor died during a publish"
     finally:
         group.shutdown()

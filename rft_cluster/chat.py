@@ -46,16 +46,27 @@ class ChatCodec:
         vocab = tokenizer.get_vocab()
         self._think = (vocab["<think>"], vocab["</think>"]) if "<think>" in vocab and "</think>" in vocab else None
 
-    def _render(self, messages: list[dict], add_generation_prompt: bool, tools: list | None = None) -> str:
+    def _render(self, messages: list[dict], add_generation_prompt: bool, tools: list | None = None, **variables: Any) -> str:
         return self.tokenizer.apply_chat_template(
-            messages, tools=tools or None, add_generation_prompt=add_generation_prompt, tokenize=False
+            messages, tools=tools or None, add_generation_prompt=add_generation_prompt, tokenize=False, **variables
         )
 
     def encode(self, text: str) -> list[int]:
         return self.tokenizer.encode(text, add_special_tokens=False)
 
-    def prompt_ids(self, messages: list[dict], tools: list[dict] | None) -> list[int]:
-        return self.encode(self._render(messages, add_generation_prompt=True, tools=tools))
+    def prompt_ids(self, messages: list[dict], tools: list[dict] | None, reasoning_effort: str | None = None) -> list[int]:
+        """The prompt as the template renders it; `reasoning_effort` reaches the template as the
+        variable of that name (gpt-oss style), which templates without it ignore."""
+        extra = {"reasoning_effort": reasoning_effort} if reasoning_effort else {}
+        return self.encode(self._render(messages, add_generation_prompt=True, tools=tools, **extra))
+
+    def template_uses(self, variable: str) -> bool:
+        """Whether the chat template reads `variable` (so a setting of that name changes prompts)."""
+        import jinja2
+        from jinja2 import meta
+
+        source = self.tokenizer.chat_template
+        return isinstance(source, str) and variable in meta.find_undeclared_variables(jinja2.Environment().parse(source))
 
     def observation_ids(self, outputs: list[str]) -> list[int]:
         """Ids that follow an assistant turn's eos: the tool results, then the next assistant

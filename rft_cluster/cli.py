@@ -19,12 +19,18 @@ def _non_negative(text: str) -> int:
     return value
 
 
-def _validate(args: argparse.Namespace) -> int:
-    from rft_cluster.dataset import validate_job_and_data
+def _check(job_path: Path) -> list[str]:
+    """Prints the job's problems and warnings (one line each) to stderr; returns the problems."""
+    from rft_cluster.dataset import check_job_and_data
 
-    problems = validate_job_and_data(Path(args.job))
-    for p in problems:
-        print(p, file=sys.stderr)
+    problems, warnings = check_job_and_data(job_path)
+    for line in problems + warnings:
+        print(line, file=sys.stderr)
+    return problems
+
+
+def _validate(args: argparse.Namespace) -> int:
+    problems = _check(Path(args.job))
     if problems:
         print(f"{len(problems)} problem(s) found; nothing was started.", file=sys.stderr)
         return 1
@@ -34,12 +40,9 @@ def _validate(args: argparse.Namespace) -> int:
 
 def _load_or_exit(job_path: Path):
     from rft_cluster.config import SpecError, load_job
-    from rft_cluster.dataset import validate_job_and_data
 
-    problems = validate_job_and_data(job_path)
+    problems = _check(job_path)
     if problems:
-        for p in problems:
-            print(p, file=sys.stderr)
         sys.exit(f"{len(problems)} problem(s) in {job_path}; fix them first (see `rft-cluster validate`).")
     try:
         return load_job(job_path)
@@ -84,9 +87,13 @@ def _grader_run(args: argparse.Namespace) -> int:
 
     from rich.console import Console
 
+    from rft_cluster.graders.sandbox import SandboxUnavailable
     from rft_cluster.tryout import grader_run
 
-    result = asyncio.run(grader_run(_load_or_exit(Path(args.job)), args.output_text, args.row, Console()))
+    try:
+        result = asyncio.run(grader_run(_load_or_exit(Path(args.job)), args.output_text, args.row, Console()))
+    except SandboxUnavailable as e:  # a python grader on a machine without namespaces
+        sys.exit(str(e))
     return 0 if result.score is not None else 1
 
 

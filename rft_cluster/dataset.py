@@ -1,8 +1,12 @@
-"""Dataset rows (JSONL, DESIGN §3): checked up front, every problem reported at once.
+"""Dataset rows (JSONL; docs/architecture.md §3): checked up front, every problem reported at once.
 
 A row is `{"messages": [...], "tools": [...], ...reference data}`. `messages` is a chat whose last
 message is from the user; `tools` are Chat Completions function schemas; every other key is the
-row's reference data, which tools and graders receive as `item`.
+row's reference data, which tools and graders receive as `item`. As in OpenAI's format, a
+message's `content` is a string or a list of text parts (`load_rows` joins them into a string),
+and an assistant message with `tool_calls` may have `content: null`. A row is strict JSON: no
+NaN/Infinity, no key twice, no lone surrogate (it could not be written as UTF-8), at most
+`MAX_ROW_DEPTH` levels deep.
 
 Problems read `"{path}:{line}: {field}: {message}"` (lines 1-based, fields like
 `messages[2].role`; `<row>` for the row as a whole); problems with the file itself read
@@ -12,16 +16,17 @@ Problems read `"{path}:{line}: {field}: {message}"` (lines 1-based, fields like
 from __future__ import annotations
 
 import json
-import re
 from pathlib import Path
 from typing import Any
 
-from rft_cluster.config import SpecError, load_job
+from rft_cluster.config import TOOL_NAME, JobSpec, SpecError, load_job
+from rft_cluster.graders.template import TemplateError, lookup, placeholders
+from rft_cluster.types import grader_sample
 
 ROLES = ("system", "developer", "user", "assistant", "tool")
-TOOL_NAME = re.compile(r"^[a-zA-Z0-9_-]{1,64}$")
 DEFAULT_MAX_ROW_BYTES = 1_000_000
-# Row keys that would be confused with the protocol's own fields (DESIGN §3).
+MAX_ROW_DEPTH = 64
+# Row keys that would be confused with the protocol's own fields (docs/architecture.md §3).
 RESERVED_KEYS = {
     "sample": "reserved: graders address the model's output as `sample` ({{sample.output_text}}, "
     "the endpoint grader's request body), so a row field of that name is ambiguous",
@@ -45,26 +50,34 @@ def row_item(row: dict[str, Any]) -> dict[str, Any]:
 
 
 def load_rows(path: Path, max_row_bytes: int = DEFAULT_MAX_ROW_BYTES) -> list[dict[str, Any]]:
-    """The rows of a dataset; raises DatasetError listing every problem if it has any."""
+    """The rows of a dataset, text parts joined; raises DatasetError listing every problem if it has any."""
     rows, problems = _scan(Path(path), max_row_bytes)
     if problems:
         raise DatasetError(problems)
-    return [row for _, row in rows]
+    return [_join_text_parts(row) for _, row in rows]
 
 
 def validate_job_and_data(job_path: Path, unset_env_ok: bool = False) -> list[str]:
-    """Every problem of a job file and its datasets, including undeclared tool names in rows
-    (`unset_env_ok`: see `load_job`)."""
+    """Every problem of a job file and its datasets (`unset_env_ok`: see `load_job`)."""
+    return check_job_and_data(job_path, unset_env_ok)[0]
+
+
+def check_job_and_data(job_path: Path, unset_env_ok: bool = False) -> tuple[list[str], list[str]]:
+    """(problems, warnings) of a job file and its datasets, the job checked against the rows:
+    tool names the rows use but the job does not declare, a batch larger than the training
+    set, and grader templates naming an `item` field a row lacks."""
     try:
         job = load_job(job_path, unset_env_ok)
     except SpecError as e:
-        return e.problems
+        return e.problems, []
     declared = {tool.name for tool in job.rl.tools}
     problems: list[str] = []
+    scanned: list[tuple[Path, list[tuple[int, dict[str, Any]]]]] = []
     for data_file in filter(None, [job.training_file, job.validation_file]):
         path = job.resolve_path(data_file)
         rows, row_problems = _scan(path, DEFAULT_MAX_ROW_BYTES)
         problems += row_problems
+        scanned.append((path, rows))
         for line, row in rows:
             for j, name in _tool_names(row):
                 if name not in declared:
@@ -72,6 +85,54 @@ def validate_job_and_data(job_path: Path, unset_env_ok: bool = False) -> list[st
                         f"{path}:{line}: tools[{j}].function.name: tool {name!r} is not declared "
                         f"in the job's method.reinforcement.tools (declared: {sorted(declared)})"
                     )
+    train_path, train_rows = scanned[0]
+    try:
+        if train_rows:  # none: the file's problem is reported already
+            job.rl.hyperparameters.resolved(len(train_rows))
+    except ValueError as e:  # values that only fail against the data
+        problems.append(f"{job.locate('method', 'reinforcement', 'hyperparameters', 'batch_size')}: {e} ({train_path})")
+    problems += _template_problems(job, scanned)
+    return problems, job.warnings
+
+
+# The keys of the `sample` a grader sees (its values do not matter here).
+_SAMPLE_KEYS = dict.fromkeys(grader_sample("", []))
+
+
+def _grader_templates(grader: Any, key_path: tuple[str, ...]) -> list[tuple[tuple[str, ...], str]]:
+    """(key path, template) of every template in a grader config, sub-graders included."""
+    if grader.type == "multi":
+        return [t for name, sub in grader.graders.items() for t in _grader_templates(sub, key_path + ("graders", name))]
+    if grader.type in ("string_check", "text_similarity"):
+        return [(key_path + ("input",), grader.input), (key_path + ("reference",), grader.reference)]
+    if grader.type == "score_model":
+        return [(key_path + ("input", str(i), "content"), m.content) for i, m in enumerate(grader.input)]
+    return []  # endpoint and python graders receive the whole item
+
+
+def _template_problems(job: JobSpec, scanned: list[tuple[Path, list[tuple[int, dict[str, Any]]]]]) -> list[str]:
+    """A template variable that no grade could render: an unknown `sample` field, or an `item`
+    field missing from a row (the first such row is named, with how many more lack it)."""
+    problems = []
+    for key_path, template in _grader_templates(job.rl.grader, ("method", "reinforcement", "grader")):
+        for variable in placeholders(template):
+            if not variable.startswith("item."):
+                try:  # only the sample's top-level keys are known before a rollout
+                    lookup(".".join(variable.split(".")[:2]), {"item": {}, "sample": _SAMPLE_KEYS})
+                except TemplateError as e:
+                    problems.append(f"{job.locate(*key_path)}: {e}")
+                continue
+            lacking: list[tuple[Path, int, str]] = []
+            for path, rows in scanned:
+                for line, row in rows:
+                    try:
+                        lookup(variable, {"item": row_item(row)})
+                    except TemplateError as e:
+                        lacking.append((path, line, str(e)))
+            if lacking:
+                path, line, why = lacking[0]
+                more = f" (and {len(lacking) - 1} more rows)" if len(lacking) > 1 else ""
+                problems.append(f"{job.locate(*key_path)}: {why} in the row at {path}:{line}{more}")
     return problems
 
 
@@ -80,6 +141,8 @@ Problem = tuple[str, str]  # (field, message), located by the caller
 
 def _scan(path: Path, max_row_bytes: int) -> tuple[list[tuple[int, dict[str, Any]]], list[str]]:
     """(line, row) for every line that parsed as an object, and every problem found."""
+    if not path.is_file():  # a FIFO or device would block or never end
+        return [], [f"{path}: cannot read: {'no such file' if not path.exists() else 'not a regular file'}"]
     try:
         data = path.read_bytes()
     except OSError as e:
@@ -106,14 +169,51 @@ def _parse_line(raw: bytes, max_row_bytes: int) -> tuple[dict[str, Any] | None, 
     if len(raw) > max_row_bytes:
         problems.append(("<row>", f"{len(raw)} bytes, over the limit of {max_row_bytes}"))
     try:
-        row = json.loads(raw.decode("utf-8"))
+        row = json.loads(raw.decode("utf-8"), object_pairs_hook=_unique_keys, parse_constant=_not_json)
     except UnicodeDecodeError as e:
         return None, problems + [("<row>", f"not valid UTF-8: {e.reason} at byte {e.start}")]
     except json.JSONDecodeError as e:
         return None, problems + [("<row>", f"not valid JSON: {e.msg} at column {e.colno}")]
+    except RecursionError:
+        return None, problems + [("<row>", f"nested deeper than {MAX_ROW_DEPTH} levels")]
+    except ValueError as e:  # from the hooks below, or an integer over Python's digit limit
+        return None, problems + [("<row>", str(e))]
     if not isinstance(row, dict):
         return None, problems + [("<row>", f"must be a JSON object, got {_kind(row)}")]
-    return row, problems
+    return row, problems + _unwritable(row)
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    keys = [k for k, _ in pairs]
+    if len(set(keys)) < len(keys):
+        twice = sorted({k for k in keys if keys.count(k) > 1})
+        raise ValueError(f"key {twice[0]!r} appears twice in one object; JSON readers would keep only the later value")
+    return dict(pairs)
+
+
+def _not_json(constant: str) -> Any:
+    raise ValueError(f"{constant} is not JSON (Python writes it for a float that is not finite): use null or a string")
+
+
+def _unwritable(row: dict[str, Any]) -> list[Problem]:
+    """Nesting over MAX_ROW_DEPTH, and strings with a lone surrogate (valid JSON as an escape,
+    but not encodable as UTF-8: the Parquet write would fail mid-run). Walked without recursion."""
+    problems: list[Problem] = []
+    stack: list[tuple[Any, int]] = [(row, 1)]
+    while stack:
+        value, depth = stack.pop()
+        if depth > MAX_ROW_DEPTH:
+            return [("<row>", f"nested deeper than {MAX_ROW_DEPTH} levels")]
+        if isinstance(value, str):
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError as e:
+                problems.append(("<row>", f"a string holds a lone surrogate (\\u{ord(value[e.start]):04x}): not encodable as UTF-8"))
+        elif isinstance(value, dict):
+            stack += [(k, depth) for k in value] + [(v, depth + 1) for v in value.values()]
+        elif isinstance(value, list):
+            stack += [(v, depth + 1) for v in value]
+    return problems[:1]
 
 
 def _check_row(row: dict[str, Any]) -> list[Problem]:
@@ -139,14 +239,57 @@ def _check_messages(messages: Any) -> list[Problem]:
             continue
         if message.get("role") not in ROLES:
             problems.append((f"{where}.role", f"must be one of {'|'.join(ROLES)}, {_got(message, 'role')}"))
-        if not isinstance(message.get("content"), str):
-            problems.append((f"{where}.content", f"must be a string, {_got(message, 'content')}"))
+        problems += _check_content(message, where)
+        if "tool_calls" in message:
+            problems += _check_tool_calls(message, where)
     last = messages[-1]
     # A last message with an invalid role was reported above; repeating it adds nothing.
     if isinstance(last, dict) and last.get("role") in ROLES and last["role"] != "user":
         where = f"messages[{len(messages) - 1}].role"
         problems.append((where, f"the last message must be from 'user', got {last['role']!r}"))
     return problems
+
+
+def _check_content(message: dict[str, Any], where: str) -> list[Problem]:
+    """A string, a list of text parts, or null in an assistant message that makes tool calls."""
+    content = message.get("content")
+    if isinstance(content, str):
+        return []
+    if content is None and message.get("role") == "assistant" and message.get("tool_calls"):
+        return []
+    if isinstance(content, list):
+        return [
+            (f"{where}.content[{k}]", 'must be a text part {"type": "text", "text": "..."} (only text is supported)')
+            for k, part in enumerate(content)
+            if not (isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str))
+        ]
+    return [(f"{where}.content", f"must be a string or a list of text parts, {_got(message, 'content')}")]
+
+
+def _check_tool_calls(message: dict[str, Any], where: str) -> list[Problem]:
+    """An assistant's earlier tool calls, in Chat Completions form (arguments: a JSON string)."""
+    calls = message["tool_calls"]
+    if message.get("role") != "assistant":
+        return [(f"{where}.tool_calls", "only an assistant message makes tool calls")]
+    if not isinstance(calls, list):
+        return [(f"{where}.tool_calls", f"must be a list, got {_kind(calls)}")]
+    problems: list[Problem] = []
+    for k, call in enumerate(calls):
+        fn = call.get("function") if isinstance(call, dict) else None
+        name, arguments = (fn.get("name"), fn.get("arguments")) if isinstance(fn, dict) else (None, None)
+        if not (isinstance(name, str) and TOOL_NAME.match(name) and isinstance(arguments, str)):
+            shape = '{"type": "function", "function": {"name": "...", "arguments": "<JSON object as a string>"}}'
+            problems.append((f"{where}.tool_calls[{k}]", f"must be {shape}"))
+    return problems
+
+
+def _join_text_parts(row: dict[str, Any]) -> dict[str, Any]:
+    """The row with each list of text parts as one string, as chat templates expect content."""
+    messages = [
+        {**m, "content": "".join(part["text"] for part in m["content"])} if isinstance(m.get("content"), list) else m
+        for m in row["messages"]
+    ]
+    return {**row, "messages": messages}
 
 
 def _check_tools(tools: Any) -> list[Problem]:

@@ -1,4 +1,4 @@
-"""The main job on the embedded default: the FinQA demo from nothing to a report.
+"""The main job on the embedded default: the FinQA demo (README "The demo") from nothing to a report.
 
     environment (reports, datasets, demonstrations)  ->  tiny model  ->  warm start (SFT)
     ->  agent RFT against the FinQA tool server and grader (baseline evaluation at step 0,
@@ -14,6 +14,7 @@ goes straight to agent RFT, which always starts over.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import time
 from dataclasses import dataclass
@@ -130,7 +131,7 @@ def demo_variables(dirs: DemoDirs, env: FinQAServers) -> dict[str, str]:
 def load_demo_job(job_path: Path, dirs: DemoDirs, env: FinQAServers, seed: int | None) -> JobSpec:
     """The job with the demo's directory and servers filled in (passed to the loader, not
     through this process's environment)."""
-    job = load_job(job_path, variables=demo_variables(dirs, env))
+    job = load_job(job_path, environ={**os.environ, **demo_variables(dirs, env)})
     if seed is not None:
         job.seed = seed
     return job

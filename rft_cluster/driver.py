@@ -41,14 +41,16 @@ from rft_cluster.grpo import group_advantages, shaped_reward
 from rft_cluster.learner_group import LearnerGroup
 from rft_cluster.metrics import RunLogger, StepPrinter, rollout_metrics, signal_metrics, signal_warning
 from rft_cluster.pipeline import Batch, Staleness, drop_stale
+from rft_cluster.redact import redact_logs
 from rft_cluster.placement import Placement, actor_nodes, place
 from rft_cluster.rollout_worker import RolloutRequest, SamplingSettings
 from rft_cluster.storage import RunStorage
 from rft_cluster.store import TrajectoryStore
 from rft_cluster.tool_proxy import ToolProxy
 from rft_cluster.types import GradeResult, RolloutStatus, TrainSample, Trajectory, new_trace_id
+from rft_cluster.weight_sync import publish_from
 
-# Rollouts in these states are graded and trained on; the rest are discarded (DESIGN §3).
+# Rollouts in these states are graded and trained on; the rest are discarded (docs/architecture.md §4).
 # A rollout that ran out of budget still teaches: its (usually low) reward is the budget pressure.
 GRADED = (RolloutStatus.OK, RolloutStatus.BUDGET_EXHAUSTED)
 
@@ -83,8 +85,8 @@ def start_cluster(job: JobSpec, hp: ResolvedHyperparameters) -> Cluster:
     fleet = None
     try:
         restart = restartable(c.actor_max_restarts)
-        proxies = [ray.remote(ToolProxy).options(**o, **restart).remote(rl.tools, rl.tool_settings) for o in placement["tool_proxy"].all_options()]
-        graders = [ray.remote(GraderActor).options(**o, **restart).remote(rl.grader, rl.tool_settings) for o in placement["grader"].all_options()]
+        proxies = [ray.remote(ToolProxy).options(**o, **restart).remote(rl.tools, rl.tool_settings, job.redactor) for o in placement["tool_proxy"].all_options()]
+        graders = [ray.remote(GraderActor).options(**o, **restart).remote(rl.grader, rl.tool_settings, job.redactor) for o in placement["grader"].all_options()]
         model = str(_model_path(job))
         fleet = RolloutFleet(c, model, job.seed, proxies)
         fleet.launch()  # engines start while the learner's ranks do
@@ -143,6 +145,7 @@ class Trainer:
         self, job: JobSpec, output: RunStorage, max_steps: int | None = None, resume: bool = False, printer: StepPrinter | None = None
     ):
         self.job = job
+        redact_logs(job.redactor)  # the driver's own log records
         self.storage = output
         self.checkpoints = CheckpointDir(output)
         self.resume_from = self.checkpoints.resumable_step() if resume else None
@@ -157,9 +160,12 @@ class Trainer:
             max_tokens_per_turn=self.hp.max_tokens_per_turn,
             max_episode_steps=job.rl.max_episode_steps,
             rollout_timeout_s=job.rl.tool_settings.rollout_timeout_s,
+            reasoning_effort=None if job.rl.hyperparameters.reasoning_effort == "default" else job.rl.hyperparameters.reasoning_effort,
         )
-        self.store = TrajectoryStore(output)
-        self.printer = printer or StepPrinter()
+        self.store = TrajectoryStore(output, job.redactor)
+        # OpenAI's graders that score on a scale carry it; string_check and multi do not.
+        self.pass_threshold: float | None = getattr(job.rl.grader, "pass_threshold", None)
+        self.printer = printer or StepPrinter(redactor=job.redactor)
         self.cluster: Cluster | None = None
         # The loop's state: what is in flight, and the weight version the engines hold.
         self._rollouts: dict[Any, Batch] = {}  # rollout ref -> its batch
@@ -274,12 +280,21 @@ class Trainer:
         adv = group_advantages([t.reward for t in kept], [t.group_id for t in kept], scale_advantages)
         return [TrainSample(t.token_ids, t.loss_mask, t.logprobs, a) for t, a in zip(kept, adv) if a != 0.0]
 
+    def warm_up(self) -> float:
+        """One GRPO group per rollout worker on the first prompts, not graded into any metric and
+        not stored: a cold engine (kernels not yet built, caches not allocated) and cold tool
+        connections would make the baseline evaluation look slower than every later one."""
+        rows = self.valid_rows or self.train_rows
+        workers = len(self.cluster.fleet.workers)
+        batch = self.submit(rows, [i % len(rows) for i in range(workers)], self.hp.group_size, 0, "warmup")
+        return self.wait_for(batch)
+
     def evaluate(self, step: int) -> dict[str, float]:
         """Validation rollouts on the current weights (no publish happens until they end), stored as kind=eval."""
         batch = self.submit(self.valid_rows, list(range(len(self.valid_rows))), self.hp.eval_samples, step, "eval")
         self.wait_for(batch)
         self.store.append(batch.trajs, kind="eval")
-        return {**rollout_metrics(batch.trajs, prefix="valid"), "timing.step.eval": batch.completed_at - batch.submitted_at}
+        return {**rollout_metrics(batch.trajs, prefix="valid", pass_threshold=self.pass_threshold), "timing.step.eval": batch.completed_at - batch.submitted_at}
 
     # ------------------------------------------------------------------ loop
 
@@ -304,6 +319,7 @@ class Trainer:
             {"job": self.job.model_dump(mode="json"), "resolved": self.hp.model_dump(), "nodes": c.nodes},
             wandb_mode=self.job.wandb.mode,
             project=self.job.wandb.project,
+            redactor=self.job.redactor,
         )
         try:
             order = batches(len(self.train_rows), self.hp.batch_size, self.job.seed)
@@ -311,7 +327,9 @@ class Trainer:
             if self.resume_from is not None:
                 first = self._restore(self.resume_from, logger)
             elif self.valid_rows:
-                logger.log(0, self.evaluate(0), nodes=c.nodes)
+                warm = self.warm_up()
+                self.printer.note(f"[rft] engines warmed up in {warm:.1f} s ({len(c.fleet.workers)} group(s), not stored); baseline evaluation next")
+                logger.log(0, {**self.evaluate(0), "timing.warmup": warm}, nodes=c.nodes)
             for _ in range(first - 1):
                 next(order)
             next_submit, last_done = first, time.perf_counter()
@@ -368,7 +386,7 @@ class Trainer:
             "pipeline/engine_busy": self._engine_busy(),
         })
         return {
-            **rollout_metrics(trajs, prefix="train"),
+            **rollout_metrics(trajs, prefix="train", pass_threshold=self.pass_threshold),
             **signal_metrics(trajs),
             "train/trained_samples": float(len(samples)),
             **{f"train/{k}": float(v) for k, v in learner_stats.items()},
@@ -407,7 +425,7 @@ class Trainer:
 
     def _send_weights(self, workers: list[Any], version: int) -> dict[str, float]:
         """Publishes to `workers`; those found dead are replaced. Returns the stats, empty when none survived."""
-        result = self.cluster.learner.publish(workers, version)
+        result = publish_from(self.cluster.learner, workers, version, self.job.cluster.learner.weight_bucket_mb << 20)
         for i in result.lost:
             self.cluster.fleet.lost(workers[i], "died during a weight publish")
         return result.stats() if len(result.lost) < len(workers) else {}

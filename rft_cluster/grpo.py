@@ -6,6 +6,7 @@ Pure functions over lists and tensors, so they can be checked by hand; the learn
 
 from __future__ import annotations
 
+import math
 import statistics
 from collections import defaultdict
 from typing import Literal
@@ -51,6 +52,10 @@ def group_advantages(rewards: list[float], group_ids: list[str], scale: bool = T
     """
     if len(rewards) != len(group_ids):
         raise ValueError(f"{len(rewards)} rewards but {len(group_ids)} group ids")
+    # Graders' scores are finite and bounded (`score_range`); a non-finite reward here is a bug
+    # upstream, and would turn every advantage of its group into NaN, and the weights after them.
+    if bad := [r for r in rewards if not math.isfinite(r)]:
+        raise ValueError(f"rewards must be finite, got {bad[0]!r}")
     groups: dict[str, list[float]] = defaultdict(list)
     for r, g in zip(rewards, group_ids):
         groups[g].append(r)

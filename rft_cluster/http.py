@@ -1,7 +1,13 @@
-"""POSTing JSON to users' endpoints with the discipline of DESIGN §2: one session, bounded
-concurrency per endpoint host, per-attempt timeout, exponential backoff on 5xx/connection
-errors/timeouts, an optional rate limit, and size caps both ways. Shared by the tool proxy and the grader actor,
-which only differ in how they turn an `HttpOutcome` into a result.
+"""POSTing JSON to users' endpoints with the discipline of docs/architecture.md §4: one session,
+bounded concurrency per endpoint host, per-attempt timeout, exponential backoff on 5xx/connection
+errors/timeouts, 429 retried after its `Retry-After`, an optional rate limit, and size caps both
+ways. Shared by the tool proxy and the endpoint and score_model graders; `HttpOutcome` says what
+went wrong in one wording and reads the body under one rule (`untrusted.loads`), so the three
+differ only in what they do with it (the proxy shows a 4xx to the model, graders fail).
+
+Retrying is written here rather than with a library: none is installed (no tenacity/backoff),
+and the loop is a dozen lines. The rate limiter spaces requests evenly, which a token bucket
+(aiolimiter) would not: it lets a burst through.
 
 Header values are never logged: they carry users' secrets.
 """
@@ -13,6 +19,7 @@ import json
 import logging
 import time
 from dataclasses import dataclass
+from email.utils import parsedate_to_datetime
 from enum import Enum
 from typing import Any
 from urllib.parse import urlsplit
@@ -20,8 +27,19 @@ from urllib.parse import urlsplit
 import aiohttp
 
 from rft_cluster.config import ToolSettings
+from rft_cluster.untrusted import loads
 
 log = logging.getLogger(__name__)
+
+# How much of an endpoint's body an error message quotes (to the model, in a grader error):
+# enough to act on, cheap in context.
+ERROR_TEXT_CHARS = 1000
+# The longest wait a `Retry-After` may ask for: a rollout (and its group) waits on it.
+RETRY_AFTER_MAX_S = 60.0
+
+
+def clip(text: str, limit: int = ERROR_TEXT_CHARS) -> str:
+    return text if len(text) <= limit else text[:limit] + "…"
 
 
 class Failure(str, Enum):
@@ -30,6 +48,7 @@ class Failure(str, Enum):
     REQUEST_TOO_LARGE = "request_too_large"  # not sent
     RESPONSE_TOO_LARGE = "response_too_large"  # 2xx body over the cap; not retried
     SERVER = "server"  # 5xx on every attempt
+    RATE_LIMITED = "rate_limited"  # 429 on the last attempt
     CONNECTION = "connection"
     TIMEOUT = "timeout"
 
@@ -45,10 +64,37 @@ class HttpOutcome:
     attempts: int  # HTTP requests actually sent
     latency_s: float  # wall time including retries, backoff and rate-limit waits
 
-    def text(self, limit: int) -> str:
+    def text(self, limit: int = ERROR_TEXT_CHARS) -> str:
         """The body as text, cut to `limit` characters."""
-        text = self.body.decode("utf-8", errors="replace")
-        return text if len(text) <= limit else text[:limit] + "…"
+        return clip(self.body.decode("utf-8", errors="replace"), limit)
+
+    def error(self) -> str | None:
+        """Why no usable 2xx body arrived, in one line quoting the body; None when one did."""
+        if self.failure is Failure.REQUEST_TOO_LARGE:
+            return f"not sent: {self.detail}"
+        if self.failure is Failure.RESPONSE_TOO_LARGE:
+            return f"HTTP 413: {self.detail}"
+        if self.failure is not None:
+            return f"{self.detail} (after {self.attempts} attempts)"
+        assert self.status is not None  # no failure means a response arrived
+        if not 200 <= self.status < 300:
+            return f"HTTP {self.status}: {self.text()}"
+        return None
+
+    def field(self, *path: str | int) -> Any:
+        """The value at `path` in the JSON body (`field("choices", 0, "message")`), or None when
+        the body is not JSON or has nothing there."""
+        try:
+            value = loads(self.body)
+            for key in path:
+                value = value[key]
+        except (ValueError, TypeError, KeyError, IndexError):
+            return None
+        return value
+
+    def missing(self, what: str) -> str:
+        """The error for a 2xx body without `what`."""
+        return f"HTTP {self.status} response has no {what}: {self.text()}"
 
 
 class RateLimiter:
@@ -68,9 +114,28 @@ class RateLimiter:
 
 
 class _Retryable(Exception):
-    def __init__(self, failure: Failure, detail: str, status: int | None = None, body: bytes = b""):
+    def __init__(
+        self, failure: Failure, detail: str, status: int | None = None, body: bytes = b"", retry_after: float | None = None
+    ):
         super().__init__(detail)
         self.failure, self.detail, self.status, self.body = failure, detail, status, body
+        self.retry_after = retry_after  # seconds the server asked us to wait, if it did
+
+
+def retry_after_s(value: str | None) -> float | None:
+    """A `Retry-After` header (delay-seconds or an HTTP date) as seconds from now, capped at
+    RETRY_AFTER_MAX_S; None when absent or unreadable (the backoff applies then)."""
+    if value is None:
+        return None
+    value = value.strip()
+    if value.isdigit():
+        seconds = float(value)
+    else:
+        try:
+            seconds = parsedate_to_datetime(value).timestamp() - time.time()
+        except (TypeError, ValueError, IndexError, OverflowError):
+            return None
+    return min(max(seconds, 0.0), RETRY_AFTER_MAX_S)
 
 
 def _host(url: str) -> str:
@@ -122,7 +187,7 @@ class JsonPoster:
                 except _Retryable as e:
                     if attempt >= self._settings.max_retries:
                         return HttpOutcome(e.status, e.body, e.failure, e.detail, attempt + 1, time.monotonic() - started)
-                    delay = self._settings.backoff_s * 2**attempt
+                    delay = e.retry_after if e.retry_after is not None else self._settings.backoff_s * 2**attempt
                     # The query string is left out of logs like the headers: it may carry a key.
                     where = url.split("?", 1)[0]
                     log.warning("POST %s attempt %d failed (%s); retrying in %.2fs", where, attempt + 1, e.detail, delay)
@@ -154,8 +219,11 @@ class JsonPoster:
             raise _Retryable(Failure.TIMEOUT, f"no complete response within {timeout_s}s") from None
         except aiohttp.ClientError as e:
             raise _Retryable(Failure.CONNECTION, f"{type(e).__name__}: {e}") from None
-        if resp.status >= 500:
-            raise _Retryable(Failure.SERVER, f"HTTP {resp.status}", resp.status, body)
+        # A 429 is the service pacing us, not something the model did: it is waited out, never
+        # shown (the one 4xx that is not). A 5xx may ask for a wait too.
+        if resp.status == 429 or resp.status >= 500:
+            failure = Failure.RATE_LIMITED if resp.status == 429 else Failure.SERVER
+            raise _Retryable(failure, f"HTTP {resp.status}", resp.status, body, retry_after_s(resp.headers.get("Retry-After")))
         return resp.status, body
 
     async def close(self) -> None:

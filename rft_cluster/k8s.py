@@ -29,7 +29,8 @@ from typing import Any
 
 import yaml
 
-from rft_cluster.config import _ENV_REF, FleetSize, JobSpec, RoleResources, load_job
+from rft_cluster.config import FleetSize, JobSpec, RoleResources, load_job
+from rft_cluster.jobfile import ENV_REF, read_document
 from rft_cluster.k8s_rules import MAX_NAME, manifest_problems
 
 RAY_VERSION = version("ray")
@@ -106,11 +107,11 @@ class Manifests:
 def render(job_path: Path, options: K8sOptions = K8sOptions()) -> Manifests:
     """The manifests for the job file at `job_path`; SpecError for a bad job, K8sError for a job
     or option that could not run on Kubernetes."""
-    # `${VAR}`s stay unresolved where unset: they resolve in the pods, from the Secret.
-    job = load_job(job_path, unset_env_ok=True)
-    text = job_path.read_text()
+    # `${VAR}`s stay unresolved: they resolve in the pods, from the Secret (this machine's values are not theirs).
+    job = load_job(job_path, unset_env_ok=True, environ={})
+    text = job_path.read_text()  # readable: load_job read it
     # Strings are taken from the file as written, so a value from this machine's env never lands in a manifest.
-    raw: dict[str, Any] = yaml.safe_load(text)
+    raw: dict[str, Any] = read_document(job_path).data
     name = options.name or _name_from(job_path)
     storage = _storage(options.storage or raw.get("storage"))
     for field in ("training_file", "validation_file"):
@@ -317,7 +318,7 @@ def _check_dataset(field: str, path: str | None) -> None:
 
 def _secret_keys(raw: dict[str, Any], storage: str, job: JobSpec) -> list[str]:
     """Every `${VAR}` the job names, plus the credentials its storage and W&B mode read."""
-    keys = set(_ENV_REF.findall(json.dumps(raw, default=str)))  # values and keys, not comments
+    keys = set(ENV_REF.findall(json.dumps(raw, default=str)))  # values and keys, not comments
     if storage.startswith("s3://"):
         keys |= {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"}
     if job.wandb.mode == "online":

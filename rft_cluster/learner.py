@@ -1,4 +1,5 @@
-"""The learner: a DeepSpeed engine that takes GRPO steps and publishes its weights.
+"""The learner: a DeepSpeed engine that takes GRPO steps and hands out its weights (how they
+travel to the engines is `weight_sync`'s).
 
 A plain class. Alone it is a one-process DeepSpeed world (tests, `sft`); `LearnerGroup` runs
 `ranks` of them as Ray actors forming one world (gloo on CPU, nccl on GPU), data parallel.
@@ -18,7 +19,7 @@ import socket
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TypeVar
 
 import torch
 
@@ -26,7 +27,6 @@ from rft_cluster.config import LearnerSpec
 from rft_cluster.grpo import policy_loss, token_logprobs
 from rft_cluster.storage import RunStorage
 from rft_cluster.types import TrainSample
-from rft_cluster import weight_sync
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -81,6 +81,8 @@ def _init_distributed(use_cuda: bool, rendezvous: Rendezvous | None) -> None:
         if own_port:
             del os.environ["MASTER_PORT"]
 
+
+R = TypeVar("R")
 
 # (micro-batch samples, their padded input ids and attention mask [B, T], next-token logprobs
 # [B, T-1], loss mask [B, T-1]) -> (mean loss, stats)
@@ -321,11 +323,12 @@ class Learner:
         for name, t in self.gathered_weights():
             yield name, t.to("cpu", copy=True)
 
-    def publish(self, workers: list[Any], version: int) -> weight_sync.PublishResult | None:
-        """Rank 0 loads the current weights into every rollout worker (`weight_sync.publish`)
-        and returns what it did; at ZeRO-3 the other ranks take part in each gather and return None."""
+    def hand_out_weights(self, receive: Callable[[Iterator[tuple[str, torch.Tensor]]], R]) -> R | None:
+        """Rank 0 hands its current weights (`gathered_weights`) to `receive`, in its own process,
+        and returns what that returns; at ZeRO-3 the other ranks take part in each gather and
+        return None. `weight_sync.publish_from` is the receiver that sends them to the engines."""
         if self.rank == 0:
-            return weight_sync.publish(self.gathered_weights(), workers, version, self.spec.weight_bucket_mb << 20)
+            return receive(self.gathered_weights())
         self._join_gathers()
         return None
 

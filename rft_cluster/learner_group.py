@@ -9,17 +9,19 @@ node, and every rank then joins at that address (no fixed port, so runs can shar
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import ray
+import torch
 
 from rft_cluster.config import LearnerSpec
 from rft_cluster.learner import Learner, Rendezvous, free_port
 from rft_cluster.storage import RunStorage
 from rft_cluster.types import TrainSample
-from rft_cluster.weight_sync import PublishResult
+
+R = TypeVar("R")
 
 
 @dataclass(frozen=True)
@@ -125,10 +127,10 @@ class LearnerGroup:
         shares = split_by_tokens(samples, len(self.actors))
         return _wait_all([a.call.remote("train_step", s) for a, s in zip(self.actors, shares)])[0]
 
-    def publish(self, workers: list[Any], version: int) -> PublishResult:
-        """Rank 0 publishes to the rollout workers (`Learner.publish`); returns what it did,
-        including which of `workers` were lost on the way."""
-        return self._all("publish", workers, version)[0]
+    def hand_out_weights(self, receive: Callable[[Iterator[tuple[str, torch.Tensor]]], R]) -> R:
+        """Rank 0's `receive(weights)` (see `Learner.hand_out_weights`); every rank takes part.
+        `weight_sync.publish_from(group, ...)` sends them to the engines."""
+        return self._all("hand_out_weights", receive)[0]
 
     def compute_logprobs(self, token_ids: list[list[int]]) -> list[list[float]]:
         return self._all("compute_logprobs", token_ids)[0]

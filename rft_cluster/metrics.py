@@ -13,6 +13,7 @@ import math
 import shutil
 import sys
 import tempfile
+import uuid
 from collections import Counter
 from pathlib import Path
 from statistics import fmean, pstdev
@@ -21,20 +22,22 @@ from typing import Any, Literal
 from rich.console import Console
 from rich.text import Text
 
+from rft_cluster.redact import Redactor
 from rft_cluster.storage import RunStorage
 from rft_cluster.types import RolloutStatus, ToolCallStatus, Trajectory
 
-REDACTED = "<redacted>"
 # A malformed call may name no declared tool, its name being arbitrary model text; all such calls
 # share one key instead of minting a new W&B metric per typo.
 MALFORMED_TOOL_KEY = "_malformed"
 
 
-def rollout_metrics(trajs: list[Trajectory], prefix: str = "train") -> dict[str, float]:
+def rollout_metrics(trajs: list[Trajectory], prefix: str = "train", pass_threshold: float | None = None) -> dict[str, float]:
     """Aggregates one step's rollouts into `{prefix}_...` metrics.
 
     - `reward_mean`: the grader's score, over rollouts it scored (failed ones have none);
       `shaped_reward_mean`: the reward trained on (score minus penalties), over the same.
+    - `pass_rate` (when the grader sets `pass_threshold`): the fraction of scored rollouts whose
+      score is at least the threshold.
     - `tool_calls_per_rollout[/<tool>]`: calls (of that tool; `_malformed` for unparseable calls)
       divided by all rollouts.
     - `tool_latency_mean_s`: over all calls; `tool_errors`: calls whose status is not `ok`.
@@ -55,6 +58,8 @@ def rollout_metrics(trajs: list[Trajectory], prefix: str = "train") -> dict[str,
 
     put_mean("reward_mean", [t.score for t in trajs if t.score is not None])
     put_mean("shaped_reward_mean", [t.reward for t in trajs if t.reward is not None])
+    if pass_threshold is not None:
+        put_mean("pass_rate", [float(t.score >= pass_threshold) for t in trajs if t.score is not None])
     # Graded = the grader ran: it returned a score or failed; other rollouts never reached it.
     graded = [t for t in trajs if t.reward is not None or t.status == RolloutStatus.GRADER_FAILED]
     put_mean("grader_latency_mean_s", [t.grader_latency_s for t in graded])
@@ -149,10 +154,11 @@ class RunLogger:
     step; a run into an output that already has one continues it. W&B writes only to a local
     directory: for a local run that is `<run>/wandb/` itself; otherwise a temporary directory
     that `upload_wandb()` (at checkpoints) and `finish()` copy into `<run>/wandb/`, so a killed
-    run keeps what was last uploaded.
+    run keeps what was last uploaded. The config and every record pass through `redactor`.
     """
 
     METRICS = "metrics.jsonl"
+    WANDB_ID = "wandb/run_id"
 
     def __init__(
         self,
@@ -161,8 +167,10 @@ class RunLogger:
         config: dict[str, Any],
         wandb_mode: Literal["offline", "online", "disabled"] = "offline",
         project: str = "rft-cluster",
+        redactor: Redactor | None = None,
     ):
         self.storage = run if isinstance(run, RunStorage) else RunStorage(run)
+        self._redact = redactor or Redactor()
         self._lines = self.storage.read_text(self.METRICS).splitlines(keepends=True) if self.storage.exists(self.METRICS) else []
         self._run = None
         self._staging: Path | None = None  # a temporary W&B directory, for a run that is not local
@@ -175,7 +183,11 @@ class RunLogger:
                 self._staging = Path(tempfile.mkdtemp(prefix="rft-wandb-"))
             parent = local or self._staging
             parent.mkdir(parents=True, exist_ok=True)
-            self._run = wandb.init(mode=wandb_mode, dir=parent, project=project, name=job_name, config=redact(config))
+            # One W&B run per output: a resumed run continues the id the first one recorded.
+            run_id = self.storage.read_text(self.WANDB_ID).strip() if self.storage.exists(self.WANDB_ID) else uuid.uuid4().hex[:12]
+            self._run = wandb.init(mode=wandb_mode, dir=parent, project=self._redact.text(project), name=self._redact.text(job_name),
+                                   config=self._redact(config), id=run_id, resume="allow")
+            self.storage.write_text(self.WANDB_ID, run_id)
             self.wandb_run_dir = Path(self._run.dir).parent
 
     def log(self, step: int, metrics: dict[str, float], nodes: dict[str, list[str]] | None = None) -> None:
@@ -185,10 +197,10 @@ class RunLogger:
         record = {"step": step, **{k: v if math.isfinite(v) else None for k, v in metrics.items()}}
         if nodes is not None:
             record["nodes"] = nodes
-        self._lines.append(json.dumps(record) + "\n")
+        self._lines.append(json.dumps(self._redact(record)) + "\n")
         self.storage.write_text(self.METRICS, "".join(self._lines))
         if self._run is not None:
-            self._run.log(metrics, step=step)
+            self._run.log(self._redact(metrics), step=step)
 
     def drop_after(self, step: int) -> None:
         """Forgets logged steps after `step` in metrics.jsonl (a resumed run logs them again)."""
@@ -207,7 +219,7 @@ class RunLogger:
         except OSError as e:
             if final:
                 raise
-            print(f"[rft] W&B upload to {self.storage.uri_for('wandb')} skipped until the next checkpoint: {e}", file=sys.stderr)
+            print(self._redact.text(f"[rft] W&B upload to {self.storage.uri_for('wandb')} skipped until the next checkpoint: {e}"), file=sys.stderr)
 
     def finish(self) -> None:
         if self._run is not None:
@@ -252,17 +264,20 @@ class StepPrinter:
     """One aligned row per step under a header printed once.
 
     On a terminal the header and reward are styled; elsewhere (CI logs, files) rich emits plain
-    text, and soft wrapping keeps each step on one line whatever the console width.
+    text, and soft wrapping keeps each step on one line whatever the console width. Notes pass
+    through `redactor` (they may quote an error). Not a `rich.table.Table`: a table renders once,
+    whole, while a step's row must reach the log the moment the step ends.
     """
 
-    def __init__(self, console: Console | None = None, prefix: str = "train"):
+    def __init__(self, console: Console | None = None, prefix: str = "train", redactor: Redactor | None = None):
         self.console = console or Console()
         self.prefix = prefix
+        self._redact = redactor or Redactor()
         self._header_printed = False
 
     def note(self, text: str) -> None:
         """A progress line, as is (no markup), on one line whatever the console width."""
-        self.console.print(text, markup=False, soft_wrap=True)
+        self.console.print(self._redact.text(text), markup=False, soft_wrap=True)
 
     def print_step(self, step: int, metrics: dict[str, float]) -> None:
         if not self._header_printed:

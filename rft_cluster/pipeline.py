@@ -24,7 +24,7 @@ from rft_cluster.types import RolloutStatus, Trajectory
 
 @dataclass
 class Batch:
-    kind: str  # "train" or "eval"
+    kind: str  # "train", "eval" or "warmup" (never stored)
     step: int
     expected: int  # rollouts that must end (re-runs replace lost ones)
     items: dict[str, dict[str, Any]] = field(default_factory=dict)  # trace id -> dataset item

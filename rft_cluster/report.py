@@ -290,6 +290,15 @@ def _step_table(records: list[Record]) -> list[str]:
     return _table(["step"] + [h for h, _, _ in _STEP_COLUMNS], rows, "r" * (1 + len(_STEP_COLUMNS)))
 
 
+def _warm_up_sentence(runs: dict[str, list[Record]]) -> str:
+    """Says that step 0 ran on warmed engines, when every run logged its warm-up."""
+    warm = [next((r.get("timing.warmup") for r in records if r["step"] == 0), None) for records in runs.values()]
+    if not warm or None in warm:
+        return ""
+    return (f" Before step 0 each rollout worker ran one warm-up group that was not stored ({min(warm):.1f}–{max(warm):.1f} s), "
+            "so step 0's latencies are measured on warm engines, as every later step's are.")
+
+
 def render_markdown(
     runs: dict[str, list[Record]], summary: dict[str, Any], plots: list[Path], *, title: str,
     preamble: str = "",
@@ -305,7 +314,8 @@ def render_markdown(
         f"Validation metrics at the first evaluation (step 0, before training) and the last, "
         f"mean ± sample sd over {n} run{'s' if n != 1 else ''}"
         f"{' (± 0: one run, no spread estimate)' if n == 1 else ''}. "
-        "Change is final − baseline per run, averaged; relative is that over the mean baseline.",
+        "Change is final − baseline per run, averaged; relative is that over the mean baseline."
+        + _warm_up_sentence(runs),
         "",
         *_summary_table(summary),
         "",

@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import sys
 import time
 import uuid
 from collections.abc import Iterator
@@ -50,6 +51,7 @@ class SamplingSettings:
     max_episode_steps: int  # tool-call budget per rollout
     rollout_timeout_s: float = 600.0
     seed: int | None = None
+    reasoning_effort: str | None = None  # None: the template's own default
 
 
 @dataclass
@@ -138,6 +140,7 @@ class RolloutWorker:
         self.codec: ChatCodec | None = None
         self.node_id = ray.get_runtime_context().get_node_id()
         self._stats = _EngineStats()
+        self._effort_checked = False  # warned once if the template ignores reasoning_effort
 
     async def start(self) -> dict[str, Any]:
         """Starts the engine (seconds to a minute); returns facts about it."""
@@ -188,7 +191,12 @@ class RolloutWorker:
 
     async def _agent_loop(self, req: RolloutRequest, s: SamplingSettings, ep: _Episode) -> tuple[RolloutStatus, str | None]:
         assert self.codec is not None, "start() first"
-        prompt = self.codec.prompt_ids(req.messages, req.tools)
+        if s.reasoning_effort and not self._effort_checked:
+            self._effort_checked = True
+            if not self.codec.template_uses("reasoning_effort"):
+                print(f"[rft] reasoning_effort {s.reasoning_effort!r} has no effect: {self.model}'s chat template "
+                      "has no `reasoning_effort` variable", file=sys.stderr)
+        prompt = self.codec.prompt_ids(req.messages, req.tools, s.reasoning_effort)
         ep.shown(prompt)
         if len(prompt) >= self.spec.max_model_len:  # not the policy's doing: nothing to learn
             return RolloutStatus.ENGINE_FAILED, f"prompt of {len(prompt)} tokens does not fit max_model_len {self.spec.max_model_len}"

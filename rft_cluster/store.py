@@ -7,7 +7,9 @@ Hive-style partitions, so `pandas.read_parquet("<run>/trajectories")` or DuckDB'
 `read_parquet('<run>/trajectories/**/*.parquet', hive_partitioning=true)` recover a `kind` column.
 Writing a step again (e.g. after a resume) replaces that step's file instead of duplicating it.
 Each step file appears whole or not at all (`RunStorage.write_bytes`): a local temp file renamed,
-or one object-store upload.
+or one object-store upload. (`pyarrow.dataset.write_dataset` writes the same Hive layout, but it
+can only replace a whole `kind=` partition, not one step's file, and not atomically: hence the
+one `write_table` per step here.)
 
 | column | type | meaning |
 |---|---|---|
@@ -43,6 +45,7 @@ from typing import Any, Literal
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from rft_cluster.redact import Redactor
 from rft_cluster.storage import RunStorage
 from rft_cluster.types import ToolResult, Trajectory
 
@@ -135,12 +138,14 @@ def _row(t: Trajectory) -> dict[str, Any]:
 
 class TrajectoryStore:
     """Appends trajectories as one Parquet file per (kind, step) under `<run>/trajectories/`.
-    File names returned are relative to the run (`trajectories/kind=train/step-000003.parquet`)."""
+    File names returned are relative to the run (`trajectories/kind=train/step-000003.parquet`).
+    Every text is stored through `redactor` (a tool's or grader's error text may quote a secret)."""
 
     DIR = "trajectories"
 
-    def __init__(self, run: RunStorage | str | Path):
+    def __init__(self, run: RunStorage | str | Path, redactor: Redactor | None = None):
         self.storage = run if isinstance(run, RunStorage) else RunStorage(run)
+        self._redact = redactor or Redactor()
 
     def rel_for(self, step: int, kind: Kind = "train") -> str:
         return f"{self.DIR}/kind={kind}/step-{step:06d}.parquet"
@@ -153,7 +158,7 @@ class TrajectoryStore:
         if len(steps) != 1:
             raise ValueError(f"append needs trajectories of exactly one step, got steps {sorted(steps)}")
         rel = self.rel_for(steps.pop(), kind)
-        table = pa.Table.from_pylist([_row(t) for t in trajectories], schema=SCHEMA)
+        table = pa.Table.from_pylist([self._redact(_row(t)) for t in trajectories], schema=SCHEMA)
         # Serialized in memory (one step is small) and stored in one atomic write.
         sink = pa.BufferOutputStream()
         pq.write_table(table, sink)

@@ -15,7 +15,6 @@ cluster's job list can see.
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import shlex
 import shutil
@@ -29,8 +28,9 @@ from typing import Any
 import yaml
 from ray._private.runtime_env.packaging import GCS_STORAGE_MAX_SIZE
 
-from rft_cluster.config import _ENV_REF, JobSpec, _yaml_lines, load_job
+from rft_cluster.config import JobSpec, load_job
 from rft_cluster.dataset import validate_job_and_data
+from rft_cluster.jobfile import ENV_REF, read_document
 
 # A local model directory up to this size travels in the working_dir; a larger one must be a hub
 # name or a path the cluster's nodes can read (the working_dir is held in the head's memory).
@@ -55,13 +55,12 @@ def check(job_path: Path) -> JobSpec:
 
 
 def _literal_headers(job_path: Path) -> list[str]:
-    text = job_path.read_text()
-    lines = _yaml_lines(text)
+    doc = read_document(job_path)
     problems = []
-    for path, value in _walk(yaml.safe_load(text), ()):
-        if "headers" in path[:-1] and isinstance(value, str) and not _ENV_REF.search(value):
+    for path, value in _walk(doc.data, ()):
+        if "headers" in path[:-1] and isinstance(value, str) and not ENV_REF.search(value):
             problems.append(
-                f"{job_path}:{lines.get(path, 1)}: {'.'.join(path)}: a literal header value would travel with the "
+                f"{job_path}:{doc.line(path)}: {'.'.join(path)}: a literal header value would travel with the "
                 "submission; write it as ${VAR} and set VAR in the cluster's environment (or --forward-env VAR)"
             )
     return problems
@@ -82,8 +81,7 @@ def stage(job_path: Path, job: JobSpec, dest: Path, model_limit: int = MODEL_STA
           working_dir_limit: int = WORKING_DIR_LIMIT) -> str:
     """Copies the job's datasets (and its model directory, when local and small enough) into
     `dest` and writes the job there with those paths made relative; returns the job's name."""
-    text = job_path.read_text()
-    raw = json.loads(text) if job_path.suffix == ".json" else yaml.safe_load(text)
+    raw = read_document(job_path).data
     for field in ("training_file", "validation_file"):
         value = getattr(job, field)
         if value:
@@ -153,10 +151,11 @@ def submit(job_path: Path, address: str, output: str | None = None, forward_env:
            model_limit: int = MODEL_STAGE_LIMIT, working_dir_limit: int = WORKING_DIR_LIMIT) -> str:
     """Validates, stages and submits a job; returns its submission id."""
     job = check(job_path)
-    output = output or job.storage
-    if not output or ("://" not in output and not Path(output).is_absolute()):
+    target = output or job.storage
+    if not target or ("://" not in target and not Path(target).is_absolute()):
         raise SubmitError(
-            f"--output (or the job's storage) must be a URI such as s3://bucket/run or an absolute path on the cluster, got {output!r}"
+            "--output (or the job's storage) must be a URI such as s3://bucket/run or an absolute path on the cluster, "
+            f"got {job.redactor.text(repr(target))}"
         )
     missing = [v for v in forward_env if v not in os.environ]
     if missing:
@@ -166,7 +165,9 @@ def submit(job_path: Path, address: str, output: str | None = None, forward_env:
         runtime_env: dict[str, Any] = {"working_dir": workdir}
         if forward_env:
             runtime_env["env_vars"] = {v: os.environ[v] for v in forward_env}
-        entrypoint = f"python -m rft_cluster.cli train {shlex.quote(name)} --output {shlex.quote(output)}"
+        # The job's own storage travels as written, in the staged job (its `${VAR}`s resolve on the
+        # cluster): the entrypoint, visible in the job list, names only an explicit --output.
+        entrypoint = f"python -m rft_cluster.cli train {shlex.quote(name)}" + (f" --output {shlex.quote(output)}" if output else "")
         with jobs_api(address) as jobs:
             return jobs.submit_job(entrypoint=entrypoint, runtime_env=runtime_env, metadata={"rft_job": job_path.name})
 

@@ -1,5 +1,5 @@
-"""The tool proxy (DESIGN §2): forwards the model's tool calls to users' endpoints in OpenAI's
-function_call protocol (DESIGN §3) and turns every outcome into a `ToolResult`.
+"""The tool proxy (docs/architecture.md §1): forwards the model's tool calls to users' endpoints
+in OpenAI's function_call protocol (§3 there) and turns every outcome into a `ToolResult`.
 
 A plain class with async methods; the driver wraps it with `ray.remote` (an async actor).
 Rollout workers reach it through `ProxyClient`, which carries many calls per actor call.
@@ -8,24 +8,32 @@ Rollout workers reach it through `ProxyClient`, which carries many calls per act
 from __future__ import annotations
 
 import asyncio
-import json
 import uuid
 from collections.abc import Sequence
 from typing import Any
 
 from rft_cluster.config import ToolSettings, ToolSpec
 from rft_cluster.http import Failure, HttpOutcome, JsonPoster
+from rft_cluster.redact import Redactor, redact_logs
 from rft_cluster.types import ToolCallStatus, ToolResult
 
-# The model sees at most this much of an error body: enough to act on, cheap in context.
-ERROR_TEXT_CHARS = 1000
+# What each failure of a call makes of it; the fatal ones end the rollout as `tool_failed` (a
+# 429 too: waited out while retries last, then the rollout is discarded, never shown).
+_FAILURE_STATUS = {
+    Failure.REQUEST_TOO_LARGE: ToolCallStatus.MALFORMED,
+    Failure.RESPONSE_TOO_LARGE: ToolCallStatus.CLIENT_ERROR,
+    Failure.SERVER: ToolCallStatus.SERVER_ERROR,
+    Failure.RATE_LIMITED: ToolCallStatus.SERVER_ERROR,
+    Failure.CONNECTION: ToolCallStatus.CONNECTION_ERROR,
+    Failure.TIMEOUT: ToolCallStatus.TIMEOUT,
+}
 
 # One tool call's arguments to `ToolProxy.call`: (name, arguments, call_id, trace_id, item).
 ToolCall = tuple[str, str, str, str, dict[str, Any]]
 
 
 def function_call_body(name: str, arguments: str, call_id: str, trace_id: str, item: dict[str, Any]) -> dict[str, Any]:
-    """The request body of OpenAI's tool-endpoint protocol (DESIGN §3)."""
+    """The request body of OpenAI's tool-endpoint protocol (docs/architecture.md §3)."""
     return {
         "type": "function_call",
         "id": f"fc_{uuid.uuid4().hex}",
@@ -38,7 +46,12 @@ def function_call_body(name: str, arguments: str, call_id: str, trace_id: str, i
 
 
 class ToolProxy:
-    def __init__(self, tools: list[ToolSpec], settings: ToolSettings):
+    """`redactor` (the job's) hides secrets in what the model sees and in this process's logs."""
+
+    def __init__(self, tools: list[ToolSpec], settings: ToolSettings, redactor: Redactor | None = None):
+        self._redact = redactor or Redactor()
+        if redactor is not None:  # the job's: this process's log records go through it too
+            redact_logs(redactor)
         self._tools = {t.name: t for t in tools}
         if len(self._tools) != len(tools):
             raise ValueError(f"duplicate tool names in {[t.name for t in tools]}")
@@ -70,7 +83,7 @@ class ToolProxy:
             call_id=body["call_id"],
             name=body["name"],
             arguments=body["arguments"],
-            output=output,
+            output=self._redact.text(output),
             status=status,
             http_status=outcome.status,
             latency_s=outcome.latency_s,
@@ -81,36 +94,19 @@ class ToolProxy:
         return self._tools.get(name)
 
     def _interpret(self, outcome: HttpOutcome) -> tuple[str, ToolCallStatus]:
-        """(text shown to the model, status) for one outcome."""
-        failure = outcome.failure
-        if failure is Failure.REQUEST_TOO_LARGE:
-            return f"tool call not sent: {outcome.detail}", ToolCallStatus.MALFORMED
-        if failure is Failure.RESPONSE_TOO_LARGE:
-            return f"HTTP 413: tool response exceeds {self._settings.max_response_bytes} bytes", ToolCallStatus.CLIENT_ERROR
-        if failure is not None:
-            # Fatal: the rollout is discarded, but the text still lands in the trajectory record.
-            status = {
-                Failure.SERVER: ToolCallStatus.SERVER_ERROR,
-                Failure.CONNECTION: ToolCallStatus.CONNECTION_ERROR,
-                Failure.TIMEOUT: ToolCallStatus.TIMEOUT,
-            }[failure]
-            return f"tool failed after {outcome.attempts} attempts: {outcome.detail}", status
-        assert outcome.status is not None  # no failure means a response arrived
-        if 400 <= outcome.status < 500:
-            return f"HTTP {outcome.status}: {outcome.text(ERROR_TEXT_CHARS)}", ToolCallStatus.CLIENT_ERROR
-        if not 200 <= outcome.status < 300:
-            return f"tool endpoint answered unexpected HTTP {outcome.status}", ToolCallStatus.BAD_RESPONSE
-        try:
-            output = json.loads(outcome.body)["output"]
-        except (ValueError, TypeError, KeyError):
-            output = None
-        if not isinstance(output, str):
-            snippet = outcome.text(ERROR_TEXT_CHARS)
-            return (
-                f"tool endpoint answered HTTP {outcome.status} without a JSON body holding a string 'output': {snippet}",
-                ToolCallStatus.BAD_RESPONSE,
-            )
-        return output, ToolCallStatus.OK
+        """(text shown to the model, status) for one outcome. A fatal one's text still lands in
+        the trajectory record."""
+        error = outcome.error()
+        if error is None:
+            output = outcome.field("output")
+            if isinstance(output, str):
+                return output, ToolCallStatus.OK
+            return outcome.missing("JSON body holding a string 'output'"), ToolCallStatus.BAD_RESPONSE
+        if outcome.failure is not None:
+            return error, _FAILURE_STATUS[outcome.failure]
+        # An answer outside 2xx: a 4xx is the model's to see and act on, a 1xx/3xx the endpoint's fault.
+        client = outcome.status is not None and 400 <= outcome.status < 500
+        return error, ToolCallStatus.CLIENT_ERROR if client else ToolCallStatus.BAD_RESPONSE
 
     async def close(self) -> None:
         await self._poster.close()

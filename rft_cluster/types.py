@@ -14,7 +14,7 @@ from typing import Any
 
 
 class RolloutStatus(str, Enum):
-    """How a rollout ended. Exactly one per rollout (DESIGN §3)."""
+    """How a rollout ended. Exactly one per rollout (docs/architecture.md §4)."""
 
     OK = "ok"
     BUDGET_EXHAUSTED = "budget_exhausted"

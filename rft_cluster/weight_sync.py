@@ -1,6 +1,8 @@
 """How weights travel from the learner into vLLM engines: the publish protocol and its buckets.
 
-The learner's rank 0 packs its parameters (HF names) into a few flat byte buffers; each bucket
+The learner only hands its weights out (`Learner.hand_out_weights`); `publish_from` is what the
+driver calls, and everything from there to the engines' memory is this module's. The learner's
+rank 0 packs its parameters (HF names) into a few flat byte buffers; each bucket
 travels once (Ray object store on CPU) to every rollout worker, which stages it in shared
 memory that the engine's worker process maps, where `WeightSyncExtension` (a vLLM
 `worker_extension_cls`) loads it.
@@ -39,9 +41,9 @@ import mmap
 import os
 import time
 import warnings
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol, TypeVar
 
 import numpy as np
 import torch
@@ -234,6 +236,36 @@ def publish(named_tensors: Iterable[tuple[str, torch.Tensor]], workers: list[Any
     fanout.wait(pending)
     fanout.wait(fanout.send("finish_weight_sync", version))
     return PublishResult(nbytes, time.perf_counter() - t0, buckets, fanout.lost)
+
+
+R = TypeVar("R")
+
+
+class WeightSource(Protocol):
+    """What hands weights out: a `Learner` or a `LearnerGroup` (all ranks take part, rank 0 gives)."""
+
+    def hand_out_weights(self, receive: Callable[[Iterator[tuple[str, torch.Tensor]]], R]) -> R | None: ...
+
+
+@dataclass(frozen=True)
+class Publish:
+    """`publish` as a receiver of handed-out weights: it travels to the learner's rank 0 (the
+    process that holds the weights) and runs there."""
+
+    workers: list[Any]
+    version: int
+    bucket_bytes: int
+
+    def __call__(self, named_tensors: Iterator[tuple[str, torch.Tensor]]) -> PublishResult:
+        return publish(named_tensors, self.workers, self.version, self.bucket_bytes)
+
+
+def publish_from(learner: WeightSource, workers: list[Any], version: int, bucket_bytes: int) -> PublishResult:
+    """The learner's current weights into every rollout worker as `version` (see `publish`)."""
+    result = learner.hand_out_weights(Publish(workers, version, bucket_bytes))
+    if result is None:
+        raise RuntimeError("the learner handed out no weights (only rank 0 gives them)")
+    return result
 
 
 def _unquantized_methods() -> tuple[type, ...]:

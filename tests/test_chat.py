@@ -64,3 +64,17 @@ def test_reasoning_tokens_are_counted_and_kept_out_of_content(tiny_model_dir: Pa
     assert codec.reasoning_tokens(ids) == len(thought)
     assert codec.reasoning_tokens(ids[1:]) == len(thought)  # the prompt opened the block
     assert parse_tool_calls(codec.decode(ids)) == ("The answer is 5.", [])
+
+
+def test_reasoning_effort_reaches_a_template_that_reads_it(tiny_model_dir: Path) -> None:
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    plain = ChatCodec(tok)
+    user = [{"role": "user", "content": "hi"}]
+    # A template without the variable: the setting changes nothing, and the codec says so.
+    assert not plain.template_uses("reasoning_effort")
+    assert plain.prompt_ids(user, None, "high") == plain.prompt_ids(user, None)
+    tok.chat_template = "{%- if reasoning_effort is defined %}Reasoning: {{ reasoning_effort }}\n{%- endif %}" + tok.chat_template
+    codec = ChatCodec(tok)
+    assert codec.template_uses("reasoning_effort")
+    assert codec.decode(codec.prompt_ids(user, None, "high")).startswith("Reasoning: high")
+    assert not codec.decode(codec.prompt_ids(user, None)).startswith("Reasoning")

@@ -20,7 +20,8 @@ GOOD_ROWS = [
      "tools": [tool("search", description="BM25 search", parameters={"type": "object", "properties": {}}),
                tool("cat")]},
     {"messages": [USER, {"role": "assistant", "content": "a"}, {"role": "tool", "content": "b"},
-                  {"role": "developer", "content": "c"}, {"role": "user", "content": "line\u2028sep"}]},
+                  {"role": "developer", "content": "c"}, {"role": "user", "content": "line\u2028sep"}],
+     "answer": "7"},  # every row has what the job's grader template reads
 ]
 
 
@@ -76,7 +77,7 @@ def test_every_problem_is_reported_with_line_and_field(tmp_path: Path) -> None:
         (3, "<row>"),
         (4, "messages"),
         (5, "messages"),
-        (6, "messages[0].role"), (6, "messages[1].content"),
+        (6, "messages[0].role"), (6, "messages[1].content[0]"),
         (7, "messages[1].role"),
         (8, "tools"),
         (9, "tools[0].type"), (9, "tools[0].function.name"), (9, "tools[0].function.description"),
@@ -93,7 +94,7 @@ def test_every_problem_is_reported_with_line_and_field(tmp_path: Path) -> None:
         "2: <row>: not valid JSON",
         "3: <row>: must be a JSON object, got array",
         "6: messages[0].role: must be one of system|developer|user|assistant|tool, got 'bot'",
-        "6: messages[1].content: must be a string, got array",
+        "6: messages[1].content[0]: must be a text part",
         "7: messages[1].role: the last message must be from 'user', got 'assistant'",
         "9: tools[4].function.name: duplicate tool name 'search' (also tools[3])",
         "10: sample: reserved",

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import os
+import time
+from collections import Counter
 from pathlib import Path
 
 import pyarrow.compute as pc
@@ -22,7 +24,10 @@ pytestmark = pytest.mark.slow
 
 def test_two_step_train_runs_every_role_and_writes_every_output(ray_local, demo_job, tmp_path: Path, ledger_env) -> None:
     out = tmp_path / "run"
+    seen_before = ledger_env.trace_ids()  # the servers are the session's
+    started = time.perf_counter()
     result = train(demo_job, out, max_steps=2)
+    wall_s = time.perf_counter() - started
     assert result["steps"] == 2 and result["roles"] == {"rollout_worker": 1, "tool_proxy": 1, "grader": 1, "learner": 1}
 
     # Parquet: one row per scheduled rollout, each accounted for by status.
@@ -30,8 +35,6 @@ def test_two_step_train_runs_every_role_and_writes_every_output(ray_local, demo_
     train_rows = store.read("train")
     assert train_rows.num_rows == 2 * 2 * 4
     assert sorted(set(train_rows["step"].to_pylist())) == [1, 2]
-    statuses = train_rows["status"].to_pylist()
-    assert set(statuses) <= {s.value for s in RolloutStatus}
     eval_rows = store.read("eval")
     assert eval_rows.num_rows == 16 * 2  # validation before training and after the last step
 
@@ -55,8 +58,19 @@ def test_two_step_train_runs_every_role_and_writes_every_output(ray_local, demo_
         m = steps[s]
         assert m["train_rollouts"] == 8 and m["train/weight_sync_bytes"] > 0
         assert m["train/trained_samples"] == m["train/samples"] > 0 and "train/loss" in m
-        assert m["timing.step.full_iteration"] >= m["timing.step.sampling"] > 0
+        # Each step's status counts are those of its stored rows (zeros for the statuses it lacks).
+        stored = Counter(r["status"] for r in train_rows.to_pylist() if r["step"] == s)
+        assert {st.value: m[f"train_status/{st.value}"] for st in RolloutStatus} == {st.value: stored[st.value] for st in RolloutStatus}
+        # The step's timer spans the parts it waited on, trained and published in.
+        parts = m["timing.step.waiting"] + m["timing.step.training"] + m["timing.step.weight_sync"]
+        assert 0 < parts <= m["timing.step.full_iteration"] and m["timing.step.sampling"] > 0
+    # and each step's timer restarts: the steps together took less than the whole run.
+    assert sum(steps[s]["timing.step.full_iteration"] for s in (1, 2)) < wall_s
     assert "valid_reward_mean" in steps[0] and "valid_reward_mean" in steps[2]
+    # The engines were warmed before the baseline: the warm-up's group (4 rollouts) reached the
+    # tool server under trace ids of their own and was stored nowhere (16 eval rows above).
+    warm_up = ledger_env.trace_ids() - seen_before - {r["trace_id"] for r in rows}
+    assert steps[0]["timing.warmup"] > 0 and 0 < len(warm_up) <= 4
     [run_dir] = (out / "wandb").glob("offline-run-*")
     history = wandb_history(run_dir)
     assert history[2]["train_rollouts"] == 8 and "timing.step.weight_sync" in history[2]

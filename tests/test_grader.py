@@ -11,11 +11,11 @@ import pytest
 import pytest_asyncio
 import ray
 from aiohttp import web
-from aiohttp.test_utils import TestServer
 
 from rft_cluster.config import EndpointGrader, StringCheckGrader, ToolSettings
 from rft_cluster.envs.ledger import LedgerServers
 from rft_cluster.grader import GraderActor, TemplateError, render_template
+from tests.recording_server import RecordingServer
 
 FAST = ToolSettings(timeout_s=1.0, max_retries=2, backoff_s=0.01)
 SAMPLE = {
@@ -27,17 +27,14 @@ SAMPLE = {
 ITEM = {"account": "ACC-0137", "answer": 4521, "meta": {"unit": "USD", "tags": ["a", "b"]}}
 
 
-class GraderServer:
-    """Answers with `replies` (HTTP status, body text) in order, the last one repeating, and
-    records every request."""
+class GraderServer(RecordingServer):
+    """Answers with `replies` (HTTP status, body text) in order, the last one repeating."""
 
     def __init__(self) -> None:
+        super().__init__()
         self.replies: list[tuple[int, str]] = []
-        self.requests: list[tuple[dict[str, str], dict[str, Any]]] = []
-        self.url = ""
 
-    async def handle(self, request: web.Request) -> web.Response:
-        self.requests.append((dict(request.headers), await request.json()))
+    async def answer(self, request: web.Request, body: Any) -> web.Response:
         status, text = self.replies.pop(0) if len(self.replies) > 1 else self.replies[0]
         if status == 0:  # hang well past the client's timeout
             await asyncio.sleep(float(text))
@@ -46,16 +43,12 @@ class GraderServer:
 
 @pytest_asyncio.fixture(loop_scope="function")
 async def server() -> AsyncIterator[GraderServer]:
-    grader = GraderServer()
-    app = web.Application()
-    app.router.add_post("/grade", grader.handle)
-    async with TestServer(app, host="127.0.0.1") as srv:
-        grader.url = str(srv.make_url("/grade"))
+    async with GraderServer().serving() as grader:
         yield grader
 
 
 def endpoint(server: GraderServer, **extra: Any) -> GraderActor:
-    spec = EndpointGrader(type="endpoint", url=server.url, headers={"Authorization": "Bearer g-secret"}, **extra)
+    spec = EndpointGrader(type="endpoint", url=server.url("/grade"), headers={"Authorization": "Bearer g-secret"}, **extra)
     return GraderActor(spec, FAST)
 
 
@@ -66,7 +59,7 @@ async def test_endpoint_gets_sample_item_trace_id_and_headers(server: GraderServ
     await grader.close()
     assert (result.score, result.error) == (0.75, None)
     assert result.latency_s > 0
-    [(headers, body)] = server.requests
+    [(_, headers, body)] = [(r.path, r.headers, r.body) for r in server.requests]
     assert body == {"sample": SAMPLE, "item": ITEM, "trace_id": "trace_42"}
     assert headers["Authorization"] == "Bearer g-secret"
 
@@ -98,7 +91,9 @@ async def test_endpoint_that_hangs_times_out_as_a_failure_not_a_hang(server: Gra
     await grader.close()
     assert result.score is None and "no complete response within 1.0s" in result.error
     assert len(server.requests) == FAST.max_retries + 1
-    assert time.monotonic() - started < (FAST.max_retries + 1) * FAST.timeout_s + 2
+    # Each attempt is cut at timeout_s: far sooner than the 30 s the endpoint would hang (the
+    # margin is for a loaded machine, not a measure of overhead).
+    assert time.monotonic() - started < 15
 
 
 async def test_endpoint_4xx_is_a_failure_without_retry(server: GraderServer) -> None:
@@ -131,7 +126,7 @@ async def test_endpoint_rate_limit_spaces_requests(server: GraderServer) -> None
     elapsed = time.monotonic() - started
     await grader.close()
     assert [r.score for r in results] == [0.0] * 4
-    assert 0.3 <= elapsed < 1.0
+    assert elapsed >= 0.3  # 4 requests at most one per 0.1 s: 3 gaps (load only lengthens them)
 
 
 @pytest.mark.parametrize(

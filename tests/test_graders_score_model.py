@@ -1,10 +1,10 @@
 """score_model: the judge's request, score parsing and range normalisation against a loopback
 imitation of /chat/completions, and the whole path against a real vLLM OpenAI-compatible server
-hosting the tiny model."""
+hosting the warm-started tiny model (a judge that scores, one whose reply holds no score, and an
+unknown model)."""
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import socket
@@ -20,11 +20,12 @@ import aiohttp
 import pytest
 import pytest_asyncio
 from aiohttp import web
-from aiohttp.test_utils import TestServer
 
 from rft_cluster.config import ScoreModelGrader
+from rft_cluster.envs.ledger import SYSTEM_PROMPT
 from rft_cluster.grader import GraderActor
 from rft_cluster.graders.score_model import parse_score
+from tests.recording_server import RecordingServer
 from tests.test_grader import FAST, ITEM, SAMPLE
 
 PROMPT = [
@@ -75,31 +76,29 @@ def test_parse_score(reply: str, score: float | None) -> None:
 # --- loopback imitation of /chat/completions -----------------------------------------------------
 
 
-class FakeJudge:
+class FakeJudge(RecordingServer):
     """Answers each POST with the next of `replies` (HTTP status, message content or a raw body),
-    the last repeating, and records the requests."""
+    the last repeating."""
 
     def __init__(self) -> None:
+        super().__init__()
         self.replies: list[tuple[int, str | None]] = []
-        self.requests: list[tuple[str, dict[str, str], dict[str, Any]]] = []
-        self.base_url = ""
 
-    async def handle(self, request: web.Request) -> web.Response:
-        self.requests.append((request.path, dict(request.headers), await request.json()))
+    @property
+    def base_url(self) -> str:
+        return self.url("/v1")
+
+    async def answer(self, request: web.Request, body: Any) -> web.Response:
         status, content = self.replies.pop(0) if len(self.replies) > 1 else self.replies[0]
         if status != 200:
             return web.Response(status=status, text=content or "")
-        body = {"object": "chat.completion", "choices": [{"index": 0, "message": {"role": "assistant", "content": content}}]}
-        return web.json_response(body)
+        reply = {"object": "chat.completion", "choices": [{"index": 0, "message": {"role": "assistant", "content": content}}]}
+        return web.json_response(reply)
 
 
 @pytest_asyncio.fixture(loop_scope="function")
 async def fake() -> AsyncIterator[FakeJudge]:
-    judge_server = FakeJudge()
-    app = web.Application()
-    app.router.add_post("/v1/chat/completions", judge_server.handle)
-    async with TestServer(app, host="127.0.0.1") as srv:
-        judge_server.base_url = str(srv.make_url("/v1"))
+    async with FakeJudge().serving() as judge_server:
         yield judge_server
 
 
@@ -108,7 +107,7 @@ async def test_request_shape(fake: FakeJudge) -> None:
     params = {"temperature": 0.0, "seed": 7, "max_completions_tokens": 32}
     result = await grade_once(judge(fake.base_url + "/", sampling_params=params, headers={"Authorization": "Bearer j-secret"}))
     assert (result.score, result.error) == (1.0, None)
-    [(path, headers, body)] = fake.requests
+    [(path, headers, body)] = [(r.path, r.headers, r.body) for r in fake.requests]
     assert path == "/v1/chat/completions" and headers["Authorization"] == "Bearer j-secret"
     # OpenAI's `max_completions_tokens` goes out under its Chat Completions name; unset params stay out.
     assert body == {"model": "judge-model", "messages": RENDERED, "temperature": 0.0, "seed": 7, "max_completion_tokens": 32}
@@ -176,14 +175,14 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def vllm_server(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """vLLM's OpenAI-compatible server on the tiny model, in its own process group so anything it
+def vllm_server(warm_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """vLLM's OpenAI-compatible server on the warm-started tiny model, in its own process group so anything it
     spawns goes down with it. Eager mode (no compile) with the engine and its worker inside the
     server process: it starts about twice as fast on two cores as the multi-process default."""
     port = _free_port()
     log_path = tmp_path_factory.mktemp("vllm") / "server.log"
     cmd = [
-        sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(tiny_model_dir),
+        sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(warm_model_dir),
         "--served-model-name", "tiny-judge", "--host", "127.0.0.1", "--port", str(port),
         "--dtype", "float32", "--max-model-len", "2048", "--enforce-eager", "--distributed-executor-backend", "uni",
     ]  # fmt: skip
@@ -223,17 +222,44 @@ def _signal_group(pgid: int, sig: signal.Signals) -> None:
 GREEDY = {"temperature": 0.0, "seed": 0, "max_completions_tokens": 16}
 
 
-@pytest.mark.slow
-async def test_real_vllm_judge_reply_without_a_score_is_a_recorded_failure(vllm_server: str) -> None:
-    """vLLM accepts the grader's request (a 200 with a completion), and the random tiny model's
-    reply, which holds no score, becomes a failure quoting it. The reply is fetched independently
-    with the same greedy request to check that the error carries exactly what the judge said."""
+async def judge_reply(vllm_server: str, messages: list[dict[str, str]]) -> str:
+    """The judge's greedy reply, fetched without the grader (what its result must carry)."""
     async with aiohttp.ClientSession() as session:
-        request = {"model": "tiny-judge", "messages": RENDERED, "temperature": 0.0, "seed": 0, "max_completion_tokens": 16}
+        request = {"model": "tiny-judge", "messages": messages, "temperature": 0.0, "seed": 0, "max_completion_tokens": 16}
         async with session.post(vllm_server + "/chat/completions", json=request) as resp:
             assert resp.status == 200
-            reply = (await resp.json())["choices"][0]["message"]["content"]
-    assert parse_score(reply) is None, f"the tiny model now emits a number ({reply!r}): pick another prompt"
+            return (await resp.json())["choices"][0]["message"]["content"]
+
+
+# The ledger conversation the warm start learned, up to the tool's answer: the judge's reply
+# reads the balance back ("The balance of ACC-0137 is 4521."), a number the grader must find.
+LEDGER_JUDGE = [
+    {"role": "system", "content": SYSTEM_PROMPT},
+    {"role": "user", "content": "What is the balance of account {{item.account}}? Use the lookup tool, then answer with the number."},
+    {"role": "assistant", "content": '<tool_call>\n{"name": "lookup", "arguments": {"account": "{{item.account}}"}}\n</tool_call>'},
+    {"role": "user", "content": "<tool_response>\n{{item.account}} balance: {{item.answer}}\n</tool_response>"},
+]
+
+
+@pytest.mark.slow
+async def test_real_vllm_judge_score_is_parsed_and_normalised(vllm_server: str) -> None:
+    """The success path end to end: the rendered prompt reaches vLLM, the warm model's reply
+    carries the item's balance, and that number, normalised by `range`, is the score."""
+    rendered = [{**m, "content": m["content"].replace("{{item.account}}", ITEM["account"]).replace("{{item.answer}}", str(ITEM["answer"]))} for m in LEDGER_JUDGE]
+    reply = await judge_reply(vllm_server, rendered)
+    assert parse_score(reply) == 4521, f"the warm model no longer reads the balance back ({reply!r}): pick another prompt"
+    spec = ScoreModelGrader(type="score_model", name="judge", model="tiny-judge", input=LEDGER_JUDGE, base_url=vllm_server,
+                            sampling_params=GREEDY, range=(0, 10_000))
+    result = await grade_once(GraderActor(spec, FAST.model_copy(update={"timeout_s": 60.0})))
+    assert (result.score, result.error) == (pytest.approx(0.4521), None)
+
+
+@pytest.mark.slow
+async def test_real_vllm_judge_reply_without_a_score_is_a_recorded_failure(vllm_server: str) -> None:
+    """vLLM accepts the grader's request (a 200 with a completion), and the model's reply to a
+    prompt unlike its warm start, which holds no score, becomes a failure quoting it exactly."""
+    reply = await judge_reply(vllm_server, RENDERED)
+    assert parse_score(reply) is None, f"the judge model now emits a number ({reply!r}): pick another prompt"
     spec = ScoreModelGrader(type="score_model", name="judge", model="tiny-judge", input=PROMPT, base_url=vllm_server, sampling_params=GREEDY)
     result = await grade_once(GraderActor(spec, FAST.model_copy(update={"timeout_s": 60.0})))
     assert result.score is None

@@ -17,7 +17,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from rft_cluster.config import LearnerSpec
 from rft_cluster.learner_group import LearnerGroup, split_by_tokens
 from rft_cluster.types import TrainSample
-from rft_cluster.weight_sync import publish
+from rft_cluster.weight_sync import publish, publish_from
 from tests.test_learner import CLIP, LR, RecordingWorker, assert_same_weights, make_batch
 
 pytestmark = pytest.mark.slow
@@ -49,7 +49,7 @@ def start_group(
 def group_weights(group: LearnerGroup) -> dict[str, torch.Tensor]:
     """The group's weights as a rollout worker receives them."""
     worker = RecordingWorker.remote()
-    group.publish([worker], version=0)
+    publish_from(group, [worker], 0, 64 << 20)
     _, tensors = ray.get(worker.recorded.remote())
     ray.kill(worker)
     return tensors
@@ -122,14 +122,14 @@ def test_engine_matches_a_two_rank_zero3_learner_after_its_publish(
 ) -> None:
     """Rank 0 gathers the ZeRO-3 shards and publishes; the engine then scores a sequence as the
     group does (fp32 on both sides; bound as in test_rollout's single-rank proof)."""
-    group = start_group(warm_model_dir, 2, learning_rate=5e-3, zero_stage=3, weight_bucket_mb=1)
+    group = start_group(warm_model_dir, 2, learning_rate=5e-3, zero_stage=3)
     groups.append(group)
     batch = group_batch(group, warm_model_dir, [1.0, -1.0, 0.5, -0.5], seed=8)
     group.train_step(batch)
     seq = batch[0].token_ids
     [want] = group.compute_logprobs([seq])
     assert engine_gap(rollout_worker, seq, want) > 1e-2, "the step should have changed the weights"
-    sync = group.publish([rollout_worker], version=1)
+    sync = publish_from(group, [rollout_worker], 1, 1 << 20)
     gap = engine_gap(rollout_worker, seq, want)
     print(f"\n2-rank ZeRO-3 publish: {sync.bytes / 1e6:.2f} MB in {sync.buckets} "
           f"buckets, {sync.seconds:.2f} s; engine-vs-learner logprob gap {gap:.1e}")

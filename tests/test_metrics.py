@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from rich.console import Console
 
-from rft_cluster.metrics import RunLogger, StepPrinter, redact, rollout_metrics
+from rft_cluster.metrics import RunLogger, StepPrinter, rollout_metrics
 from rft_cluster.storage import RunStorage
 from rft_cluster.types import RolloutStatus, ToolCallStatus, ToolResult, Trajectory
 from tests.conftest import RunLocation, S3Server
@@ -71,6 +71,14 @@ def test_rollout_metrics_hand_computed() -> None:
     })
 
 
+def test_pass_rate_counts_scored_rollouts_at_or_above_the_threshold() -> None:
+    with_half = BATCH + [traj(RolloutStatus.OK, 0.5, [], 1, 1, 1.0, 1.0)]
+    # Scores 1.0, 0.0, 0.5 (the failed rollouts have none): 0.5 passes at 0.5, not at 0.6.
+    assert rollout_metrics(with_half, pass_threshold=0.5)["train_pass_rate"] == pytest.approx(2 / 3)
+    assert rollout_metrics(with_half, pass_threshold=0.6)["train_pass_rate"] == pytest.approx(1 / 3)
+    assert "train_pass_rate" not in rollout_metrics(with_half)  # no threshold, no metric
+
+
 def test_rollout_metrics_omits_undefined_means_and_uses_prefix() -> None:
     metrics = rollout_metrics([traj(RolloutStatus.TIMEOUT, None, [call("cat", 0.5)], 1, 1, 30.0, 0.0)], "valid")
     assert all(k.startswith("valid_") for k in metrics)
@@ -84,24 +92,6 @@ def test_rollout_metrics_omits_undefined_means_and_uses_prefix() -> None:
     assert empty["train_rollouts"] == 0 and empty["train_tool_errors"] == 0
     statuses = {k for k in empty if k.startswith("train_status/")}
     assert statuses == {f"train_status/{s.value}" for s in RolloutStatus}
-
-
-def test_redact_replaces_header_values_at_any_depth() -> None:
-    config = {
-        "model": "tiny",
-        "headers": {"Authorization": "Bearer top"},
-        "method": {"reinforcement": {
-            "tools": [{"name": "search", "headers": {"X-Key": "k1"}}, {"name": "cat"}],
-            "grader": {"type": "endpoint", "headers": "Bearer raw-string"},
-        }},
-    }
-    out = redact(config)
-    assert out["headers"] == {"Authorization": "<redacted>"}
-    assert out["method"]["reinforcement"]["tools"] == [
-        {"name": "search", "headers": {"X-Key": "<redacted>"}}, {"name": "cat"}
-    ]
-    assert out["method"]["reinforcement"]["grader"] == {"type": "endpoint", "headers": "<redacted>"}
-    assert config["headers"]["Authorization"] == "Bearer top"  # the input is not modified
 
 
 @pytest.fixture
@@ -138,6 +128,21 @@ def test_run_logger_writes_jsonl_and_offline_wandb_without_secrets(tmp_path: Pat
     assert any("<redacted>" in item.value_json for item in run.config.update)
     leaked = [p for p in run_dir.rglob("*") if p.is_file() and b"s3cret-token" in p.read_bytes()]
     assert leaked == []
+
+
+@pytest.mark.usefixtures("offline_wandb")
+def test_a_resumed_run_continues_the_same_wandb_run(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    first = RunLogger(out, "job-1", {})
+    first.log(1, {"train_reward_mean": 0.25})
+    first.finish()
+    again = RunLogger(out, "job-1-resumed-at-1", {})  # a new process, after a kill
+    again.log(2, {"train_reward_mean": 0.5})
+    again.finish()
+    assert first.wandb_run_dir != again.wandb_run_dir
+    ids = {r.run.run_id for d in (first.wandb_run_dir, again.wandb_run_dir) for r in wandb_records(d)
+           if r.WhichOneof("record_type") == "run"}
+    assert ids == {(out / "wandb" / "run_id").read_text()}
 
 
 def test_run_logger_disabled_writes_only_jsonl(tmp_path: Path) -> None:
@@ -177,7 +182,7 @@ def test_run_logger_on_s3_uploads_wandb_at_checkpoints_and_finish(s3_server: S3S
     assert not staging.exists()  # the local staging directory is gone; the bucket has it all
 
     keys = s3_server.keys(s3_prefix)
-    assert "metrics.jsonl" in keys and all(k == "metrics.jsonl" or k.startswith(f"{run}/") for k in keys)
+    assert "metrics.jsonl" in keys and all(k in ("metrics.jsonl", RunLogger.WANDB_ID) or k.startswith(f"{run}/") for k in keys)
     local = RunStorage(s3_server.uri(s3_prefix)).download_dir(run, tmp_path / "down")
     assert wandb_history(local) == {1: {"train_reward_mean": 0.25}, 2: {"train_reward_mean": 0.75}}
     assert [p for p in local.rglob("*") if p.is_file() and b"s3cret-token" in p.read_bytes()] == []

@@ -177,6 +177,16 @@ def test_report_table_and_summary(runs, tmp_path: Path):
         write_report(runs, out, title="t", extra={"seeds": []})
 
 
+def test_the_report_says_step_0_ran_on_warmed_engines_only_when_every_run_logged_it(tmp_path: Path):
+    warmed = [{**SEED2[0], "timing.warmup": 4.5}, *SEED2[1:]]
+    one = load_metrics(write_run(tmp_path / "w1", warmed))
+    write_report({"seed 2": one}, tmp_path / "a", title="t")
+    assert "one warm-up group that was not stored (4.5–4.5 s)" in (tmp_path / "a" / "report.md").read_text()
+    # A run logged before warm-ups existed: the report claims nothing for the set.
+    write_report({"seed 2": one, "old": load_metrics(write_run(tmp_path / "w2", SEED2))}, tmp_path / "b", title="t")
+    assert "warm-up" not in (tmp_path / "b" / "report.md").read_text()
+
+
 def test_single_run_shows_zero_sd(runs, tmp_path: Path):
     summary = write_report({"seed 1": runs["seed 1"]}, tmp_path, title="one")
     row = table_row((tmp_path / "report.md").read_text(), "valid reward mean")

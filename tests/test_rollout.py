@@ -10,12 +10,12 @@ import pytest
 import ray
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from rft_cluster.config import LearnerSpec
+from rft_cluster.config import EngineSpec, LearnerSpec
 from rft_cluster.driver import Trainer
-from rft_cluster.learner import Learner
-from rft_cluster.rollout_worker import RolloutRequest, SamplingSettings
+from rft_cluster.learner_group import LearnerGroup
+from rft_cluster.rollout_worker import RolloutRequest, RolloutWorker, SamplingSettings
 from rft_cluster.types import RolloutStatus, ToolCallStatus, Trajectory
-from rft_cluster.weight_sync import publish
+from rft_cluster.weight_sync import publish, publish_from
 
 pytestmark = pytest.mark.slow
 
@@ -124,34 +124,81 @@ def test_a_rollout_past_its_time_limit_ends_as_timeout(rollout_worker, ledger_da
 
 
 def test_an_engine_error_ends_that_rollout_only_as_engine_failed(rollout_worker, ledger_data: Path) -> None:
-    """A prompt longer than the engine's context cannot be run: that rollout is recorded as
-    engine_failed (and discarded), and the others of the batch complete."""
-    [ok, too_long] = requests_for(ledger_data / "valid.jsonl", 2, step=3)
+    """Two ways a rollout cannot run, each recorded as engine_failed (and discarded) while the
+    others of the batch complete: a prompt longer than the context (the worker's own check,
+    before the engine), and a request vLLM itself rejects (a negative temperature)."""
+    ok, too_long, rejected = requests_for(ledger_data / "valid.jsonl", 3, step=3)
     too_long.messages = [{"role": "user", "content": "balance? " * 3000}]
     settings = SamplingSettings(temperature=1.0, max_tokens_per_turn=48, max_episode_steps=4)
-    a, b = rollouts(rollout_worker, [ok, too_long], settings)
+    before = ray.get(rollout_worker.engine_stats.remote())
+    a, b, c = ray.get([
+        rollout_worker.rollout.remote(ok, settings),
+        rollout_worker.rollout.remote(too_long, settings),
+        rollout_worker.rollout.remote(rejected, SamplingSettings(temperature=-1.0, max_tokens_per_turn=48, max_episode_steps=4)),
+    ])
+    after = ray.get(rollout_worker.engine_stats.remote())
     assert a.status in (RolloutStatus.OK, RolloutStatus.BUDGET_EXHAUSTED)
     assert b.status == RolloutStatus.ENGINE_FAILED and "does not fit max_model_len 2048" in b.error
+    assert c.status == RolloutStatus.ENGINE_FAILED and c.error.startswith("VLLMValidationError: temperature must be non-negative")
+    for failed in (b, c):
+        # Nothing was sampled: the prompt alone, shown, with no turn, reward or tool call.
+        assert failed.num_turns == 0 and failed.generated_tokens == 0 and failed.tool_calls == []
+        assert failed.loss_mask == [0] * len(failed.token_ids) == [0] * failed.prompt_len and failed.reward is None
+    # Only the good rollout's turns reached the engine's counters; the worker serves on.
+    assert after["generated_tokens"] - before["generated_tokens"] == a.generated_tokens
+    [again] = rollouts(rollout_worker, [ok], settings)
+    assert again.status in (RolloutStatus.OK, RolloutStatus.BUDGET_EXHAUSTED)
 
 
-def test_weight_publish_matches_learner_logprobs(rollout_worker, trajectories, warm_model_dir: Path) -> None:
-    """After a training step and a publish, the engine scores a fixed sequence exactly as the
-    learner does (fp32 on both sides; observed gap ~1e-6, bound 1e-4 leaves room for kernel
-    differences but is 100x below the gap a missed sync leaves)."""
-    learner = ray.remote(num_cpus=1)(Learner).remote(str(warm_model_dir), LearnerSpec(zero_stage=2), 5e-3, 0.2, 0)
+def test_a_publish_reaches_two_workers_at_once_and_nothing_they_cached_survives_it(
+    rollout_worker, trajectories, warm_model_dir: Path, ledger_data: Path
+) -> None:
+    """After a training step, one publish (the driver's `publish_from`) to two real engines: each
+    scores a fixed sequence exactly as the learner does (fp32 on both sides; observed gap ~1e-6,
+    bound 1e-4 is 100x below the gap a missed sync leaves), and a prompt each had cached before
+    the publish is sampled from the new weights alone (version 1, the learner's logprobs): old
+    prefix-cache blocks served after the publish would give other logprobs."""
+    second = ray.remote(num_cpus=1)(RolloutWorker).remote(str(warm_model_dir), EngineSpec(dtype="float32", max_model_len=2048), 0, [])
+    started = second.start.remote()  # the engine starts while the learner does
+    group = LearnerGroup(str(warm_model_dir), LearnerSpec(zero_stage=2), 5e-3, 0.2, seed=0)
+    workers = [rollout_worker, second]
+    try:
+        ray.get(started)
+        [probe] = requests_for(ledger_data / "valid.jsonl", 1, step=5)
+        one_turn = SamplingSettings(temperature=1.0, max_tokens_per_turn=16, max_episode_steps=0)
+        for w in workers:  # the probe's prompt in each prefix cache, shown to serve it
+            rollouts(w, [probe], one_turn)
+            cached = ray.get(w.engine_stats.remote())["cached_prompt_tokens"]
+            rollouts(w, [probe], one_turn)
+            assert ray.get(w.engine_stats.remote())["cached_prompt_tokens"] > cached, "the prefix cache should serve a repeated prompt"
 
-    for t, r in zip(trajectories, [1.0, 0.0] * len(trajectories)):
-        t.reward, t.group_id = r, "g"
-    ray.get(learner.train_step.remote(Trainer.train_samples(trajectories)))
-    seq = trajectories[0].token_ids
-    [want] = ray.get(learner.compute_logprobs.remote([seq]))
-    before = ray.get(rollout_worker.prompt_logprobs.remote(seq))
-    assert max(abs(a - b) for a, b in zip(before, want)) > 1e-2, "the step should have changed the weights"
-    sync = ray.get(learner.publish.remote([rollout_worker], 1))
-    after = ray.get(rollout_worker.prompt_logprobs.remote(seq))
-    assert max(abs(a - b) for a, b in zip(after, want)) < 1e-4
-    n_params = sum(p.numel() for p in AutoModelForCausalLM.from_pretrained(warm_model_dir).parameters())
-    assert sync.bytes == 4 * n_params  # every parameter once, tied ones once
+        for t, r in zip(trajectories, [1.0, 0.0] * len(trajectories)):
+            t.reward, t.group_id = r, "g"
+        group.train_step(Trainer.train_samples(trajectories))
+        seq = trajectories[0].token_ids
+        [want] = group.compute_logprobs([seq])
+        before = ray.get(rollout_worker.prompt_logprobs.remote(seq))
+        assert max(abs(a - b) for a, b in zip(before, want)) > 1e-2, "the step should have changed the weights"
+
+        sync = publish_from(group, workers, 1, 64 << 20)
+        assert sync.lost == []
+        n_params = sum(p.numel() for p in AutoModelForCausalLM.from_pretrained(warm_model_dir).parameters())
+        assert sync.bytes == 4 * n_params  # every parameter once, tied ones once, for both workers
+        for w in workers:
+            cached = ray.get(w.engine_stats.remote())["cached_prompt_tokens"]
+            [t] = rollouts(w, [probe], one_turn)  # first thing after the publish: nothing else cached
+            assert ray.get(w.engine_stats.remote())["cached_prompt_tokens"] == cached, "served blocks of the old weights"
+            sampled = [i for i, m in enumerate(t.loss_mask) if m]
+            assert sampled and {t.weight_versions[i] for i in sampled} == {1}
+            [learner_lps] = group.compute_logprobs([t.token_ids])
+            assert max(abs(learner_lps[i - 1] - t.logprobs[i]) for i in sampled) < 1e-3
+            after = ray.get(w.prompt_logprobs.remote(seq))
+            assert max(abs(a - b) for a, b in zip(after, want)) < 1e-4
+    finally:
+        group.shutdown()
+        ray.get(second.shutdown.remote())
+        ray.kill(second)
+        publish_model(rollout_worker, warm_model_dir, 0)  # later tests sample from the warm model
 
 
 def test_a_rollout_in_flight_across_a_publish_goes_on_with_the_new_weights(

@@ -120,10 +120,11 @@ def test_a_run_on_s3_keeps_every_output_in_the_bucket_and_resumes_from_it(
     assert "state/driver.json" in state and "state/learner/latest" in state
     assert {k.split("/")[2] for k in state if k.startswith("state/learner/step-")} == {"step-4"}  # step 2's state deleted
     assert CheckpointDir(uri).resumable_step() == 4
-    wandb_runs = {k.split("/")[1] for k in keys if k.startswith("wandb/")}
-    assert len(wandb_runs) == 2  # the killed run's and the resumed run's
+    wandb_runs = {k.split("/")[1] for k in keys if k.startswith("wandb/offline-run-")}
+    # The killed run's and the resumed run's directories, one W&B run id (the one kept beside them).
+    assert len(wandb_runs) == 2 and {d.rsplit("-", 1)[1] for d in wandb_runs} == {RunStorage(uri).read_text("wandb/run_id")}
     local = RunStorage(uri).download_dir("", tmp_path / "download")
-    [resumed_run] = [d for d in (local / "wandb").iterdir() if 4 in wandb_history(d)]
+    [resumed_run] = [d for d in (local / "wandb").glob("offline-run-*") if 4 in wandb_history(d)]
     assert wandb_history(resumed_run)[4]["train_rollouts"] == 8
     model = AutoModelForCausalLM.from_pretrained(local / "final")
     assert model.config.model_type == "qwen2"

@@ -91,12 +91,17 @@ def test_publish_goes_on_without_workers_that_died_and_names_them(ray_local: Non
     os.kill(pid, signal.SIGKILL)
     workers = [RecordingWorker.remote(), dead, dying, RecordingWorker.remote()]
 
-    result = publish(want.items(), workers, version=3, bucket_bytes=4096)
+    try:
+        result = publish(want.items(), workers, version=3, bucket_bytes=4096)
+        recorded = ray.get([workers[0].recorded.remote(), workers[3].recorded.remote()])
+    finally:
+        for w in workers:
+            ray.kill(w)
 
     assert result.lost == [1, 2]
     assert result.buckets > 2  # the dying worker got its second bucket, so died mid-publish
     assert result.stats()["weight_sync_lost_workers"] == 2.0
-    for calls, tensors in ray.get([workers[0].recorded.remote(), workers[3].recorded.remote()]):
+    for calls, tensors in recorded:
         assert calls == ["begin"] + ["load"] * result.buckets + ["finish 3"]
         assert tensors.keys() == want.keys()
         for name, t in want.items():

@@ -1,2 +1,2 @@
 """Embedded environments: real tool servers, graders and datasets that run in-process, so a
-job can train end to end with no external services (DESIGN §6)."""
+job can train end to end with no external services (docs/architecture.md §5)."""

@@ -90,6 +90,9 @@ class EnvApp:
         """A copy of what the server saw for trace_id: its tool calls and its grades."""
         return json.loads(json.dumps({"tool_calls": self._calls.get(trace_id, []), "grades": self._grades.get(trace_id, [])}))
 
+    def trace_ids(self) -> set[str]:
+        return set(self._calls) | set(self._grades)
+
     async def _trace_log(self, request: web.Request) -> web.Response:
         return web.json_response(self.trace_log(request.match_info["trace_id"]))
 
@@ -134,6 +137,14 @@ class EnvServers:
     def grades(self, trace_id: str) -> list[dict[str, Any]]:
         """Grades the server gave for trace_id (score, answer, number read from the output)."""
         return self._trace_log(trace_id)["grades"]
+
+    def trace_ids(self) -> set[str]:
+        """Every trace_id the servers saw (on a tool call or a grade)."""
+
+        async def read() -> set[str]:
+            return self._app.trace_ids()
+
+        return self._server.run(read(), timeout=10)
 
     def _trace_log(self, trace_id: str) -> dict[str, Any]:
         async def read() -> dict[str, Any]:  # on the server's loop: no cross-thread access to the logs

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 from rft_cluster.config import EndpointGrader, ToolSettings
-from rft_cluster.graders.base import ERROR_TEXT_CHARS, BaseGrader, finite_number
+from rft_cluster.graders.base import BaseGrader, finite_number
 from rft_cluster.http import JsonPoster
 from rft_cluster.types import GradeResult
 
@@ -20,17 +19,11 @@ class Endpoint(BaseGrader):
     async def _grade(self, sample: dict[str, Any], item: dict[str, Any], trace_id: str) -> GradeResult:
         payload = {"sample": sample, "item": item, "trace_id": trace_id}
         outcome = await self._poster.post(self._spec.url, payload, self._spec.headers)
-        if outcome.failure is not None:
-            return self.fail(f"{outcome.detail} (after {outcome.attempts} attempts)")
-        assert outcome.status is not None
-        if not 200 <= outcome.status < 300:
-            return self.fail(f"HTTP {outcome.status}: {outcome.text(ERROR_TEXT_CHARS)}")
-        try:
-            score = finite_number(json.loads(outcome.body)["score"])
-        except (ValueError, TypeError, KeyError):
-            score = None
+        if (error := outcome.error()) is not None:
+            return self.fail(error)
+        score = finite_number(outcome.field("score"))
         if score is None:
-            return self.fail(f"response has no finite number 'score': {outcome.text(ERROR_TEXT_CHARS)}")
+            return self.fail(outcome.missing("finite number 'score'"))
         return GradeResult(score=score)
 
     async def close(self) -> None:

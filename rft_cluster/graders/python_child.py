@@ -1,15 +1,17 @@
-"""The child process of a python grader: limits its memory, blocks the network, then calls the
+"""The child process of a python grader: enters the sandbox (`sandbox.py`), then calls the
 user's `grade(sample, item)`.
 
-Started as a script (standard library only), it reads {"source", "sample", "item", "memory_mb"}
-as JSON on stdin and writes one JSON object on stdout: {"score": number} or {"error": text}.
+Started as a script (standard library only), it reads {"source", "sample", "item", "memory_mb",
+"cpu_s", "sandbox"} as JSON on stdin and writes one JSON object on stdout: {"score": number},
+{"error": text}, or {"unavailable": text} when the machine cannot provide the sandbox.
 
-The network block replaces the socket constructors and name lookups with ones that raise. It
-stops a grader from calling out by accident; it is a guard, not a security boundary (ctypes or a
-subprocess can get around it). Run untrusted grader code in a container or VM.
+The sandbox is the security boundary. The socket guard below only turns a grader's attempt to
+use the network into a clear error instead of "Network is unreachable".
 """
 
+import importlib.util
 import json
+import os
 import resource
 import socket
 import sys
@@ -20,9 +22,13 @@ import _socket
 ERROR_CHARS = 500  # keep the end of a traceback: that is where the cause is
 
 
-def limit_memory(megabytes: int) -> None:
-    limit = megabytes * 1024 * 1024
-    resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+def load_sandbox():
+    # `python -I` puts no script directory on sys.path, and the user's code must not import it.
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "sandbox.py")
+    spec = importlib.util.spec_from_file_location("rft_grader_sandbox", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 class BlockedSocket(socket.socket):
@@ -44,9 +50,23 @@ def block_network() -> None:
                 setattr(module, name, refuse)
 
 
+def confine(request: dict) -> dict | None:
+    """Enters the sandbox (or only limits memory, where the operator opted out); an error result
+    if the machine cannot provide it."""
+    if not request["sandbox"]:
+        limit = request["memory_mb"] * 1024 * 1024
+        resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+        return None
+    sandbox = load_sandbox()
+    try:
+        sandbox.enter(request["memory_mb"], request["cpu_s"])
+    except sandbox.SandboxUnavailable as e:
+        return {"unavailable": str(e)}
+    return None
+
+
 def run(request: dict) -> dict:
     memory_mb = request["memory_mb"]
-    limit_memory(memory_mb)
     block_network()
     try:
         namespace = {"__name__": "grader"}
@@ -66,7 +86,8 @@ def main() -> None:
     request = json.loads(sys.stdin.buffer.read())
     result_stream = sys.stdout.buffer
     sys.stdout = sys.stderr  # the user's prints must not corrupt the result
-    result_stream.write(json.dumps(run(request)).encode())
+    result = confine(request) or run(request)
+    result_stream.write(json.dumps(result).encode())
     result_stream.flush()
 
 

@@ -21,7 +21,7 @@ import re
 from typing import Any
 
 from rft_cluster.config import ScoreModelGrader, ToolSettings
-from rft_cluster.graders.base import ERROR_TEXT_CHARS, BaseGrader, clip, finite_number
+from rft_cluster.graders.base import BaseGrader, clip, finite_number
 from rft_cluster.graders.template import render_template
 from rft_cluster.http import JsonPoster
 from rft_cluster.types import GradeResult
@@ -71,17 +71,11 @@ class ScoreModel(BaseGrader):
         messages = [{"role": m.role, "content": render_template(m.content, sample, item)} for m in self._spec.input]
         payload = {"model": self._spec.model, "messages": messages, **self._sampling}
         outcome = await self._poster.post(self._url, payload, self._spec.headers)
-        if outcome.failure is not None:
-            return self.fail(f"judge: {outcome.detail} (after {outcome.attempts} attempts)")
-        assert outcome.status is not None
-        if not 200 <= outcome.status < 300:
-            return self.fail(f"judge: HTTP {outcome.status}: {outcome.text(ERROR_TEXT_CHARS)}")
-        try:
-            reply = json.loads(outcome.body)["choices"][0]["message"]["content"]
-        except (ValueError, TypeError, KeyError, IndexError):
-            reply = None
+        if (error := outcome.error()) is not None:
+            return self.fail(f"judge: {error}")
+        reply = outcome.field("choices", 0, "message", "content")
         if not isinstance(reply, str):
-            return self.fail(f"judge response has no choices[0].message.content text: {outcome.text(ERROR_TEXT_CHARS)}")
+            return self.fail(f"judge: {outcome.missing('choices[0].message.content text')}")
         score = parse_score(reply)
         if score is None:
             return self.fail(f"no score in the judge's reply: {clip(reply)!r}")

@@ -1,4 +1,4 @@
-"""The FinQA demo environment (DESIGN §6): ~2,800 generated quarterly reports in a directory tree,
+"""The FinQA demo environment (README "The demo"): ~2,800 generated quarterly reports in a directory tree,
 a tool server with `search` (semantic, or BM25), `list` and `cat` over them, a partial-credit
 grader endpoint, numeric questions as OpenAI-format datasets, and wasteful scripted
 demonstrations for the supervised warm start.

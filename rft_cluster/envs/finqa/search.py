@@ -13,6 +13,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import importlib.util
+import logging
 import os
 import re
 from collections.abc import Sequence
@@ -125,9 +126,12 @@ def embedding_available() -> bool:
 
 
 def make_searcher(texts: Sequence[str], backend: Backend = "auto", cache_dir: Path | None = None) -> Searcher:
-    """"auto" is semantic search when the embedding package is installed, else BM25."""
+    """"auto" is semantic search when the embedding package is installed, else BM25 (with a
+    warning: the demo's figures differ between the two; the searcher's `backend` says which)."""
     if backend == "embedding" or (backend == "auto" and embedding_available()):
         return EmbeddingSearcher(texts, cache_dir)
+    if backend == "auto":
+        logging.getLogger(__name__).warning("FinQA search: %s is not installed, so search is BM25 (keyword), not semantic", EMBEDDING_PACKAGE)
     return Bm25Searcher(texts)
 
 

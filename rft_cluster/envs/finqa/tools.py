@@ -4,17 +4,22 @@ demonstration's tool output is exactly what the server would answer.
 
 Every path is relative to the corpus root and must stay inside it: absolute paths, `..` that
 climbs out and symlinks that point out are refused (HTTP 403). Hidden entries (the search
-cache) are neither listed nor readable.
+cache) are neither listed nor readable. A path the OS cannot take (a NUL byte, a name over its
+length limit) is the model's mistake, answered 400 like any other bad argument. Only regular
+UTF-8 files are reports: anything else in the tree (a FIFO, a binary) is skipped, so it can
+neither hang nor crash the server.
 """
 
 from __future__ import annotations
 
-import json
+import logging
 from pathlib import Path
 from typing import Any
 
 from rft_cluster.envs.finqa.search import Backend, make_searcher
+from rft_cluster.untrusted import loads
 
+log = logging.getLogger(__name__)
 DEFAULT_K = 3
 MAX_K = 10
 
@@ -82,18 +87,26 @@ class FinQATools:
 
     def __init__(self, root: str | Path, backend: Backend = "auto"):
         self.root = Path(root).resolve()
-        self.paths = sorted(p.relative_to(self.root).as_posix() for p in self.root.rglob("*.txt")
-                            if self._inside(p.resolve()) and not _hidden(p.relative_to(self.root).parts))
-        if not self.paths:
+        titles: dict[str, str] = {}
+        for p in sorted(self.root.rglob("*.txt")):
+            rel = p.relative_to(self.root)
+            # is_file() first: opening a FIFO would block until a writer came.
+            if not (p.is_file() and self._inside(p.resolve())) or _hidden(rel.parts):
+                continue
+            try:
+                titles[rel.as_posix()] = _first_line(p.read_text())
+            except (UnicodeDecodeError, OSError) as e:
+                log.warning("%s: skipped, not a readable UTF-8 report (%s)", p, e)
+        if not titles:
             raise ValueError(f"{self.root}: no reports (*.txt) to serve")
-        self.titles = [_first_line((self.root / p).read_text()) for p in self.paths]
+        self.paths, self.titles = list(titles), list(titles.values())
         self.searcher = make_searcher(self.titles, backend, cache_dir=self.root)
 
     def call(self, name: Any, arguments: Any) -> str:
         """The output of one call (`arguments` a JSON object string, as the protocol carries it);
         raises ToolError for a call the tools refuse, malformed ones included."""
         try:
-            args = json.loads(arguments)
+            args = loads(arguments)  # nesting too deep for the parser is a ValueError too
         except (TypeError, ValueError):
             raise ToolError(400, "arguments must be a JSON object string") from None
         if not isinstance(args, dict):
@@ -132,7 +145,7 @@ class FinQATools:
         file = self._resolve(path)
         if file.is_dir():
             raise ToolError(400, f"{path!r} is a directory; use list")
-        if not file.is_file():
+        if not file.is_file():  # a FIFO or device is no report either (and reading it could block)
             raise ToolError(404, f"no such report: {path!r}")
         try:
             return file.read_text().rstrip("\n")
@@ -141,10 +154,19 @@ class FinQATools:
 
     def _resolve(self, path: str) -> Path:
         """The real path inside the root that `path` names; ToolError if it names anything
-        outside (resolving symlinks first, so a link cannot lead out) or anything hidden."""
+        outside (resolving symlinks first, so a link cannot lead out) or anything hidden, or
+        anything the OS cannot look up."""
+        if "\0" in path:
+            raise ToolError(400, "a path cannot contain a NUL byte")
         if Path(path).is_absolute():
             raise ToolError(403, f"{path!r}: absolute paths are refused; give a path relative to the corpus root")
-        target = (self.root / path).resolve()
+        try:
+            target = (self.root / path).resolve()
+            target.lstat()
+        except (FileNotFoundError, NotADirectoryError):
+            pass  # nothing there: list and cat answer 404
+        except (OSError, RuntimeError) as e:  # a name too long, a symlink loop (RuntimeError before 3.13)
+            raise ToolError(400, f"{path!r} cannot be looked up: {getattr(e, 'strerror', None) or e}") from None
         if not self._inside(target):
             raise ToolError(403, f"{path!r} is outside the corpus root")
         if _hidden(target.relative_to(self.root).parts):

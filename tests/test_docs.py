@@ -1,0 +1,27 @@
+"""The repository explains itself: no source cites a document it does not hold, and every
+citation of docs/architecture.md names a section that exists there."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+ARCHITECTURE = ROOT / "docs" / "architecture.md"
+
+
+def sources() -> list[Path]:
+    return [p for d in ("rft_cluster", "benchmarks", "scripts", "tests") for p in (ROOT / d).rglob("*") if p.suffix in (".py", ".sh", ".md")] + [ROOT / "README.md"]
+
+
+def test_nothing_cites_a_design_document_outside_the_repository() -> None:
+    cited = [f"{p.relative_to(ROOT)}:{i}" for p in sources() if p != Path(__file__)
+             for i, line in enumerate(p.read_text().splitlines(), 1) if re.search(r"DESIGN(\.md| §)", line)]
+    assert cited == []
+
+
+def test_architecture_citations_name_its_sections() -> None:
+    sections = {m for m in re.findall(r"^## (\d+)\. ", ARCHITECTURE.read_text(), re.MULTILINE)}
+    cited = {(p.relative_to(ROOT).as_posix(), n) for p in sources() for n in re.findall(r"docs/architecture\.md §(\d+)", p.read_text())}
+    assert cited, "the modules point at the architecture document"
+    assert {c for c in cited if c[1] not in sections} == set()
