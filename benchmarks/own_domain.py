@@ -34,7 +34,7 @@ ENV_SEED = 0
 N_DEMONSTRATIONS = 300
 # The recipe under test: the tiny model's SFT and GRPO settings a user is told to start from
 # (README: Your own domain).
-SFT_EPOCHS = 2
+SFT_EPOCHS = 10
 SFT_LEARNING_RATE = 2e-3
 HYPERPARAMETERS: dict[str, Any] = {
     "batch_size": 8,
