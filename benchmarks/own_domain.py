@@ -39,13 +39,15 @@ SFT_LEARNING_RATE = 2e-3
 HYPERPARAMETERS: dict[str, Any] = {
     "batch_size": 8,
     "group_size": 4,
-    "max_steps": 20,
+    "max_steps": 25,  # one pass over the 200 training prompts
     "eval_interval": 10,
     "base_learning_rate": 3.0e-4,
     "warmup_steps": 4,
     "kl_coef": 0.05,
     "max_tokens_per_turn": 48,
-    "tool_call_penalty": 0.1,
+    # A right answer keeps 1 - 0.15 x calls of its score (2 calls: 0.7, 4: 0.4); at 0.1 the
+    # policy learned to answer right but kept its wasted calls (seed 1: 3.25 -> 3.83 calls).
+    "tool_call_penalty": 0.15,
     "tool_call_penalty_mode": "scale",
 }
 
