@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from rft_cluster.envs.endpoints import ToolError
 from rft_cluster.envs.warehouse.catalog import WAREHOUSES, Product
 
 MAX_MATCHES = 3
@@ -36,15 +37,6 @@ TOOLS: list[dict[str, Any]] = [
     _function("warehouses", "List the warehouses.", {}),
 ]
 TOOL_NAMES = tuple(tool["function"]["name"] for tool in TOOLS)
-
-
-class ToolError(Exception):
-    """A call the tools refuse; the server answers `status` with the message as its body."""
-
-    def __init__(self, status: int, message: str):
-        super().__init__(message)
-        self.status = status
-        self.message = message
 
 
 class WarehouseTools:
