@@ -50,7 +50,8 @@ def build_model(out: Path) -> tuple[Path, Path]:
 
     write_datasets(out / "data", seed=LEDGER_SEED)
     write_demonstrations(out / "data" / "sft.jsonl", seed=LEDGER_SEED, n=64)
-    sft(str(make_tiny_model(out / "tiny-model")), out / "data" / "sft.jsonl", out / "warm-model", epochs=8, learning_rate=2e-3)
+    corpus = [out / "data" / name for name in ("train.jsonl", "valid.jsonl", "sft.jsonl")]
+    sft(str(make_tiny_model(out / "tiny-model", corpus=corpus)), out / "data" / "sft.jsonl", out / "warm-model", epochs=8, learning_rate=2e-3)
     return out / "warm-model", out / "data"
 
 

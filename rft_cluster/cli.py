@@ -1,11 +1,13 @@
 """`rft-cluster` command line: validate, train, demo, submit/status/logs/stop, tool-run, grader-run,
-sft, make-tiny-model."""
+sft, make-tiny-model, precheck."""
 
 from __future__ import annotations
 
 import argparse
 import sys
 from pathlib import Path
+
+from rft_cluster.tiny_model import PRETRAIN_STEPS  # a light import: the module loads torch only when building
 
 DEFAULT_JOB = Path(__file__).resolve().parents[1] / "cluster_configs" / "local.yaml"
 
@@ -151,9 +153,30 @@ def _jobs_api(args: argparse.Namespace) -> int:
 def _make_tiny_model(args: argparse.Namespace) -> int:
     from rft_cluster.tiny_model import make_tiny_model
 
-    path = make_tiny_model(args.dir, seed=args.seed)
+    try:
+        path = make_tiny_model(args.dir, seed=args.seed, corpus=args.corpus, pretrain_steps=args.pretrain_steps)
+    except ValueError as e:
+        sys.exit(str(e))
     print(f"tiny model written to {path}")
     return 0
+
+
+def _precheck(args: argparse.Namespace) -> int:
+    """Samples the job's prompts on its current model and says whether RL has a signal to learn from."""
+    import json
+
+    from rft_cluster.placement import PlacementError
+    from rft_cluster.precheck import format_report, precheck
+
+    job = _load_or_exit(Path(args.job))
+    try:
+        report = precheck(job, args.samples, args.split)
+    except PlacementError as e:
+        sys.exit(str(e))
+    print(format_report(report))
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
+    return 0 if report["verdict"]["ok"] else 1
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -235,10 +258,22 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-rollout-replicas", type=int, default=None, metavar="N", help="autoscaling ceiling of the rollout group (default: cluster.rollout_workers)")
     p.set_defaults(fn=_k8s)
 
-    p = sub.add_parser("make-tiny-model", help="build a small Qwen2-style model + tokenizer offline")
+    p = sub.add_parser("make-tiny-model", help="build a small Qwen2-style model + tokenizer offline, fitted to your material")
     p.add_argument("dir")
+    p.add_argument("--corpus", nargs="+", default=[], metavar="FILE",
+                   help="what the tokenizer and the pre-training learn the domain from: the job's datasets and demonstrations "
+                        "(JSONL, rendered as the model will see them, tool outputs included) and any text files")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--pretrain-steps", type=_non_negative, default=PRETRAIN_STEPS, help="pre-training steps (0: random weights)")
     p.set_defaults(fn=_make_tiny_model)
+
+    p = sub.add_parser("precheck", help="sample the job's prompts on its current model and say whether RL has a signal to learn from")
+    p.add_argument("job")
+    p.add_argument("--samples", type=int, default=32, metavar="K",
+                   help="rollouts in all: K / group_size prompts, group_size rollouts each (default 32)")
+    p.add_argument("--split", choices=("valid", "train"), default="valid", help="which prompts (default: validation, else training)")
+    p.add_argument("--json", default=None, metavar="FILE", help="also write the figures and the verdict here")
+    p.set_defaults(fn=_precheck)
 
     args = parser.parse_args(argv)
     return args.fn(args)

@@ -100,31 +100,38 @@ def prepare_environment(dirs: DemoDirs, size: DemoSize, stages: Stages) -> None:
 
 
 def warm_start(dirs: DemoDirs, size: DemoSize, env: FinQAServers, stages: Stages) -> dict[str, float] | None:
-    """Builds the tiny model and fine-tunes it on wasteful demonstrations (each once).
-    Returns the SFT losses when SFT ran now."""
+    """Writes the demonstrations, builds the tiny model from the demo's own material (its
+    datasets and demonstrations, as a user's `make-tiny-model --corpus` would) and fine-tunes it
+    on the demonstrations (each once). Returns the SFT losses when SFT ran now."""
     from rft_cluster.sft import sft
     from rft_cluster.tiny_model import make_tiny_model
 
-    if not (dirs.tiny_model / "config.json").exists():
-        stages.start(f"tiny model: building and pre-training it in {dirs.tiny_model}")
-        make_tiny_model(dirs.tiny_model, pretrain_steps=size.pretrain_steps)
-    if (dirs.warm_model / "config.json").exists():
-        stages.start(f"warm start: reusing {dirs.warm_model}")
-        return None
     demos = dirs.data / "sft.jsonl"
     if not demos.exists():
         pool = size.splits().demo
         if len(pool) < size.n_demonstrations:
             raise ValueError(f"{size.n_demonstrations} demonstrations asked for, but only {len(pool)} reports are left after the datasets")
         write_demonstrations(demos, env.tools, pool[: size.n_demonstrations], ENV_SEED)
+    if not (dirs.tiny_model / "config.json").exists():
+        stages.start(f"tiny model: building and pre-training it in {dirs.tiny_model}")
+        corpus = [dirs.data / "train.jsonl", dirs.data / "valid.jsonl", demos]
+        make_tiny_model(dirs.tiny_model, corpus=corpus, pretrain_steps=size.pretrain_steps)
+    if (dirs.warm_model / "config.json").exists():
+        stages.start(f"warm start: reusing {dirs.warm_model}")
+        return None
     stages.start(f"warm start: SFT on {size.n_demonstrations} wasteful demonstrations ({demos})")
     return sft(str(dirs.tiny_model), demos, dirs.warm_model, epochs=size.sft_epochs, learning_rate=size.sft_learning_rate)
 
 
+def demo_variables(dirs: DemoDirs, env: FinQAServers) -> dict[str, str]:
+    """The values of the demo job's `${RFT_DEMO_*}` references: its directory and its servers."""
+    return {"RFT_DEMO_DIR": str(dirs.out), "RFT_DEMO_URL": env.base_url, "RFT_DEMO_TOKEN": env.token}
+
+
 def load_demo_job(job_path: Path, dirs: DemoDirs, env: FinQAServers, seed: int | None) -> JobSpec:
-    """The job with the demo's directory and servers filled in (the RFT_DEMO_* variables)."""
-    os.environ.update(RFT_DEMO_DIR=str(dirs.out), RFT_DEMO_URL=env.base_url, RFT_DEMO_TOKEN=env.token)
-    job = load_job(job_path)
+    """The job with the demo's directory and servers filled in (passed to the loader, not
+    through this process's environment)."""
+    job = load_job(job_path, environ={**os.environ, **demo_variables(dirs, env)})
     if seed is not None:
         job.seed = seed
     return job

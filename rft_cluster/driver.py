@@ -39,7 +39,7 @@ from rft_cluster.fleet import Lost, RolloutFleet, Slot
 from rft_cluster.grader import GraderActor
 from rft_cluster.grpo import group_advantages, shaped_reward
 from rft_cluster.learner_group import LearnerGroup
-from rft_cluster.metrics import RunLogger, StepPrinter, rollout_metrics
+from rft_cluster.metrics import RunLogger, StepPrinter, rollout_metrics, signal_metrics, signal_warning
 from rft_cluster.pipeline import Batch, Staleness, drop_stale
 from rft_cluster.redact import redact_logs
 from rft_cluster.placement import Placement, actor_nodes, place
@@ -298,9 +298,13 @@ class Trainer:
 
     # ------------------------------------------------------------------ loop
 
-    def run(self) -> dict[str, Any]:
+    def start(self) -> Cluster:
+        """Starts the run's actors: what `run()` trains with, and `rft-cluster precheck` samples with."""
         self.cluster = start_cluster(self.job, self.hp)
-        c = self.cluster
+        return self.cluster
+
+    def run(self) -> dict[str, Any]:
+        c = self.start()
         fleet = c.fleet.spec.fleet
         self.printer.note(
             f"[rft] actors up in {c.startup['startup_s']:.1f} s: {c.roles()} "
@@ -350,6 +354,8 @@ class Trainer:
                     logger.upload_wandb()
                 logger.log(step, metrics, nodes=c.nodes)
                 self.printer.print_step(step, metrics)
+                if warning := signal_warning(metrics, self.hp.group_size):
+                    self.printer.note(warning)
                 last_done = time.perf_counter()
             final = c.learner.save_hf(self.storage, "final")
             self.printer.note(f"[rft] final policy saved to {final}")
@@ -381,6 +387,7 @@ class Trainer:
         })
         return {
             **rollout_metrics(trajs, prefix="train", pass_threshold=self.pass_threshold),
+            **signal_metrics(trajs),
             "train/trained_samples": float(len(samples)),
             **{f"train/{k}": float(v) for k, v in learner_stats.items()},
             **{f"train/{k}": float(v) for k, v in sync.items()},

@@ -16,7 +16,7 @@ import tempfile
 import uuid
 from collections import Counter
 from pathlib import Path
-from statistics import fmean
+from statistics import fmean, pstdev
 from typing import Any, Literal
 
 from rich.console import Console
@@ -87,6 +87,63 @@ def rollout_metrics(trajs: list[Trajectory], prefix: str = "train", pass_thresho
     for status in RolloutStatus:
         out[f"{p}_status/{status.value}"] = float(statuses[status])
     return out
+
+
+# Above this share of a step's groups without signal, `train` warns (signal_warning).
+NO_SIGNAL_WARN_FRAC = 0.5
+
+
+def signal_metrics(trajs: list[Trajectory]) -> dict[str, float]:
+    """The GRPO learning signal of one step's (or a pre-check's) rollouts, over those trained on
+    (a reward, not dropped as stale), grouped by group id:
+
+    - `signal/groups`: groups with at least one such rollout;
+    - `signal/groups_no_signal_frac`: the share of them whose advantages are all zero (rewards
+      all equal, or a single rollout), which add no gradient;
+    - `signal/group_reward_std_mean`: the mean within-group std of the reward (0 for a group of one).
+    """
+    from rft_cluster.grpo import group_advantages
+
+    kept = [t for t in trajs if t.reward is not None and t.status != RolloutStatus.STALE]
+    advantages = group_advantages([t.reward for t in kept], [t.group_id for t in kept], scale=False)
+    groups: dict[str, list[tuple[float, float]]] = {}
+    for t, a in zip(kept, advantages):
+        groups.setdefault(t.group_id, []).append((t.reward, a))
+    if not groups:
+        return {"signal/groups": 0.0}
+    spread = [pstdev([r for r, _ in g]) for g in groups.values()]
+    return {
+        "signal/groups": float(len(groups)),
+        "signal/groups_no_signal_frac": sum(all(a == 0.0 for _, a in g) for g in groups.values()) / len(groups),
+        "signal/group_reward_std_mean": fmean(spread),
+    }
+
+
+def signal_warning(metrics: dict[str, float], group_size: int) -> str | None:
+    """A warning line when most of a step's groups carried no signal, else None."""
+    frac = metrics.get("signal/groups_no_signal_frac")
+    if frac is None or frac <= NO_SIGNAL_WARN_FRAC:
+        return None
+    return (f"[rft] warning: {frac:.0%} of this step's groups carry no signal at group_size {group_size} "
+            "(their rewards are all equal): see `rft-cluster precheck` (README: Your own domain)")
+
+
+def redact(obj: Any) -> Any:
+    """A copy of `obj` with every value under a `headers` key (at any depth) replaced.
+
+    Header names stay visible (useful to see which were set); their values (tokens) do not.
+    """
+    if isinstance(obj, dict):
+        return {k: _redact_headers(v) if k == "headers" else redact(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [redact(v) for v in obj]
+    return obj
+
+
+def _redact_headers(headers: Any) -> Any:
+    if isinstance(headers, dict):
+        return {name: REDACTED for name in headers}
+    return REDACTED
 
 
 class RunLogger:
@@ -199,7 +256,7 @@ _TIMINGS = {
     "total": "timing.step.full_iteration",
 }
 # Printed columns as format specs: numbers right-aligned, the status words left-aligned.
-_COLUMNS = [("step", ">6"), ("reward", ">8"), ("calls/roll", ">10"), ("status", "<30")] + [
+_COLUMNS = [("step", ">6"), ("reward", ">8"), ("calls/roll", ">10"), ("no signal", ">9"), ("status", "<30")] + [
     (title, ">11") for title in _TIMINGS
 ]
 
@@ -239,6 +296,7 @@ class StepPrinter:
             (str(step), ""),
             (_fmt(reward, ".3f"), "green" if reward is not None else "dim"),
             (_fmt(metrics.get(f"{p}_tool_calls_per_rollout"), ".2f"), ""),
+            (_fmt(metrics.get("signal/groups_no_signal_frac"), ".0%"), ""),
             (statuses, ""),
         ] + [(_fmt(metrics.get(key), ".1f"), "") for key in _TIMINGS.values()]
         row = Text(" ").join(

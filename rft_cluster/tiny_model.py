@@ -1,8 +1,9 @@
 """Builds a small Qwen2-style causal LM and tokenizer offline, saved in HF format.
 
-Nothing downloads: the byte-level BPE tokenizer is trained here with `tokenizers` on text
-shaped like what the agent sees (chat markup, tool schemas and calls, report-like financial
-text, identifiers, numbers), and the weights get a short synthetic pre-training. The result
+Nothing downloads: the byte-level BPE tokenizer is trained here with `tokenizers` on the user's
+own material (`--corpus`: the job's datasets, demonstrations with their tool outputs, any text;
+`Corpus`) plus synthetic tool-use conversations, and the weights get a short pre-training on
+both. The builder knows no environment: the demo hands it its files like any user. The result
 loads through exactly the code path a hub model takes (`AutoTokenizer` / `AutoModelForCausalLM`
 / vLLM), so nothing else in the system knows it is tiny. The chat template follows the Qwen2.5 /
 Hermes tool-calling format: tool schemas in the system turn, calls as `<tool_call>{json}</tool_call>`,
@@ -14,7 +15,8 @@ context (it emits the most common digits), so RL would get no signal. Real LLMs 
 (induction heads), and minutes of CPU training do not grow one, so `_copy_circuit` sets one into
 the first two layers; the pre-training (random token strings repeated after a separator, and
 tool-use conversations whose calls and answers repeat identifiers and numbers that appear once
-earlier) then fits the rest of the model around it.
+earlier, with names and labels taken from the material, and the material itself) then fits
+the rest of the model around it.
 """
 
 from __future__ import annotations
@@ -23,7 +25,9 @@ import json
 import math
 import random
 import time
-from collections.abc import Iterator
+import re
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -68,6 +72,10 @@ PRETRAIN_STEPS = 100
 PRETRAIN_BATCH = 12
 PRETRAIN_SEQ_LEN = 384
 PRETRAIN_LR = 3e-3
+# The vocabulary's ceiling (merges stop earlier on a small corpus), and the synthetic
+# conversations added to the tokenizer's text for the markup.
+MAX_VOCAB = 8192
+SYNTHETIC_TOKENIZER_LINES = 1000
 
 
 def _number(rng: random.Random) -> str:
@@ -84,35 +92,90 @@ def _code(rng: random.Random) -> str:
     return f"{prefix}-{rng.randrange(10**width):0{width}d}"
 
 
+def _renderer() -> Any:
+    """Renders conversations with the chat template; rendering needs no vocabulary."""
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
+
+    return PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.BPE()), chat_template=CHAT_TEMPLATE)
+
+
+# What synthetic conversations borrow from the user's material: ids and paths ("SKU-01234",
+# "acme/2019/Q3.txt"), capitalised names of up to four words, and "Label: <number>" line labels.
+_IDENTIFIER = re.compile(r"\b[A-Za-z][\w.]*(?:[-/][\w.]+)+\b")
+_NAME = re.compile(r"\b[A-Z][a-z]+(?: [A-Z0-9][\w-]*){0,3}")
+_LABEL = re.compile(r"^[ \t-]*([A-Za-z][A-Za-z ]{1,30}?)[ \t]*:[ \t]*-?\$?\d", re.MULTILINE)
+
+
+@dataclass
+class Corpus:
+    """The user's material as the model will see it: each JSONL row with `messages` (dataset rows,
+    demonstrations with their tool outputs) rendered by the chat template, each other line or
+    text file as it is; and what the synthetic pre-training conversations draw from it (its
+    identifiers, names, line labels, tool names and argument keys)."""
+
+    documents: list[str] = field(default_factory=list)
+    identifiers: list[str] = field(default_factory=list)
+    labels: list[str] = field(default_factory=list)
+    tools: list[tuple[str, str]] = field(default_factory=list)  # (tool name, its first argument key)
+
+    @classmethod
+    def from_files(cls, files: Iterable[str | Path]) -> Corpus:
+        renderer, documents, plain = _renderer(), [], []
+        tools: dict[str, str] = {}
+        for file in files:
+            path = Path(file)
+            if not path.is_file():
+                raise ValueError(f"--corpus {path}: no such file")
+            text = path.read_text()
+            if path.suffix != ".jsonl":
+                documents += [p for p in text.split("\n\n") if p.strip()]
+                plain.append(text)
+                continue
+            for n, line in enumerate(text.splitlines(), start=1):
+                try:
+                    row = json.loads(line) if line.strip() else None
+                except json.JSONDecodeError:
+                    raise ValueError(f"{path}:{n}: not JSON") from None
+                if not isinstance(row, dict) or not isinstance(row.get("messages"), list):
+                    continue
+                try:
+                    documents.append(renderer.apply_chat_template(row["messages"], tools=row.get("tools") or None, tokenize=False))
+                except Exception as e:  # noqa: BLE001 - jinja raises several kinds; name the row
+                    raise ValueError(f"{path}:{n}: the chat template cannot render this row: {e}") from None
+                plain += [m["content"] for m in row["messages"] if isinstance(m.get("content"), str)]
+                for tool in row.get("tools") or []:
+                    fn = tool.get("function", {})
+                    keys = list(fn.get("parameters", {}).get("properties", {}))
+                    if fn.get("name") and keys:
+                        tools.setdefault(fn["name"], keys[0])
+        joined = "\n".join(plain)
+        identifiers = sorted(set(_IDENTIFIER.findall(joined)) | set(_NAME.findall(joined)))
+        labels = sorted({m.strip().lower() for m in _LABEL.findall(joined)})
+        return cls(documents, identifiers, labels, sorted(tools.items()))
+
+
 class _Text:
     """Seeded generator of the synthetic text (shared by the tokenizer corpus and pre-training)."""
 
-    def __init__(self, seed: int):
-        from rft_cluster.envs.finqa.corpus import METRICS, generate_reports
-
+    def __init__(self, seed: int, corpus: Corpus):
         self.rng = random.Random(f"tiny-text-{seed}")
-        # Report-like text in the FinQA layout (other companies than any demo seed's), so reports,
-        # paths and listings tokenize compactly and the model has seen their shape.
-        self.reports = generate_reports(10_000 + seed, n_companies=120, years=(2015, 2019, 2023))
-        self.metrics = METRICS
+        self.corpus = corpus
 
     def identifier(self) -> str:
-        rng, report = self.rng, self.rng.choice(self.reports)
-        kind = rng.randrange(5)
-        if kind == 0:
-            return report.path
-        if kind == 1:
-            return report.company
-        if kind == 2:
-            return f"{report.slug}/{report.year}"
-        return _code(rng)
+        ids = self.corpus.identifiers
+        return self.rng.choice(ids) if ids and self.rng.random() < 0.8 else _code(self.rng)
+
+    def label(self) -> str:
+        labels = self.corpus.labels
+        return self.rng.choice(labels) if labels and self.rng.random() < 0.8 else self.rng.choice(_LABELS)
 
     def tool(self, name: str, key: str) -> dict[str, Any]:
         rng = self.rng
         description = " ".join(rng.choice(_WORDS) for _ in range(rng.randint(3, 9))).capitalize() + "."
         prop: dict[str, Any] = {"type": "string"}
         if rng.random() < 0.5:
-            prop["description"] = f"{key} id, e.g. {_code(rng) if key == 'account' else self.identifier()}"
+            prop["description"] = f"{key} id, e.g. {self.identifier()}"
         return {
             "type": "function",
             "function": {
@@ -126,10 +189,12 @@ class _Text:
         """(messages, tools): a question naming an identifier, a tool call repeating it, a tool
         result with the asked value, and an answer repeating the value."""
         rng = self.rng
-        names = rng.sample(_TOOL_NAMES, rng.randint(1, 2))
-        keys = [rng.choice(_ARG_KEYS) for _ in names]
-        tools = [self.tool(n, k) for n, k in zip(names, keys)]
-        ident, label = self.identifier(), rng.choice(_LABELS)
+        own = self.corpus.tools
+        pairs = rng.sample(own, min(len(own), rng.randint(1, 2))) if own and rng.random() < 0.7 else \
+            [(n, rng.choice(_ARG_KEYS)) for n in rng.sample(_TOOL_NAMES, rng.randint(1, 2))]
+        names, keys = [n for n, _ in pairs], [k for _, k in pairs]
+        tools = [self.tool(n, k) for n, k in pairs]
+        ident, label = self.identifier(), self.label()
         value = _number(rng)
         question = rng.choice((
             f"What is the {label} of {ident}?",
@@ -146,7 +211,8 @@ class _Text:
         if rng.random() < 0.5:
             result = f"{ident} {label}: {value}"
         else:  # several lines, only one of them asked about: copy the value after the asked label
-            lines = [f"{lab.capitalize()}: {_number(rng)}" for lab in rng.sample(_LABELS, 4) if lab != label]
+            lines = [f"{self.label().capitalize()}: {_number(rng)}" for _ in range(4)]
+            lines = [line for line in lines if not line.lower().startswith(label + ":")]
             lines.insert(rng.randint(0, len(lines)), f"{label.capitalize()}: {value}")
             result = "\n".join([f"{ident} report"] + lines)
         messages.append({"role": "tool", "content": result})
@@ -155,38 +221,20 @@ class _Text:
         return messages, tools
 
     def tokenizer_lines(self, n: int) -> Iterator[str]:
-        """Text for BPE training: conversations (rendered by the chat template), reports, listings."""
-        from tokenizers import Tokenizer, models
-        from transformers import PreTrainedTokenizerFast
-
-        # Rendering needs only the template, not a vocabulary.
-        renderer = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.BPE()), chat_template=CHAT_TEMPLATE)
-        rng, env_text = self.rng, _builtin_env_text()
-        for i in range(n):
-            yield from env_text
-            report = self.reports[i % len(self.reports)]
+        """Text for BPE training: the user's documents, then `n` synthetic conversations (for the
+        chat and tool-call markup whatever the material holds)."""
+        renderer = _renderer()
+        yield from self.corpus.documents
+        for _ in range(n):
             messages, tools = self.conversation()
             yield renderer.apply_chat_template(messages, tools=tools, tokenize=False)
-            yield report.text()
-            siblings = [r for r in rng.sample(self.reports, 3)]
-            yield "\n".join(f"{r.path}: {r.title}" for r in siblings)
-            yield "\n".join(f"{r.slug}/" for r in siblings) + f"\n{report.year}/\nQ{report.quarter}.txt"
-            label = dict(self.metrics)[rng.choice(self.metrics)[0]]
-            yield f"What was the {label.lower()} of {report.company} in Q{report.quarter} {report.year}, in USD millions?"
 
 
-def _builtin_env_text() -> list[str]:
-    """The built-in environments' tool schemas and prompts, so each English word in them is one
-    token, as in a real LLM's vocabulary (a pre-token never spans words, so no longer)."""
-    from rft_cluster.envs import ledger
-    from rft_cluster.envs.finqa import tasks, tools
-
-    schemas = [json.dumps(tool) for tool in (ledger.LOOKUP_TOOL, *tools.TOOLS)]
-    return schemas + [ledger.SYSTEM_PROMPT, ledger.question("ACC-0137"), tasks.SYSTEM_PROMPT]
-
-
-def build_tokenizer(seed: int = 0, vocab_size: int = 2048):
-    """Trains a byte-level BPE tokenizer and wraps it as a transformers fast tokenizer."""
+def build_tokenizer(seed: int = 0, vocab_size: int = MAX_VOCAB, corpus: Corpus | None = None):
+    """Trains a byte-level BPE tokenizer on the corpus and wraps it as a transformers fast
+    tokenizer. Merges stop at pairs seen fewer than twice, so `vocab_size` is a ceiling: every
+    word the material repeats becomes one token (a pre-token never spans words, so no longer),
+    as in a real LLM's vocabulary, and a small corpus gives a small vocabulary."""
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -200,11 +248,12 @@ def build_tokenizer(seed: int = 0, vocab_size: int = 2048):
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
+        min_frequency=2,
         special_tokens=SPECIAL_TOKENS + MARKUP_TOKENS,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    tok.train_from_iterator(_Text(seed).tokenizer_lines(3000), trainer=trainer)
+    tok.train_from_iterator(_Text(seed, corpus or Corpus()).tokenizer_lines(SYNTHETIC_TOKENIZER_LINES), trainer=trainer)
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tok,
         bos_token=None,
@@ -231,8 +280,14 @@ def _examples(tokenizer: Any, text: _Text, seq_len: int) -> Iterator[tuple[list[
             ids = span + sep + span + [end]
             yield ids, [-100] * (len(span) + len(sep)) + span + [end]
         else:
-            messages, tools = text.conversation()
-            rendered = tokenizer.apply_chat_template(messages, tools=tools, tokenize=False)
+            # A synthetic conversation, or (half of these, when there is material) one of the
+            # user's documents: its words, tool outputs and formats in the model's context.
+            documents = text.corpus.documents
+            if documents and rng.random() < 0.5:
+                rendered = rng.choice(documents)
+            else:
+                messages, tools = text.conversation()
+                rendered = tokenizer.apply_chat_template(messages, tools=tools, tokenize=False)
             ids = tokenizer.encode(rendered, add_special_tokens=False)[: seq_len - 1] + [end]
             yield ids, ids
 
@@ -369,7 +424,8 @@ def make_tiny_model(
     num_heads: int = 4,
     num_kv_heads: int = 2,
     intermediate_size: int = 768,
-    vocab_size: int = 2048,
+    vocab_size: int = MAX_VOCAB,
+    corpus: Iterable[str | Path] = (),
     max_position_embeddings: int = 4096,
     pretrain_steps: int = PRETRAIN_STEPS,
     pretrain_batch_size: int = PRETRAIN_BATCH,
@@ -377,13 +433,16 @@ def make_tiny_model(
     pretrain_lr: float = PRETRAIN_LR,
 ) -> Path:
     """Writes config, weights (safetensors, fp32), tokenizer and chat template to `out_dir`.
-    `pretrain_steps=0` leaves the weights random (fast, for plumbing tests)."""
+    `corpus`: the files the tokenizer and the pre-training learn the domain from (`Corpus`);
+    without any, only generic synthetic text. `pretrain_steps=0` leaves the weights random
+    (fast, for plumbing tests)."""
     import torch
     from transformers import GenerationConfig, Qwen2Config, Qwen2ForCausalLM
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    tokenizer = build_tokenizer(seed, vocab_size)
+    material = Corpus.from_files(corpus)
+    tokenizer = build_tokenizer(seed, vocab_size, material)
     # Round the embedding rows up to a multiple of 64, as real checkpoints do.
     n_vocab = (len(tokenizer) + 63) // 64 * 64
     config = Qwen2Config(
@@ -405,7 +464,7 @@ def make_tiny_model(
     model = Qwen2ForCausalLM(config)
     _copy_circuit(model, tokenizer)
     if pretrain_steps > 0:
-        _pretrain(model, tokenizer, _Text(seed), pretrain_steps, pretrain_batch_size, pretrain_seq_len, pretrain_lr)
+        _pretrain(model, tokenizer, _Text(seed, material), pretrain_steps, pretrain_batch_size, pretrain_seq_len, pretrain_lr)
     model.generation_config = GenerationConfig(eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
     model.save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)

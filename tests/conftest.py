@@ -133,10 +133,14 @@ def run_location(request: pytest.FixtureRequest, tmp_path: Path) -> RunLocation:
 
 
 @pytest.fixture(scope="session")
-def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def tiny_model_dir(ledger_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny model built from the ledger's material (`make-tiny-model --corpus`)."""
     from rft_cluster.tiny_model import make_tiny_model
 
-    return _built("tiny-model", make_tiny_model, tmp_path_factory, "tiny_model.py")
+    def build(out: Path) -> None:
+        make_tiny_model(out, corpus=[ledger_data / "train.jsonl", ledger_data / "valid.jsonl", ledger_data / "sft.jsonl"])
+
+    return _built("tiny-model", build, tmp_path_factory, "tiny_model.py", "envs/ledger.py")
 
 
 def _built(name: str, build: Callable[[Path], object], tmp_path_factory: pytest.TempPathFactory, *sources: str) -> Path:

@@ -75,3 +75,19 @@ def test_gpu_config_is_a_valid_job_for_the_same_environment(monkeypatch, tmp_pat
     assert [t.name for t in gpu.rl.tools] == [t.name for t in local.rl.tools] and gpu.rl.grader == local.rl.grader
     assert gpu.rl.max_episode_steps == 10
     assert gpu.cluster.resources.rollout_worker.gpus == 1 and gpu.cluster.resources.learner.gpus == 1
+
+
+def test_the_demo_job_gets_its_directory_and_servers_without_touching_the_environment(monkeypatch, tmp_path: Path, ledger_env) -> None:
+    """The demo names its directory and servers to the job loader; this process's environment
+    stays as it was (a job loaded later must not pick them up)."""
+    import os
+
+    from rft_cluster.demo import DemoDirs, load_demo_job
+
+    for name in ("RFT_DEMO_DIR", "RFT_DEMO_URL", "RFT_DEMO_TOKEN"):
+        monkeypatch.delenv(name, raising=False)
+    job = load_demo_job(DEFAULT_JOB, DemoDirs(tmp_path), ledger_env, seed=5)
+    assert job.seed == 5 and job.resolve_path(job.model) == DemoDirs(tmp_path).warm_model
+    assert {t.server_url for t in job.rl.tools} == {ledger_env.tool_url}
+    assert job.rl.tools[0].headers == ledger_env.headers and job.rl.grader.url == ledger_env.grader_url
+    assert not {"RFT_DEMO_DIR", "RFT_DEMO_URL", "RFT_DEMO_TOKEN"} & set(os.environ)

@@ -204,11 +204,11 @@ def test_step_printer_plain_when_not_a_terminal() -> None:
     text = buf.getvalue()
     assert "\x1b" not in text
     header, row1, row2 = text.splitlines()  # one line each despite the 40-column console
-    assert header.split() == ["step", "reward", "calls/roll", "status", "sampling", "grading", "training",
+    assert header.split() == ["step", "reward", "calls/roll", "no", "signal", "status", "sampling", "grading", "training",
                               "weight_sync", "total", "(seconds)"]
-    assert row1.split() == ["1", "0.500", "1.50", "ok", "2", "tool", "1", "grader", "1",
+    assert row1.split() == ["1", "0.500", "1.50", "-", "ok", "2", "tool", "1", "grader", "1",
                             "12.3", "1.0", "3.2", "-", "17.0"]
-    assert row2.split() == ["2", "-", "-", "-", "-", "-", "-", "-"]
+    assert row2.split() == ["2", "-", "-", "-", "-", "-", "-", "-", "-"]
     assert len(row1) == len(row2) == header.index("  (seconds)")  # columns line up under the header
 
 

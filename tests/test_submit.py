@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -138,6 +140,31 @@ def test_train_names_an_unreachable_ray_address(tmp_path: Path, ledger_data: Pat
     r = cli("train", str(ledger_job(tmp_path / "job.yaml", ledger_data)), "--output", str(tmp_path / "out"), env=env)
     assert r.returncode == 1
     assert r.stderr.strip().splitlines()[-1] == f"cannot connect to the Ray cluster at {address} (RAY_ADDRESS): Connection refused"
+
+
+def test_train_without_an_address_starts_a_fresh_cluster_not_the_dead_one_ray_start_recorded(tmp_path: Path) -> None:
+    # `ray start` writes its address to RAY_TMPDIR/ray/ray_current_cluster and leaves it there when the
+    # cluster dies; a bare ray.init() would then retry that address until stopped.
+    ray_tmp = Path(tempfile.mkdtemp(prefix="rt", dir="/tmp"))  # short: Ray's socket paths have a length limit
+    (ray_tmp / "ray").mkdir()
+    dead = f"127.0.0.1:{free_port()}"
+    (ray_tmp / "ray" / "ray_current_cluster").write_text(dead)
+    code = (
+        "import types, ray\n"
+        "from rft_cluster.config import ClusterSpec\n"
+        "from rft_cluster.driver import init_ray\n"
+        "init_ray(types.SimpleNamespace(cluster=ClusterSpec()))\n"
+        "print(ray.get_runtime_context().gcs_address)\n"
+        "ray.shutdown()\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | {"RAY_TMPDIR": str(ray_tmp)}
+    try:
+        r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    finally:
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    started = r.stdout.strip().splitlines()[-1]
+    assert started != dead  # joining the dead address would not return within the timeout
 
 
 def test_job_failing_validation_is_refused_before_submitting(tmp_path: Path, ledger_data: Path) -> None:

@@ -4,7 +4,8 @@ runs them on 127.0.0.1 (a free port) from a background thread (`rft_cluster.serv
 synchronous driver can use an environment as a context manager.
 
 An environment supplies two plain functions: `call_tool(name, arguments) -> (status, output)`
-and `grade(output_text, answer) -> (score, number read or None)`.
+(`tool_caller` makes one from a `call(name, arguments) -> output` that raises `ToolError`) and
+`grade(output_text, answer) -> (score, number read or None)`, plus its tool names and grader name.
 """
 
 from __future__ import annotations
@@ -14,17 +15,39 @@ import hmac
 import json
 import secrets
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from types import TracebackType
 from typing import Any, TypeVar
 
 from aiohttp import web
 
+from rft_cluster.config import EndpointGrader, ToolSpec
 from rft_cluster.serving import ThreadedServer
 
 CallTool = Callable[[Any, Any], tuple[int, str]]  # (name, arguments JSON string) → (HTTP status, text)
 Grade = Callable[[str, float], tuple[float, float | None]]  # (output_text, item.answer) → (score, given)
 _Servers = TypeVar("_Servers", bound="EnvServers")
+
+
+class ToolError(Exception):
+    """A call the tools refuse; the server answers `status` with the message as its body."""
+
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+def tool_caller(call: Callable[[Any, Any], str]) -> CallTool:
+    """`call(name, arguments) -> output` as a CallTool: a ToolError is its status and message."""
+
+    def call_tool(name: Any, arguments: Any) -> tuple[int, str]:
+        try:
+            return 200, call(name, arguments)
+        except ToolError as e:
+            return e.status, e.message
+
+    return call_tool
 
 
 class EnvApp:
@@ -106,10 +129,21 @@ async def _json_object(request: web.Request) -> dict[str, Any] | None:
 
 
 class EnvServers:
-    """An EnvApp served from a background thread: `with SomeEnv(...) as env: ...`. Subclasses add
-    `tool_specs()` and `grader_spec()` for the job."""
+    """An EnvApp served from a background thread: `with SomeEnv(...) as env: ...`, with the
+    job's `tool_specs()` (every tool on the one URL: the server dispatches on the call's name)
+    and `grader_spec()`."""
 
-    def __init__(self, call_tool: CallTool, grade: Grade, token: str | None = None, tool_delay_s: float = 0.0):
+    def __init__(
+        self,
+        call_tool: CallTool,
+        grade: Grade,
+        tool_names: Sequence[str],
+        grader_name: str,
+        token: str | None = None,
+        tool_delay_s: float = 0.0,
+    ):
+        self.tool_names = tuple(tool_names)
+        self.grader_name = grader_name
         self.token = token or secrets.token_urlsafe(16)
         self._app = EnvApp(self.token, call_tool, grade, tool_delay_s)
         self._server = ThreadedServer(self._app.app())
@@ -129,6 +163,12 @@ class EnvServers:
     @property
     def headers(self) -> dict[str, str]:
         return {"Authorization": f"Bearer {self.token}"}
+
+    def tool_specs(self) -> list[ToolSpec]:
+        return [ToolSpec(name=name, server_url=self.tool_url, headers=self.headers) for name in self.tool_names]
+
+    def grader_spec(self) -> EndpointGrader:
+        return EndpointGrader(type="endpoint", name=self.grader_name, url=self.grader_url, headers=self.headers)
 
     def calls(self, trace_id: str) -> list[dict[str, Any]]:
         """Tool calls the server saw for trace_id (id, call_id, name, arguments, HTTP status)."""

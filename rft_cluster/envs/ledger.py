@@ -15,7 +15,6 @@ import re
 from pathlib import Path
 from typing import Any
 
-from rft_cluster.config import EndpointGrader, ToolSpec
 from rft_cluster.envs.endpoints import EnvServers
 
 N_ACCOUNTS = 64
@@ -135,10 +134,4 @@ class LedgerServers(EnvServers):
 
     def __init__(self, seed: int = 0, token: str | None = None):
         self.ledger = make_ledger(seed)
-        super().__init__(functools.partial(_lookup, self.ledger), _grade, token)
-
-    def tool_specs(self) -> list[ToolSpec]:
-        return [ToolSpec(name=TOOL_NAME, server_url=self.tool_url, headers=self.headers)]
-
-    def grader_spec(self) -> EndpointGrader:
-        return EndpointGrader(type="endpoint", name="ledger", url=self.grader_url, headers=self.headers)
+        super().__init__(functools.partial(_lookup, self.ledger), _grade, (TOOL_NAME,), "ledger", token)

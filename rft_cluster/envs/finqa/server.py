@@ -6,13 +6,10 @@ credit; `/calls/{trace_id}` says what the server saw for one rollout, for the de
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
-
-from rft_cluster.config import EndpointGrader, ToolSpec
-from rft_cluster.envs.endpoints import EnvServers
+from rft_cluster.envs.endpoints import EnvServers, tool_caller
 from rft_cluster.envs.finqa import grading
 from rft_cluster.envs.finqa.search import Backend
-from rft_cluster.envs.finqa.tools import TOOL_NAMES, FinQATools, ToolError
+from rft_cluster.envs.finqa.tools import TOOL_NAMES, FinQATools
 
 
 class FinQAServers(EnvServers):
@@ -24,17 +21,4 @@ class FinQAServers(EnvServers):
 
     def __init__(self, root: str | Path, token: str | None = None, backend: Backend = "auto", tool_delay_s: float = 0.0):
         self.tools = FinQATools(root, backend)
-        super().__init__(self._call_tool, grading.score, token, tool_delay_s)
-
-    def _call_tool(self, name: Any, arguments: Any) -> tuple[int, str]:
-        try:
-            return 200, self.tools.call(name, arguments)
-        except ToolError as e:
-            return e.status, e.message
-
-    def tool_specs(self) -> list[ToolSpec]:
-        """One spec per tool, all on the one URL (the server dispatches on the call's name)."""
-        return [ToolSpec(name=name, server_url=self.tool_url, headers=self.headers) for name in TOOL_NAMES]
-
-    def grader_spec(self) -> EndpointGrader:
-        return EndpointGrader(type="endpoint", name="finqa", url=self.grader_url, headers=self.headers)
+        super().__init__(tool_caller(self.tools.call), grading.score, TOOL_NAMES, "finqa", token, tool_delay_s)

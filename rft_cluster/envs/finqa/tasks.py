@@ -8,14 +8,17 @@ the warm start teaches the procedure, not answers the evaluation asks for.
 
 from __future__ import annotations
 
-import json
 import random
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from rft_cluster.envs import scripted
 from rft_cluster.envs.finqa.corpus import METRIC_LABELS, METRICS, Report
 from rft_cluster.envs.finqa.tools import TOOLS, FinQATools
+from rft_cluster.envs.scripted import Splits, write_datasets
+
+__all__ = ["SYSTEM_PROMPT", "Question", "Splits", "split_questions", "write_datasets", "write_demonstrations"]
 
 SYSTEM_PROMPT = "Answer from the company reports: find the right report with the tools, read it, then reply with the number."
 
@@ -65,32 +68,11 @@ class Question:
         }
 
 
-@dataclass(frozen=True)
-class Splits:
-    train: list[Question]
-    valid: list[Question]
-    demo: list[Question]  # every remaining report: the demonstrations' pool
-
-
-def split_questions(reports: list[Report], seed: int, n_train: int = 256, n_valid: int = 64) -> Splits:
+def split_questions(reports: list[Report], seed: int, n_train: int = 256, n_valid: int = 64) -> Splits[Question]:
     """One question per report, shuffled by the seed: validation first, then train, then the rest."""
-    if n_train + n_valid > len(reports):
-        raise ValueError(f"n_train + n_valid must be at most {len(reports)} (one question per report)")
     rng = random.Random(f"finqa-questions-{seed}")
     questions = [Question(report, rng.choice(METRICS)[0]) for report in reports]
-    rng.shuffle(questions)
-    return Splits(train=questions[n_valid : n_valid + n_train], valid=questions[:n_valid],
-                  demo=questions[n_valid + n_train :])
-
-
-def write_datasets(out_dir: str | Path, splits: Splits) -> tuple[Path, Path]:
-    """Writes train.jsonl and valid.jsonl into out_dir; returns their paths."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    paths = out / "train.jsonl", out / "valid.jsonl"
-    for path, questions in zip(paths, (splits.train, splits.valid)):
-        path.write_text("".join(json.dumps(q.row()) + "\n" for q in questions))
-    return paths
+    return scripted.split(questions, rng, n_train, n_valid, "report")
 
 
 def search_query(question: Question) -> str:
@@ -111,22 +93,14 @@ def demonstration_calls(question: Question, tools: FinQATools, rng: random.Rando
     """(tool name, arguments) of one wasteful but successful trajectory, in order."""
     r = question.report
     search = ("search", {"query": search_query(question)})
-    calls: list[tuple[str, dict[str, Any]]] = [search] * (1 + _streak(rng, MAX_REPEAT_SEARCHES))
-    if _streak(rng, 1):
+    calls: list[tuple[str, dict[str, Any]]] = [search] * (1 + scripted.streak(rng, P_WASTE, MAX_REPEAT_SEARCHES))
+    if scripted.streak(rng, P_WASTE, 1):
         calls.append(("list", {"path": r.slug}))
-    if _streak(rng, 1):
+    if scripted.streak(rng, P_WASTE, 1):
         calls.append(("list", {"path": f"{r.slug}/{r.year}"}))
-    calls += [("cat", {"path": path}) for path in _wrong_reports(question, tools, _streak(rng, MAX_WRONG_CATS))]
-    calls += [("cat", {"path": r.path})] * (1 + _streak(rng, 1))
+    calls += [("cat", {"path": path}) for path in _wrong_reports(question, tools, scripted.streak(rng, P_WASTE, MAX_WRONG_CATS))]
+    calls += [("cat", {"path": r.path})] * (1 + scripted.streak(rng, P_WASTE, 1))
     return calls
-
-
-def _streak(rng: random.Random, n: int) -> int:
-    """How many of up to n waste steps in a row are taken: each with probability P_WASTE, until one is not."""
-    taken = 0
-    while taken < n and rng.random() < P_WASTE:
-        taken += 1
-    return taken
 
 
 def _wrong_reports(question: Question, tools: FinQATools, n: int) -> list[str]:
@@ -140,26 +114,13 @@ def _wrong_reports(question: Question, tools: FinQATools, n: int) -> list[str]:
 
 
 def demonstration(question: Question, tools: FinQATools, rng: random.Random) -> dict[str, Any]:
-    """One OpenAI-format conversation: a tool call per assistant turn, each followed by the tool's
-    real output (`FinQATools.call`, as the server answers), then the answer."""
-    messages: list[dict[str, Any]] = [
-        {"role": "system", "content": SYSTEM_PROMPT},
-        {"role": "user", "content": question.text},
-    ]
-    for n, (name, args) in enumerate(demonstration_calls(question, tools, rng)):
-        arguments = json.dumps(args)
-        call = {"id": f"call_{n}", "type": "function", "function": {"name": name, "arguments": arguments}}
-        messages.append({"role": "assistant", "content": "", "tool_calls": [call]})
-        messages.append({"role": "tool", "tool_call_id": call["id"], "content": tools.call(name, arguments)})
-    messages.append({"role": "assistant", "content": answer(question)})
-    return {"messages": messages, "tools": TOOLS}
+    """One OpenAI-format conversation: the wasteful calls with the tools' real outputs
+    (`FinQATools.call`, as the server answers), then the answer."""
+    return scripted.demonstration(SYSTEM_PROMPT, question.text, demonstration_calls(question, tools, rng), tools.call, answer(question), TOOLS)
 
 
 def write_demonstrations(path: str | Path, tools: FinQATools, questions: list[Question], seed: int) -> Path:
     """Writes one demonstration per question (use `Splits.demo`: reports no dataset asks about)
     as JSONL for `rft-cluster sft`; the waste pattern of each is drawn from the seed."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     rng = random.Random(f"finqa-demonstrations-{seed}")
-    path.write_text("".join(json.dumps(demonstration(q, tools, rng)) + "\n" for q in questions))
-    return path
+    return scripted.write_jsonl(path, (demonstration(q, tools, rng) for q in questions))

@@ -16,6 +16,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from rft_cluster.envs.endpoints import ToolError
 from rft_cluster.envs.finqa.search import Backend, make_searcher
 from rft_cluster.untrusted import loads
 
@@ -68,15 +69,6 @@ TOOLS: list[dict[str, Any]] = [
     },
 ]
 TOOL_NAMES = tuple(tool["function"]["name"] for tool in TOOLS)
-
-
-class ToolError(Exception):
-    """A call the tool refuses; the server answers `status` with the message as its body."""
-
-    def __init__(self, status: int, message: str):
-        super().__init__(message)
-        self.status = status
-        self.message = message
 
 
 class FinQATools:

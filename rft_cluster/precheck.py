@@ -1,0 +1,113 @@
+"""`rft-cluster precheck JOB`: is there a learning signal before any step is spent?
+
+Samples a seeded selection of the validation prompts (or the training prompts) on the job's
+current model, `group_size` rollouts each, through the run's own actors and code (the driver's
+`Trainer`: rollout fleet, tool proxies, graders, shaped reward), and reports what GRPO would see:
+the reward's mean and spread, the share of groups whose rewards are all equal (no gradient), tool
+calls and their failures, rollout statuses — and a verdict with its reason. OpenAI's advice to
+start RL from a non-zero baseline, as a command.
+"""
+
+from __future__ import annotations
+
+import random
+import tempfile
+from dataclasses import dataclass
+from statistics import fmean, pstdev
+from typing import Any, Literal
+
+from rft_cluster.config import JobSpec
+from rft_cluster.metrics import NO_SIGNAL_WARN_FRAC, rollout_metrics, signal_metrics
+from rft_cluster.types import RolloutStatus, ToolCallStatus, Trajectory
+
+# Below this mean score too few groups hold a success for GRPO to climb from.
+MIN_BASELINE = 0.05
+# Above this share of rollouts that ended without a grade, the tools or the grader are the problem.
+MAX_FAILED_FRAC = 0.5
+DEFAULT_SAMPLES = 32
+
+
+@dataclass
+class Verdict:
+    ok: bool
+    reason: str
+
+
+def verdict(figures: dict[str, float], group_size: int) -> Verdict:
+    """The pre-check's conclusion from its figures (`summarize`), the first problem found first."""
+    n = figures["rollouts"]
+    failed = n - figures["graded"]
+    if figures["graded"] == 0:
+        return Verdict(False, f"none of {n:.0f} rollouts was graded: check the tools and the grader (rft-cluster tool-run / grader-run)")
+    if failed / n > MAX_FAILED_FRAC:
+        return Verdict(False, f"{failed / n:.0%} of rollouts ended without a grade (see the statuses): fix those failures first")
+    mean = figures["reward_mean"]
+    if mean < MIN_BASELINE:
+        return Verdict(False, f"baseline {mean:.2f}: too few successes for RL to start; warm-start on demonstrations first (rft-cluster sft)")
+    no_signal = figures["groups_no_signal_frac"]
+    if no_signal > NO_SIGNAL_WARN_FRAC:
+        return Verdict(False, f"{no_signal:.0%} of groups carry no signal at group_size {group_size}: raise group_size or "
+                              "temperature, or warm-start further")
+    return Verdict(True, f"baseline {mean:.2f} and {1 - no_signal:.0%} of groups carry signal at group_size {group_size}: ready to train")
+
+
+def summarize(trajs: list[Trajectory]) -> dict[str, float]:
+    """The figures a pre-check reports, from its rollouts."""
+    scores = [t.score for t in trajs if t.score is not None]
+    calls = [c for t in trajs for c in t.tool_calls]
+    figures = {
+        "rollouts": float(len(trajs)),
+        "graded": float(len(scores)),
+        "reward_mean": fmean(scores) if scores else 0.0,
+        "reward_std": pstdev(scores) if scores else 0.0,
+        "groups_no_signal_frac": signal_metrics(trajs).get("signal/groups_no_signal_frac", 1.0),
+        "tool_calls_per_rollout": len(calls) / len(trajs) if trajs else 0.0,
+        "tool_call_failures": float(sum(c.status != ToolCallStatus.OK for c in calls)),
+    }
+    metrics = rollout_metrics(trajs, prefix="precheck")
+    figures.update({f"status/{s.value}": metrics[f"precheck_status/{s.value}"] for s in RolloutStatus})
+    return figures
+
+
+def prompt_sample(n_rows: int, samples: int, group_size: int, seed: int) -> list[int]:
+    """Row indices of ceil(samples / group_size) prompts (all of them if fewer), seeded."""
+    n = min(n_rows, -(-samples // group_size))
+    return sorted(random.Random(f"precheck-{seed}").sample(range(n_rows), n))
+
+
+def precheck(job: JobSpec, samples: int = DEFAULT_SAMPLES, split: Literal["valid", "train"] = "valid") -> dict[str, Any]:
+    """Runs the rollouts and returns {split, prompts, group_size, figures, verdict: {ok, reason}}.
+    Uses the validation prompts unless the job has none or `split` is "train"."""
+    from rft_cluster.driver import Trainer, init_ray
+    from rft_cluster.storage import RunStorage
+
+    with tempfile.TemporaryDirectory(prefix="rft-precheck-") as scratch:  # the Trainer's outputs: none are written
+        trainer = Trainer(job, RunStorage(scratch))
+        used = "valid" if split == "valid" and trainer.valid_rows else "train"
+        rows = trainer.valid_rows if used == "valid" else trainer.train_rows
+        group = trainer.hp.group_size
+        indices = prompt_sample(len(rows), samples, group, job.seed)
+        init_ray(job)
+        try:
+            trainer.start()
+            batch = trainer.submit(rows, indices, group, 0, "train")  # grouped and rewarded as a training step is
+            trainer.wait_for(batch)
+        finally:
+            trainer.shutdown()
+    figures = summarize(batch.trajs)
+    v = verdict(figures, group)
+    return {"split": used, "prompts": len(indices), "group_size": group, "figures": figures, "verdict": {"ok": v.ok, "reason": v.reason}}
+
+
+def format_report(report: dict[str, Any]) -> str:
+    """The pre-check's lines for the console."""
+    f = report["figures"]
+    statuses = ", ".join(f"{k.removeprefix('status/')} {v:.0f}" for k, v in f.items() if k.startswith("status/") and v)
+    return "\n".join([
+        f"precheck: {report['prompts']} {report['split']} prompts x {report['group_size']} rollouts",
+        f"  reward (score) mean {f['reward_mean']:.3f}, spread (std) {f['reward_std']:.3f} over {f['graded']:.0f} graded",
+        f"  groups with no signal: {f['groups_no_signal_frac']:.0%}",
+        f"  tool calls per rollout {f['tool_calls_per_rollout']:.2f}, failed calls {f['tool_call_failures']:.0f}",
+        f"  rollout statuses: {statuses}",
+        f"verdict: {'GO' if report['verdict']['ok'] else 'NO-GO'}: {report['verdict']['reason']}",
+    ])
