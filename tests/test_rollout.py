@@ -222,15 +222,18 @@ def test_a_rollout_in_flight_across_a_publish_goes_on_with_the_new_weights(
     try:
         publish_model(rollout_worker, tiny_model_dir, new_version)
         trajs = ray.get(refs)
-        by_new = [ray.get(rollout_worker.prompt_logprobs.remote(t.token_ids)) for t in trajs]
+        # A rollout may fill the whole context (it ends budget_exhausted); the engine scores at
+        # most max_model_len - 1 tokens, as it must have room to generate one.
+        scored = [t.token_ids[: 2048 - 1] for t in trajs]
+        by_new = [ray.get(rollout_worker.prompt_logprobs.remote(ids)) for ids in scored]
     finally:
         ray.get(refs)
         publish_model(rollout_worker, warm_model_dir, 0)  # later tests sample from the warm model
-    by_old = [ray.get(rollout_worker.prompt_logprobs.remote(t.token_ids)) for t in trajs]
+    by_old = [ray.get(rollout_worker.prompt_logprobs.remote(ids)) for ids in scored]
     crossed = 0
-    for t, new, old in zip(trajs, by_new, by_old):
+    for t, ids, new, old in zip(trajs, scored, by_new, by_old):
         assert t.status in (RolloutStatus.OK, RolloutStatus.BUDGET_EXHAUSTED), t.error  # ended as agent loops end
-        sampled = [i for i, m in enumerate(t.loss_mask) if m]
+        sampled = [i for i, m in enumerate(t.loss_mask[: len(ids)]) if m]
         versions = [t.weight_versions[i] for i in sampled]
         boundary = versions.index(new_version) if new_version in versions else len(versions)
         assert set(versions[:boundary]) <= {0} and set(versions[boundary:]) <= {new_version}  # one boundary
