@@ -59,7 +59,8 @@ from typing import Any, TypeVar
 
 from rich.console import Console
 
-from rft_cluster.chat import ChatCodec, parse_tool_calls
+from rft_cluster.chat import ChatCodec
+from rft_cluster.formats import TurnParser
 from rft_cluster.config import JobSpec, ResolvedHyperparameters
 from rft_cluster.dataset import load_rows, row_item
 from rft_cluster.demo import DemoDirs, DemoSize, Stages, load_demo_job, prepare_environment, warm_start
@@ -148,6 +149,7 @@ def check_same_parser(codec: ChatCodec, demonstrations: Path, tools: list[dict],
     from trl.chat_template_utils import parse_response
 
     tokenizer = codec.tokenizer
+    parser = TurnParser(tokenizer)
     checked = 0
     for line in demonstrations.read_text().splitlines()[:limit]:
         messages = json.loads(line)["messages"]
@@ -156,10 +158,10 @@ def check_same_parser(codec: ChatCodec, demonstrations: Path, tools: list[dict],
                 continue
             prefix = codec.prompt_ids(messages[:i], tools) if i else None
             ids = codec.assistant_ids(message)
-            ours_content, ours_calls = parse_tool_calls(codec.decode(ids[:-1]))
+            ours = parser.parse(codec.turn_text(ids), ids, prefix or [], parser.request(messages[:i], tools))
             theirs = parse_response(tokenizer, ids, prefix=prefix, tools=tools)
             got = (theirs["content"].strip(), [(c["function"]["name"], c["function"]["arguments"]) for c in theirs.get("tool_calls", [])])
-            want = (ours_content, [(c.name, json.loads(c.arguments)) for c in ours_calls])
+            want = (ours.content, [(c.name, json.loads(c.arguments)) for c in ours.calls])
             if got != want:
                 raise SystemExit(f"TRL's parser disagrees on {demonstrations} turn {i}: {got} != {want}")
             checked += 1

@@ -7,6 +7,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from rft_cluster.families import FAMILIES
 from rft_cluster.tiny_model import PRETRAIN_STEPS  # a light import: the module loads torch only when building
 
 DEFAULT_JOB = Path(__file__).resolve().parents[1] / "cluster_configs" / "local.yaml"
@@ -154,7 +155,7 @@ def _make_tiny_model(args: argparse.Namespace) -> int:
     from rft_cluster.tiny_model import make_tiny_model
 
     try:
-        path = make_tiny_model(args.dir, seed=args.seed, corpus=args.corpus, pretrain_steps=args.pretrain_steps)
+        path = make_tiny_model(args.dir, seed=args.seed, corpus=args.corpus, pretrain_steps=args.pretrain_steps, family=args.family)
     except ValueError as e:
         sys.exit(str(e))
     print(f"tiny model written to {path}")
@@ -265,6 +266,9 @@ def main(argv: list[str] | None = None) -> int:
                         "(JSONL, rendered as the model will see them, tool outputs included) and any text files")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--pretrain-steps", type=_non_negative, default=PRETRAIN_STEPS, help="pre-training steps (0: random weights)")
+    p.add_argument("--family", choices=list(FAMILIES), default="hermes",
+                   help="the chat and tool-call format (default hermes): "
+                        + "; ".join(f"{f.name}: {f.description}" for f in FAMILIES.values()))
     p.set_defaults(fn=_make_tiny_model)
 
     p = sub.add_parser("precheck", help="sample the job's prompts on its current model and say whether RL has a signal to learn from")

@@ -23,6 +23,7 @@ from urllib.parse import urlsplit
 from pydantic import AfterValidator, AliasChoices, BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, ValidationInfo, field_validator, model_validator
 from pydantic import Strict as _StrictType
 
+from rft_cluster.formats import REASONING_PARSERS, TOOL_CALL_PARSERS, known_parser
 from rft_cluster.graders.formula import FUNCTIONS as _FORMULA_FUNCTIONS
 from rft_cluster.graders.formula import Formula, FormulaError
 from rft_cluster.jobfile import CONTROL, ENV_REF, Document, EnvFindings, KeyPath, SpecError, expand_env, read_document
@@ -424,6 +425,17 @@ class EngineSpec(Strict):
     max_num_seqs: Int = Field(default=64, gt=0)
     enforce_eager: bool = True
     tensor_parallel_size: Int = Field(default=1, gt=0, description="GPUs one engine spans (vLLM tensor parallelism)")
+    tool_call_parser: Annotated[str, AfterValidator(lambda v: known_parser(v, "tool_call_parser", TOOL_CALL_PARSERS))] = Field(
+        default="auto",
+        description="vLLM tool-call parser that reads the model's calls (as `vllm serve --tool-call-parser`), e.g. "
+                    "hermes, llama3_json, mistral, qwen3_coder, openai; auto: chosen from the chat template",
+    )
+    reasoning_parser: Annotated[str, AfterValidator(lambda v: known_parser(v, "reasoning_parser", REASONING_PARSERS, ("auto", "none")))] = Field(
+        default="auto",
+        description="vLLM reasoning parser that separates and counts the model's reasoning (as `vllm serve "
+                    "--reasoning-parser`), e.g. qwen3, deepseek_r1, mistral, openai_gptoss; none: the model does not reason; "
+                    "auto: chosen from the chat template",
+    )
 
 
 class LearnerSpec(Strict):

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from rft_cluster.config import TOOL_NAME, JobSpec, SpecError, load_job
+from rft_cluster.formats import choose_tool_call_parser, local_chat_template
 from rft_cluster.graders.template import TemplateError, lookup, placeholders
 from rft_cluster.types import grader_sample
 
@@ -92,7 +93,24 @@ def check_job_and_data(job_path: Path, unset_env_ok: bool = False) -> tuple[list
     except ValueError as e:  # values that only fail against the data
         problems.append(f"{job.locate('method', 'reinforcement', 'hyperparameters', 'batch_size')}: {e} ({train_path})")
     problems += _template_problems(job, scanned)
+    problems += _format_problems(job)
     return problems, job.warnings
+
+
+def _format_problems(job: JobSpec) -> list[str]:
+    """`tool_call_parser: auto` needs a chat template that shows the model's call format: checked
+    here for a local model directory (a hub model's is checked when its engines start)."""
+    model = job.resolve_path(job.model)
+    if job.cluster.engine.tool_call_parser != "auto" or not model.is_dir():
+        return []
+    template = local_chat_template(model)
+    try:
+        if template is None:
+            raise ValueError(f"{model} has no chat template; set cluster.engine.tool_call_parser explicitly")
+        choose_tool_call_parser(template)
+    except ValueError as e:
+        return [f"{job.locate('cluster', 'engine', 'tool_call_parser')}: {e}"]
+    return []
 
 
 # The keys of the `sample` a grader sees (its values do not matter here).

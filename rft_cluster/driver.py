@@ -39,7 +39,9 @@ from rft_cluster.fleet import Lost, RolloutFleet, Slot
 from rft_cluster.grader import GraderActor
 from rft_cluster.grpo import group_advantages, shaped_reward
 from rft_cluster.learner_group import LearnerGroup
-from rft_cluster.metrics import RunLogger, StepPrinter, rollout_metrics, signal_metrics, signal_warning
+from rft_cluster.metrics import (
+    RunLogger, StepPrinter, format_metrics, format_warning, parsers_line, rollout_metrics, signal_metrics, signal_warning,
+)
 from rft_cluster.pipeline import Batch, Staleness, drop_stale
 from rft_cluster.redact import redact_logs
 from rft_cluster.placement import Placement, actor_nodes, place
@@ -52,7 +54,7 @@ from rft_cluster.weight_sync import publish_from
 
 # Rollouts in these states are graded and trained on; the rest are discarded (docs/architecture.md §4).
 # A rollout that ran out of budget still teaches: its (usually low) reward is the budget pressure.
-GRADED = (RolloutStatus.OK, RolloutStatus.BUDGET_EXHAUSTED)
+GRADED = (RolloutStatus.OK, RolloutStatus.BUDGET_EXHAUSTED, RolloutStatus.FORMAT_FAILED)
 
 
 @dataclass
@@ -312,6 +314,7 @@ class Trainer:
             + (f" (rollout fleet {fleet.min}..{fleet.max})" if fleet.min != fleet.max else "")
             + f"; {self.steps} steps × {self.hp.batch_size} prompts × {self.hp.group_size} rollouts, max_staleness {self.hp.max_staleness}"
         )
+        self.printer.note(parsers_line(c.startup["parsers"]))
         name = (self.job.suffix or "rft") + (f"-resumed-at-{self.resume_from}" if self.resume_from else "")
         logger = RunLogger(
             self.storage,
@@ -354,8 +357,10 @@ class Trainer:
                     logger.upload_wandb()
                 logger.log(step, metrics, nodes=c.nodes)
                 self.printer.print_step(step, metrics)
-                if warning := signal_warning(metrics, self.hp.group_size):
-                    self.printer.note(warning)
+                for warning in (signal_warning(metrics, self.hp.group_size),
+                                format_warning(metrics, c.startup["parsers"]["tool_call_parser"])):
+                    if warning:
+                        self.printer.note(warning)
                 last_done = time.perf_counter()
             final = c.learner.save_hf(self.storage, "final")
             self.printer.note(f"[rft] final policy saved to {final}")
@@ -388,6 +393,7 @@ class Trainer:
         return {
             **rollout_metrics(trajs, prefix="train", pass_threshold=self.pass_threshold),
             **signal_metrics(trajs),
+            **format_metrics(trajs),
             "train/trained_samples": float(len(samples)),
             **{f"train/{k}": float(v) for k, v in learner_stats.items()},
             **{f"train/{k}": float(v) for k, v in sync.items()},

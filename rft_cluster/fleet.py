@@ -95,15 +95,15 @@ class RolloutFleet:
                 self.remove()
                 raise PlacementError(message)
 
-    def start(self) -> dict[str, float]:
-        """Waits for the first `min` engines to come up; the other slots keep waiting for room
-        and join later (`poll`)."""
+    def start(self) -> dict[str, Any]:
+        """Waits for the first `min` engines to come up (the other slots keep waiting for room
+        and join later, `poll`); returns the startup time and the parsers the engines read turns
+        with (`RolloutWorker.start`)."""
         need = self.spec.fleet.min
         starting = {s.starting: s for s in self.slots}
         up, _ = ray.wait(list(starting), num_returns=need)
-        for ref in up:
-            self._started(starting[ref], ref)
-        return {"startup_s": time.perf_counter() - self._t0}
+        facts = [self._started(starting[ref], ref) for ref in up]
+        return {"startup_s": time.perf_counter() - self._t0, "parsers": facts[0]["parsers"]}
 
     def _launch(self, s: Slot) -> None:
         s.worker = ray.remote(RolloutWorker).options(**s.placement.options(0), max_restarts=0).remote(
@@ -111,9 +111,10 @@ class RolloutFleet:
         )
         s.starting, s.up, s.node_id, s.started_at = s.worker.start.remote(), False, None, time.perf_counter()
 
-    def _started(self, s: Slot, ref: Any) -> None:
-        ray.get(ref)  # an engine that fails to start at launch fails the run: it is a setup error
+    def _started(self, s: Slot, ref: Any) -> dict[str, Any]:
+        facts = ray.get(ref)  # an engine that fails to start at launch fails the run: it is a setup error
         s.starting, s.up, s.node_id = None, True, actor_nodes([s.worker])[0]
+        return facts
 
     def pending(self) -> list[Any]:
         """Refs the driver waits on besides rollouts: engines starting up."""

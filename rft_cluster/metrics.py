@@ -91,6 +91,9 @@ def rollout_metrics(trajs: list[Trajectory], prefix: str = "train", pass_thresho
 
 # Above this share of a step's groups without signal, `train` warns (signal_warning).
 NO_SIGNAL_WARN_FRAC = 0.5
+# Above this share of rollouts with a turn that looks like an unread call, `train` warns and
+# `precheck` says NO-GO (format_warning).
+UNPARSED_WARN_FRAC = 0.5
 
 
 def signal_metrics(trajs: list[Trajectory]) -> dict[str, float]:
@@ -102,21 +105,49 @@ def signal_metrics(trajs: list[Trajectory]) -> dict[str, float]:
       all equal, or a single rollout), which add no gradient;
     - `signal/group_reward_std_mean`: the mean within-group std of the reward (0 for a group of one).
     """
-    from rft_cluster.grpo import group_advantages
-
-    kept = [t for t in trajs if t.reward is not None and t.status != RolloutStatus.STALE]
-    advantages = group_advantages([t.reward for t in kept], [t.group_id for t in kept], scale=False)
-    groups: dict[str, list[tuple[float, float]]] = {}
-    for t, a in zip(kept, advantages):
-        groups.setdefault(t.group_id, []).append((t.reward, a))
+    groups: dict[str, list[float]] = {}
+    for t in trajs:
+        if t.reward is not None and t.status != RolloutStatus.STALE:
+            groups.setdefault(t.group_id, []).append(t.reward)
     if not groups:
         return {"signal/groups": 0.0}
-    spread = [pstdev([r for r, _ in g]) for g in groups.values()]
+    # A group's advantages are all zero exactly when its rewards do not spread.
+    spread = [pstdev(rewards) for rewards in groups.values()]
     return {
         "signal/groups": float(len(groups)),
-        "signal/groups_no_signal_frac": sum(all(a == 0.0 for _, a in g) for g in groups.values()) / len(groups),
+        "signal/groups_no_signal_frac": sum(s == 0.0 for s in spread) / len(groups),
         "signal/group_reward_std_mean": fmean(spread),
     }
+
+
+def format_metrics(trajs: list[Trajectory]) -> dict[str, float]:
+    """Turns that look like a tool call the tool-call parser did not read (`format/unparsed_call_like`),
+    per parser likely to read them (`.../<parser>`), and the share of rollouts with any
+    (`format/unparsed_call_like_rollouts_frac`): a wrong parser shows here, not as a quiet run."""
+    likely = Counter(p for t in trajs for p in t.unparsed_call_like)
+    out = {"format/unparsed_call_like": float(sum(likely.values()))}
+    if trajs:
+        out["format/unparsed_call_like_rollouts_frac"] = sum(bool(t.unparsed_call_like) for t in trajs) / len(trajs)
+    out.update({f"format/unparsed_call_like/{parser}": float(n) for parser, n in sorted(likely.items())})
+    return out
+
+
+def format_warning(metrics: dict[str, float], tool_call_parser: str) -> str | None:
+    """A warning line when most rollouts wrote what looks like a call the parser did not read."""
+    frac = metrics.get("format/unparsed_call_like_rollouts_frac", 0.0)
+    if frac <= UNPARSED_WARN_FRAC:
+        return None
+    likely = max((k for k in metrics if k.startswith("format/unparsed_call_like/")), key=metrics.__getitem__).rsplit("/", 1)[1]
+    why = (f"calls in its own format that the {likely} parser could not read (malformed)" if likely == tool_call_parser
+           else f"what looks like {likely} tool calls, which the {tool_call_parser} parser does not read: set cluster.engine.tool_call_parser: {likely}")
+    return f"[rft] warning: {frac:.0%} of rollouts wrote {why}"
+
+
+def parsers_line(parsers: dict[str, str]) -> str:
+    """The one line saying how turns are read: `RolloutWorker.start`'s parsers."""
+    chosen = f" (chosen from the chat template: {parsers['chosen']})" if parsers["chosen"] else ""
+    return (f"[rft] turns read by vLLM's parsers: tool_call_parser {parsers['tool_call_parser']}, "
+            f"reasoning_parser {parsers['reasoning_parser']}{chosen}")
 
 
 def signal_warning(metrics: dict[str, float], group_size: int) -> str | None:
@@ -126,24 +157,6 @@ def signal_warning(metrics: dict[str, float], group_size: int) -> str | None:
         return None
     return (f"[rft] warning: {frac:.0%} of this step's groups carry no signal at group_size {group_size} "
             "(their rewards are all equal): see `rft-cluster precheck` (README: Your own domain)")
-
-
-def redact(obj: Any) -> Any:
-    """A copy of `obj` with every value under a `headers` key (at any depth) replaced.
-
-    Header names stay visible (useful to see which were set); their values (tokens) do not.
-    """
-    if isinstance(obj, dict):
-        return {k: _redact_headers(v) if k == "headers" else redact(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [redact(v) for v in obj]
-    return obj
-
-
-def _redact_headers(headers: Any) -> Any:
-    if isinstance(headers, dict):
-        return {name: REDACTED for name in headers}
-    return REDACTED
 
 
 class RunLogger:
@@ -247,6 +260,7 @@ _STATUS_LABELS = {
     RolloutStatus.TIMEOUT: "timeout",
     RolloutStatus.WORKER_LOST: "lost",
     RolloutStatus.STALE: "stale",
+    RolloutStatus.FORMAT_FAILED: "format",
 }
 _TIMINGS = {
     "sampling": "timing.step.sampling",
@@ -256,7 +270,7 @@ _TIMINGS = {
     "total": "timing.step.full_iteration",
 }
 # Printed columns as format specs: numbers right-aligned, the status words left-aligned.
-_COLUMNS = [("step", ">6"), ("reward", ">8"), ("calls/roll", ">10"), ("no signal", ">9"), ("status", "<30")] + [
+_COLUMNS = [("step", ">6"), ("reward", ">8"), ("calls/roll", ">10"), ("unparsed", ">8"), ("no signal", ">9"), ("status", "<30")] + [
     (title, ">11") for title in _TIMINGS
 ]
 
@@ -296,6 +310,7 @@ class StepPrinter:
             (str(step), ""),
             (_fmt(reward, ".3f"), "green" if reward is not None else "dim"),
             (_fmt(metrics.get(f"{p}_tool_calls_per_rollout"), ".2f"), ""),
+            (_fmt(metrics.get("format/unparsed_call_like"), ".0f"), "red" if metrics.get("format/unparsed_call_like") else ""),
             (_fmt(metrics.get("signal/groups_no_signal_frac"), ".0%"), ""),
             (statuses, ""),
         ] + [(_fmt(metrics.get(key), ".1f"), "") for key in _TIMINGS.values()]

@@ -13,12 +13,14 @@ from __future__ import annotations
 import random
 import tempfile
 from dataclasses import dataclass
-from statistics import fmean, pstdev
+from statistics import pstdev
 from typing import Any, Literal
 
 from rft_cluster.config import JobSpec
-from rft_cluster.metrics import NO_SIGNAL_WARN_FRAC, rollout_metrics, signal_metrics
-from rft_cluster.types import RolloutStatus, ToolCallStatus, Trajectory
+from rft_cluster.metrics import (
+    NO_SIGNAL_WARN_FRAC, format_metrics, format_warning, parsers_line, rollout_metrics, signal_metrics,
+)
+from rft_cluster.types import RolloutStatus, Trajectory
 
 # Below this mean score too few groups hold a success for GRPO to climb from.
 MIN_BASELINE = 0.05
@@ -33,8 +35,11 @@ class Verdict:
     reason: str
 
 
-def verdict(figures: dict[str, float], group_size: int) -> Verdict:
-    """The pre-check's conclusion from its figures (`summarize`), the first problem found first."""
+def verdict(figures: dict[str, float], group_size: int, tool_call_parser: str) -> Verdict:
+    """The pre-check's conclusion from its figures (`summarize`), the first problem found first:
+    calls the parser does not read explain every figure after them."""
+    if unread := format_warning(figures, tool_call_parser):
+        return Verdict(False, unread.removeprefix("[rft] warning: "))
     n = figures["rollouts"]
     failed = n - figures["graded"]
     if figures["graded"] == 0:
@@ -54,19 +59,18 @@ def verdict(figures: dict[str, float], group_size: int) -> Verdict:
 def summarize(trajs: list[Trajectory]) -> dict[str, float]:
     """The figures a pre-check reports, from its rollouts."""
     scores = [t.score for t in trajs if t.score is not None]
-    calls = [c for t in trajs for c in t.tool_calls]
-    figures = {
-        "rollouts": float(len(trajs)),
+    m = rollout_metrics(trajs, prefix="precheck")
+    return {
+        "rollouts": m["precheck_rollouts"],
         "graded": float(len(scores)),
-        "reward_mean": fmean(scores) if scores else 0.0,
+        "reward_mean": m.get("precheck_reward_mean", 0.0),
         "reward_std": pstdev(scores) if scores else 0.0,
         "groups_no_signal_frac": signal_metrics(trajs).get("signal/groups_no_signal_frac", 1.0),
-        "tool_calls_per_rollout": len(calls) / len(trajs) if trajs else 0.0,
-        "tool_call_failures": float(sum(c.status != ToolCallStatus.OK for c in calls)),
+        "tool_calls_per_rollout": m.get("precheck_tool_calls_per_rollout", 0.0),
+        "tool_call_failures": m["precheck_tool_errors"],
+        **format_metrics(trajs),
+        **{f"status/{s.value}": m[f"precheck_status/{s.value}"] for s in RolloutStatus},
     }
-    metrics = rollout_metrics(trajs, prefix="precheck")
-    figures.update({f"status/{s.value}": metrics[f"precheck_status/{s.value}"] for s in RolloutStatus})
-    return figures
 
 
 def prompt_sample(n_rows: int, samples: int, group_size: int, seed: int) -> list[int]:
@@ -89,14 +93,15 @@ def precheck(job: JobSpec, samples: int = DEFAULT_SAMPLES, split: Literal["valid
         indices = prompt_sample(len(rows), samples, group, job.seed)
         init_ray(job)
         try:
-            trainer.start()
+            parsers = trainer.start().startup["parsers"]
             batch = trainer.submit(rows, indices, group, 0, "train")  # grouped and rewarded as a training step is
             trainer.wait_for(batch)
         finally:
             trainer.shutdown()
     figures = summarize(batch.trajs)
-    v = verdict(figures, group)
-    return {"split": used, "prompts": len(indices), "group_size": group, "figures": figures, "verdict": {"ok": v.ok, "reason": v.reason}}
+    v = verdict(figures, group, parsers["tool_call_parser"])
+    return {"split": used, "prompts": len(indices), "group_size": group, "parsers": parsers, "figures": figures,
+            "verdict": {"ok": v.ok, "reason": v.reason}}
 
 
 def format_report(report: dict[str, Any]) -> str:
@@ -105,9 +110,12 @@ def format_report(report: dict[str, Any]) -> str:
     statuses = ", ".join(f"{k.removeprefix('status/')} {v:.0f}" for k, v in f.items() if k.startswith("status/") and v)
     return "\n".join([
         f"precheck: {report['prompts']} {report['split']} prompts x {report['group_size']} rollouts",
+        "  " + parsers_line(report["parsers"]).removeprefix("[rft] "),
         f"  reward (score) mean {f['reward_mean']:.3f}, spread (std) {f['reward_std']:.3f} over {f['graded']:.0f} graded",
         f"  groups with no signal: {f['groups_no_signal_frac']:.0%}",
         f"  tool calls per rollout {f['tool_calls_per_rollout']:.2f}, failed calls {f['tool_call_failures']:.0f}",
+        f"  turns that look like a call the {report['parsers']['tool_call_parser']} parser did not read: "
+        f"{f['format/unparsed_call_like']:.0f} (in {f.get('format/unparsed_call_like_rollouts_frac', 0.0):.0%} of rollouts)",
         f"  rollout statuses: {statuses}",
         f"verdict: {'GO' if report['verdict']['ok'] else 'NO-GO'}: {report['verdict']['reason']}",
     ])

@@ -24,8 +24,9 @@ from typing import Any
 
 import ray
 
-from rft_cluster.chat import ChatCodec, ParsedCall, parse_tool_calls
+from rft_cluster.chat import ChatCodec, TemplateError
 from rft_cluster.config import EngineSpec
+from rft_cluster.formats import ParsedCall, TurnParser
 from rft_cluster.tool_proxy import ProxyClient
 from rft_cluster.types import RolloutStatus, ToolCallStatus, ToolResult, Trajectory, grader_sample
 from rft_cluster.weight_sync import WeightBucket
@@ -76,6 +77,7 @@ class _Episode:
     assistant_messages: list[dict] = field(default_factory=list)
     turns: int = 0
     reasoning_tokens: int = 0
+    unparsed_call_like: list[str] = field(default_factory=list)  # see Trajectory
 
     def shown(self, ids: list[int]) -> None:
         """Appends ids the policy is given (prompt, tool results): no logprob, no version."""
@@ -138,6 +140,7 @@ class RolloutWorker:
         self.weight_version = 0
         self.engine: Any = None
         self.codec: ChatCodec | None = None
+        self.parser: TurnParser | None = None
         self.node_id = ray.get_runtime_context().get_node_id()
         self._stats = _EngineStats()
         self._effort_checked = False  # warned once if the template ignores reasoning_effort
@@ -146,7 +149,6 @@ class RolloutWorker:
         """Starts the engine (seconds to a minute); returns facts about it."""
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(max(1, round(self.spec.cpu_kv_cache_gb))))
         from vllm import AsyncEngineArgs
-        from transformers import AutoTokenizer
         from vllm.v1.engine.async_llm import AsyncLLM
 
         args = AsyncEngineArgs(
@@ -170,9 +172,10 @@ class RolloutWorker:
         )
         t0 = time.perf_counter()
         self.engine = AsyncLLM.from_engine_args(args)
-        self.codec = ChatCodec(AutoTokenizer.from_pretrained(self.model))
+        self.codec = ChatCodec.for_model(self.model)
+        self.parser = TurnParser(self.codec.tokenizer, self.spec.tool_call_parser, self.spec.reasoning_parser)
         await self.engine.update_weight_version(str(self.weight_version))  # vLLM's initial label is "default"
-        return {"startup_s": time.perf_counter() - t0, "pid": os.getpid()}
+        return {"startup_s": time.perf_counter() - t0, "pid": os.getpid(), "parsers": self.parser.describe()}
 
     # ---------------------------------------------------------------- agent loops
 
@@ -190,39 +193,47 @@ class RolloutWorker:
         return self._trajectory(request, ep, status, error, time.perf_counter() - t0)
 
     async def _agent_loop(self, req: RolloutRequest, s: SamplingSettings, ep: _Episode) -> tuple[RolloutStatus, str | None]:
-        assert self.codec is not None, "start() first"
+        assert self.codec is not None and self.parser is not None, "start() first"
         if s.reasoning_effort and not self._effort_checked:
             self._effort_checked = True
             if not self.codec.template_uses("reasoning_effort"):
                 print(f"[rft] reasoning_effort {s.reasoning_effort!r} has no effect: {self.model}'s chat template "
                       "has no `reasoning_effort` variable", file=sys.stderr)
-        prompt = self.codec.prompt_ids(req.messages, req.tools, s.reasoning_effort)
+        variables = {"reasoning_effort": s.reasoning_effort} if s.reasoning_effort else {}
+        prompt = self.codec.prompt_ids(req.messages, req.tools, **variables)
         ep.shown(prompt)
         if len(prompt) >= self.spec.max_model_len:  # not the policy's doing: nothing to learn
             return RolloutStatus.ENGINE_FAILED, f"prompt of {len(prompt)} tokens does not fit max_model_len {self.spec.max_model_len}"
+        request = self.parser.request(req.messages, req.tools, variables)
         while True:
             room = self.spec.max_model_len - len(ep.ids)
             if room <= 0:
                 return RolloutStatus.BUDGET_EXHAUSTED, "context length exhausted"
             turn = await self._generate(ep.ids, min(s.max_tokens_per_turn, room), s, req.trace_id, ep.turns)
+            context = ep.ids[:]
             ep.sampled(turn)
             ep.turns += 1
-            ep.reasoning_tokens += self.codec.reasoning_tokens(turn.ids)
-            text = self.codec.decode([t for t in turn.ids if t != self.codec.eos_id])
-            content, calls = parse_tool_calls(text)
-            ep.assistant_messages.append({"role": "assistant", "content": content, "tool_calls": calls})
-            if not calls:
+            parsed = self.parser.parse(self.codec.turn_text(turn.ids), turn.ids, context, request)
+            ep.reasoning_tokens += parsed.reasoning_tokens
+            if parsed.unparsed_call_like is not None:
+                ep.unparsed_call_like.append(parsed.unparsed_call_like)
+            ep.assistant_messages.append(parsed.message())
+            if not parsed.calls:
                 return RolloutStatus.OK, None
-            if len(ep.tool_calls) + len(calls) > s.max_episode_steps:
+            if len(ep.tool_calls) + len(parsed.calls) > s.max_episode_steps:
                 return RolloutStatus.BUDGET_EXHAUSTED, f"tool-call budget of {s.max_episode_steps} exhausted"
-            results = await asyncio.gather(*(self._call_tool(c, req) for c in calls))
+            calls = [c.message() for c in parsed.calls]
+            results = await asyncio.gather(*(self._call_tool(c, req) for c in parsed.calls))
             ep.tool_calls += results
             fatal = next((r for r in results if r.fatal), None)
             if fatal is not None:
                 return RolloutStatus.TOOL_FAILED, f"tool {fatal.name!r}: {fatal.status.value}: {fatal.output[:200]}"
-            if not turn.finished:  # cut off by max_tokens: close the turn as the template would
-                ep.shown([self.codec.eos_id])
-            ep.shown(self.codec.observation_ids([r.output for r in results]))
+            try:
+                if not turn.finished:  # cut off by max_tokens: close the turn as the template would
+                    ep.shown(self.codec.turn_end_ids(calls))
+                ep.shown(self.codec.observation_ids(calls, [r.output for r in results]))
+            except TemplateError as e:  # the policy's doing (e.g. parallel calls where the template takes one)
+                return RolloutStatus.FORMAT_FAILED, str(e)
 
     async def _generate(self, ids: list[int], max_tokens: int, s: SamplingSettings, trace_id: str, turn: int) -> _Turn:
         from vllm import SamplingParams
@@ -255,10 +266,9 @@ class RolloutWorker:
         return _Turn(token_ids, lps, versions, comp.finish_reason == "stop")
 
     async def _call_tool(self, call: ParsedCall, req: RolloutRequest) -> ToolResult:
-        call_id = f"call_{uuid.uuid4().hex[:24]}"
         if call.error is not None:
-            return ToolResult(call_id, call.name, call.arguments, f"Error: {call.error}", ToolCallStatus.MALFORMED)
-        return await self.tools.call(call.name, call.arguments, call_id, req.trace_id, req.item)
+            return ToolResult(call.id, call.name, call.arguments, f"Error: {call.error}", ToolCallStatus.MALFORMED)
+        return await self.tools.call(call.name, call.arguments, call.id, req.trace_id, req.item)
 
     def _trajectory(self, req: RolloutRequest, ep: _Episode, status: RolloutStatus, error: str | None, latency: float) -> Trajectory:
         final = ep.assistant_messages[-1] if ep.assistant_messages else {"content": ""}
@@ -278,6 +288,7 @@ class RolloutWorker:
             status=status,
             num_turns=ep.turns,
             reasoning_tokens=ep.reasoning_tokens,
+            unparsed_call_like=ep.unparsed_call_like,
             latency_s=latency,
             error=error,
             node_id=self.node_id,

@@ -66,11 +66,9 @@ def sft(
 ) -> dict[str, float]:
     """Trains `model` on the demonstrations and saves an HF model directory to `output`.
     Returns the first and last epoch's mean loss."""
-    from transformers import AutoTokenizer
-
     console = console or Console()
     spec = spec or LearnerSpec(micro_batch_size=batch_size)
-    samples = load_demonstrations(demonstrations, ChatCodec(AutoTokenizer.from_pretrained(model)))
+    samples = load_demonstrations(demonstrations, ChatCodec.for_model(model))
     learner = Learner(model, spec, learning_rate, clip_epsilon=0.2, seed=seed)
     lengths = [len(s.token_ids) for s in samples]
     shuffle = torch.Generator().manual_seed(seed)

@@ -26,14 +26,15 @@ one `write_table` per step here.)
 | `tool_calls` | list<struct> | one entry per call, in order: `call_id`, `name`, `arguments` (JSON string), `output` (text shown to the model), `status` (`ok`, `client_error`, `server_error`, `connection_error`, `timeout`, `malformed`, `bad_response`), `http_status` (int32, null without a response), `latency_s` (float64, all attempts), `attempts` (int32) |
 | `score` | float64, nullable | the grader's score; null when the rollout was not graded or the grader failed |
 | `reward` | float64, nullable | the reward trained on: `score` minus the tool-call and reasoning-token penalties |
-| `status` | string | `ok`, `budget_exhausted`, `tool_failed`, `grader_failed`, `engine_failed`, `timeout`, `worker_lost`, `stale` |
+| `status` | string | `ok`, `budget_exhausted`, `tool_failed`, `grader_failed`, `engine_failed`, `timeout`, `worker_lost`, `stale`, `format_failed` |
 | `grader_error` | string, nullable | why the grader failed |
 | `num_turns` | int32 | generation turns (model calls) in the rollout |
 | `latency_s` | float64 | wall time of the rollout, generation and tools |
 | `grader_latency_s` | float64 | wall time of grading |
 | `error` | string, nullable | why the rollout ended abnormally (engine error, timeout, failed tool) |
 | `generated_tokens` | int32 | tokens sampled by the policy (sum of `loss_mask`) |
-| `reasoning_tokens` | int32 | sampled tokens inside `<think>…</think>` (models that reason) |
+| `reasoning_tokens` | int32 | sampled reasoning tokens, as the model's reasoning parser counts them (models that reason) |
+| `unparsed_call_like` | list<string> | one entry per turn that looks like a tool call the tool-call parser did not read (a wrong `tool_call_parser`, or a malformed call): the parser likely to read it |
 | `node_id` | string, nullable | the Ray node of the rollout worker that ran the rollout |
 """
 
@@ -88,6 +89,7 @@ SCHEMA = pa.schema(
         pa.field("error", pa.string()),
         pa.field("generated_tokens", pa.int32(), nullable=False),
         pa.field("reasoning_tokens", pa.int32(), nullable=False),
+        pa.field("unparsed_call_like", pa.list_(pa.string()), nullable=False),
         pa.field("node_id", pa.string()),
     ]
 )
@@ -132,6 +134,7 @@ def _row(t: Trajectory) -> dict[str, Any]:
         "error": t.error,
         "generated_tokens": t.generated_tokens,
         "reasoning_tokens": t.reasoning_tokens,
+        "unparsed_call_like": t.unparsed_call_like,
         "node_id": t.node_id,
     }
 

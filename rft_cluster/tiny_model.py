@@ -5,9 +5,10 @@ own material (`--corpus`: the job's datasets, demonstrations with their tool out
 `Corpus`) plus synthetic tool-use conversations, and the weights get a short pre-training on
 both. The builder knows no environment: the demo hands it its files like any user. The result
 loads through exactly the code path a hub model takes (`AutoTokenizer` / `AutoModelForCausalLM`
-/ vLLM), so nothing else in the system knows it is tiny. The chat template follows the Qwen2.5 /
-Hermes tool-calling format: tool schemas in the system turn, calls as `<tool_call>{json}</tool_call>`,
-results as `<tool_response>` blocks.
+/ vLLM), so nothing else in the system knows it is tiny. The chat template, control tokens and
+stop tokens are those of a published model family (`families.py`); the default, `hermes`, is the
+Qwen2.5 / Hermes tool-calling format: tool schemas in the system turn, calls as
+`<tool_call>{json}</tool_call>`, results as `<tool_response>` blocks.
 
 Why a copy circuit and pre-training: a randomly initialised model warm-started by SFT on a few
 hundred demonstrations learns the procedure but not to copy an identifier or a number from its
@@ -31,11 +32,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-CHAT_TEMPLATE = (Path(__file__).parent / "tiny_chat_template.jinja").read_text()
-
-SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
-# Qwen2.5 keeps these as single (non-special) added tokens, so the model emits them atomically.
-MARKUP_TOKENS = ["<tool_call>", "</tool_call>", "<tool_response>", "</tool_response>"]
+from rft_cluster.chat import template_messages
+from rft_cluster.families import Family, get_family
 
 _WORDS = (
     "the a of to and in is what was were which how many much for on with by from at as be this that "
@@ -92,12 +90,14 @@ def _code(rng: random.Random) -> str:
     return f"{prefix}-{rng.randrange(10**width):0{width}d}"
 
 
-def _renderer() -> Any:
-    """Renders conversations with the chat template; rendering needs no vocabulary."""
+def _renderer(fam: Family) -> Any:
+    """Renders conversations with the family's chat template; rendering needs no vocabulary."""
     from tokenizers import Tokenizer, models
     from transformers import PreTrainedTokenizerFast
 
-    return PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.BPE()), chat_template=CHAT_TEMPLATE)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=Tokenizer(models.BPE()), chat_template=fam.template, bos_token=fam.bos_token, eos_token=fam.eos_token
+    )
 
 
 # What synthetic conversations borrow from the user's material: ids and paths ("SKU-01234",
@@ -110,7 +110,7 @@ _LABEL = re.compile(r"^[ \t-]*([A-Za-z][A-Za-z ]{1,30}?)[ \t]*:[ \t]*-?\$?\d", r
 @dataclass
 class Corpus:
     """The user's material as the model will see it: each JSONL row with `messages` (dataset rows,
-    demonstrations with their tool outputs) rendered by the chat template, each other line or
+    demonstrations with their tool outputs) rendered by the `family`'s chat template, each other line or
     text file as it is; and what the synthetic pre-training conversations draw from it (its
     identifiers, names, line labels, tool names and argument keys)."""
 
@@ -118,10 +118,11 @@ class Corpus:
     identifiers: list[str] = field(default_factory=list)
     labels: list[str] = field(default_factory=list)
     tools: list[tuple[str, str]] = field(default_factory=list)  # (tool name, its first argument key)
+    family: str = "hermes"
 
     @classmethod
-    def from_files(cls, files: Iterable[str | Path]) -> Corpus:
-        renderer, documents, plain = _renderer(), [], []
+    def from_files(cls, files: Iterable[str | Path], family: str = "hermes") -> Corpus:
+        renderer, documents, plain = _renderer(get_family(family)), [], []
         tools: dict[str, str] = {}
         for file in files:
             path = Path(file)
@@ -140,7 +141,8 @@ class Corpus:
                 if not isinstance(row, dict) or not isinstance(row.get("messages"), list):
                     continue
                 try:
-                    documents.append(renderer.apply_chat_template(row["messages"], tools=row.get("tools") or None, tokenize=False))
+                    messages = template_messages(row["messages"])
+                    documents.append(renderer.apply_chat_template(messages, tools=row.get("tools") or None, tokenize=False))
                 except Exception as e:  # noqa: BLE001 - jinja raises several kinds; name the row
                     raise ValueError(f"{path}:{n}: the chat template cannot render this row: {e}") from None
                 plain += [m["content"] for m in row["messages"] if isinstance(m.get("content"), str)]
@@ -152,15 +154,16 @@ class Corpus:
         joined = "\n".join(plain)
         identifiers = sorted(set(_IDENTIFIER.findall(joined)) | set(_NAME.findall(joined)))
         labels = sorted({m.strip().lower() for m in _LABEL.findall(joined)})
-        return cls(documents, identifiers, labels, sorted(tools.items()))
+        return cls(documents, identifiers, labels, sorted(tools.items()), family)
 
 
 class _Text:
     """Seeded generator of the synthetic text (shared by the tokenizer corpus and pre-training)."""
 
-    def __init__(self, seed: int, corpus: Corpus):
+    def __init__(self, seed: int, corpus: Corpus, fam: Family):
         self.rng = random.Random(f"tiny-text-{seed}")
         self.corpus = corpus
+        self.family = fam
 
     def identifier(self) -> str:
         ids = self.corpus.identifiers
@@ -206,8 +209,8 @@ class _Text:
         if rng.random() < 0.7:
             messages.append({"role": "system", "content": " ".join(rng.choice(_WORDS) for _ in range(rng.randint(4, 16))).capitalize() + "."})
         messages.append({"role": "user", "content": question})
-        call = {"type": "function", "function": {"name": names[0], "arguments": json.dumps({keys[0]: ident})}}
-        messages.append({"role": "assistant", "content": "", "tool_calls": [call]})
+        call = {"type": "function", "function": {"name": names[0], "arguments": {keys[0]: ident}}}
+        messages.append({"role": "assistant", "content": "", "tool_calls": [call], **self.reasoning(f"I need the {label} of {ident}.")})
         if rng.random() < 0.5:
             result = f"{ident} {label}: {value}"
         else:  # several lines, only one of them asked about: copy the value after the asked label
@@ -217,27 +220,39 @@ class _Text:
             result = "\n".join([f"{ident} report"] + lines)
         messages.append({"role": "tool", "content": result})
         answer = rng.choice((f"The {label} of {ident} is {value}.", f"{label.capitalize()}: {value}", value))
-        messages.append({"role": "assistant", "content": answer})
+        messages.append({"role": "assistant", "content": answer, **self.reasoning(f"The tool says {value}.")})
         return messages, tools
+
+    def reasoning(self, thought: str) -> dict[str, str]:
+        """Half the time in a family with a reasoning format, a short `reasoning_content`, so the
+        tokenizer and the pre-training see its blocks; nothing (and no draw) otherwise."""
+        if self.family.reasoning_parser is None or self.rng.random() < 0.5:
+            return {}
+        return {"reasoning_content": thought}
 
     def tokenizer_lines(self, n: int) -> Iterator[str]:
         """Text for BPE training: the user's documents, then `n` synthetic conversations (for the
         chat and tool-call markup whatever the material holds)."""
-        renderer = _renderer()
+        renderer = _renderer(self.family)
         yield from self.corpus.documents
         for _ in range(n):
             messages, tools = self.conversation()
             yield renderer.apply_chat_template(messages, tools=tools, tokenize=False)
 
 
-def build_tokenizer(seed: int = 0, vocab_size: int = MAX_VOCAB, corpus: Corpus | None = None):
+def build_tokenizer(seed: int = 0, vocab_size: int = MAX_VOCAB, corpus: Corpus | None = None, family: str = "hermes"):
     """Trains a byte-level BPE tokenizer on the corpus and wraps it as a transformers fast
-    tokenizer. Merges stop at pairs seen fewer than twice, so `vocab_size` is a ceiling: every
-    word the material repeats becomes one token (a pre-token never spans words, so no longer),
-    as in a real LLM's vocabulary, and a small corpus gives a small vocabulary."""
+    tokenizer with the family's chat template and control tokens. Merges stop at pairs seen fewer
+    than twice, so `vocab_size` is a ceiling: every word the material repeats becomes one token (a
+    pre-token never spans words, so no longer), as in a real LLM's vocabulary, and a small corpus
+    gives a small vocabulary. `corpus` must come from `Corpus.from_files(..., family)`."""
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
+    fam = get_family(family)
+    corpus = corpus or Corpus(family=family)
+    if corpus.family != family:
+        raise ValueError(f"the corpus was rendered for the {corpus.family} family, not {family}")
     tok = Tokenizer(models.BPE())
     # Qwen2's own pre-tokenizer: one token per digit (numbers are copied digit by digit), a
     # punctuation mark may lead a word ("-robotics") and trailing newlines join punctuation ("/\n").
@@ -249,29 +264,35 @@ def build_tokenizer(seed: int = 0, vocab_size: int = MAX_VOCAB, corpus: Corpus |
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
         min_frequency=2,
-        special_tokens=SPECIAL_TOKENS + MARKUP_TOKENS,
+        special_tokens=[*fam.special_tokens, *fam.markup_tokens],  # ids 0.. in this order (`_examples`)
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    tok.train_from_iterator(_Text(seed, corpus or Corpus()).tokenizer_lines(SYNTHETIC_TOKENIZER_LINES), trainer=trainer)
+    tok.train_from_iterator(_Text(seed, corpus, fam).tokenizer_lines(SYNTHETIC_TOKENIZER_LINES), trainer=trainer)
+    # The trainer adds every marker as special; the markup is not, as in Qwen's tokenizers, so
+    # decoding with skip_special_tokens keeps `<tool_call>` and `<think>` for the parsers. (Rebuilt
+    # from JSON: flipping the flag with add_tokens leaves the token in the in-memory special set.)
+    state = json.loads(tok.to_str())
+    for added in state["added_tokens"]:
+        added["special"] = added["content"] not in fam.markup_tokens
     fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok,
-        bos_token=None,
-        eos_token="<|im_end|>",
-        pad_token="<|endoftext|>",
+        tokenizer_object=Tokenizer.from_str(json.dumps(state)),
+        bos_token=fam.bos_token,
+        eos_token=fam.eos_token,
+        pad_token=fam.special_tokens[0],
         unk_token=None,
         additional_special_tokens=[],
         clean_up_tokenization_spaces=False,
     )
-    fast.chat_template = CHAT_TEMPLATE
+    fast.chat_template = fam.template
     return fast
 
 
 def _examples(tokenizer: Any, text: _Text, seq_len: int) -> Iterator[tuple[list[int], list[int]]]:
     """(ids, labels) pre-training examples; label -100 where nothing can be predicted."""
     rng = text.rng
-    first_id = len(SPECIAL_TOKENS) + len(MARKUP_TOKENS)
-    end = tokenizer.pad_token_id  # <|endoftext|> separates documents
+    first_id = len(text.family.special_tokens) + len(text.family.markup_tokens)
+    end = tokenizer.pad_token_id  # the family's first control token (<|endoftext|>) separates documents
     while True:
         if rng.random() < 0.5:
             # Pure induction: a random string, a separator, the same string again (only that is learned).
@@ -431,18 +452,20 @@ def make_tiny_model(
     pretrain_batch_size: int = PRETRAIN_BATCH,
     pretrain_seq_len: int = PRETRAIN_SEQ_LEN,
     pretrain_lr: float = PRETRAIN_LR,
+    family: str = "hermes",
 ) -> Path:
     """Writes config, weights (safetensors, fp32), tokenizer and chat template to `out_dir`.
     `corpus`: the files the tokenizer and the pre-training learn the domain from (`Corpus`);
     without any, only generic synthetic text. `pretrain_steps=0` leaves the weights random
-    (fast, for plumbing tests)."""
+    (fast, for plumbing tests). `family`: the chat and tool-call format (`families.FAMILIES`)."""
     import torch
     from transformers import GenerationConfig, Qwen2Config, Qwen2ForCausalLM
 
+    fam = get_family(family)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    material = Corpus.from_files(corpus)
-    tokenizer = build_tokenizer(seed, vocab_size, material)
+    material = Corpus.from_files(corpus, family)
+    tokenizer = build_tokenizer(seed, vocab_size, material, family)
     # Round the embedding rows up to a multiple of 64, as real checkpoints do.
     n_vocab = (len(tokenizer) + 63) // 64 * 64
     config = Qwen2Config(
@@ -458,14 +481,16 @@ def make_tiny_model(
         torch_dtype="float32",
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
-        bos_token_id=None,
+        bos_token_id=tokenizer.bos_token_id,
     )
     torch.manual_seed(seed)
     model = Qwen2ForCausalLM(config)
     _copy_circuit(model, tokenizer)
     if pretrain_steps > 0:
-        _pretrain(model, tokenizer, _Text(seed, material), pretrain_steps, pretrain_batch_size, pretrain_seq_len, pretrain_lr)
-    model.generation_config = GenerationConfig(eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+        _pretrain(model, tokenizer, _Text(seed, material, fam), pretrain_steps, pretrain_batch_size, pretrain_seq_len, pretrain_lr)
+    # Every token the family's checkpoints end a turn or a document with (vLLM stops on each).
+    stops = tokenizer.convert_tokens_to_ids(list(fam.stop_tokens))
+    model.generation_config = GenerationConfig(eos_token_id=stops, pad_token_id=tokenizer.pad_token_id)
     model.save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
     return out

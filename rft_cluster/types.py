@@ -24,6 +24,9 @@ class RolloutStatus(str, Enum):
     TIMEOUT = "timeout"
     WORKER_LOST = "worker_lost"  # its rollout worker died mid-rollout; the request was re-run with a new trace id
     STALE = "stale"  # finished too many weight versions behind the learner (max_staleness) to be trained on
+    # The model's turn cannot be rendered back through its chat template (e.g. parallel calls
+    # where the template takes one per turn): graded, so the policy learns to avoid it.
+    FORMAT_FAILED = "format_failed"
 
 
 class ToolCallStatus(str, Enum):
@@ -115,7 +118,10 @@ class Trajectory:
     status: RolloutStatus = RolloutStatus.OK
     score: float | None = None  # the grader's
     reward: float | None = None  # what the learner optimises: score minus penalties
-    reasoning_tokens: int = 0  # sampled tokens inside <think>...</think>
+    reasoning_tokens: int = 0  # sampled reasoning tokens, as the model's reasoning parser counts them
+    # One entry per turn that looks like a tool call the tool-call parser did not read: the
+    # parser that would likely read it (`formats.call_like`).
+    unparsed_call_like: list[str] = field(default_factory=list)
     grader_error: str | None = None
     num_turns: int = 0
     latency_s: float = 0.0

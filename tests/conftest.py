@@ -140,7 +140,7 @@ def tiny_model_dir(ledger_data: Path, tmp_path_factory: pytest.TempPathFactory) 
     def build(out: Path) -> None:
         make_tiny_model(out, corpus=[ledger_data / "train.jsonl", ledger_data / "valid.jsonl", ledger_data / "sft.jsonl"])
 
-    return _built("tiny-model", build, tmp_path_factory, "tiny_model.py", "envs/ledger.py")
+    return _built("tiny-model", build, tmp_path_factory, "tiny_model.py", "families.py", "templates/hermes.jinja", "envs/ledger.py")
 
 
 def _built(name: str, build: Callable[[Path], object], tmp_path_factory: pytest.TempPathFactory, *sources: str) -> Path:
@@ -186,7 +186,7 @@ def warm_model_dir(tiny_model_dir: Path, ledger_data: Path, tmp_path_factory: py
     def build(out: Path) -> None:
         sft(str(tiny_model_dir), ledger_data / "sft.jsonl", out, epochs=8, learning_rate=2e-3)
 
-    return _built("warm-model", build, tmp_path_factory, "tiny_model.py", "sft.py", "envs/ledger.py", "chat.py", "learner.py")
+    return _built("warm-model", build, tmp_path_factory, "tiny_model.py", "families.py", "templates/hermes.jinja", "sft.py", "envs/ledger.py", "chat.py", "learner.py")
 
 
 @pytest.fixture(scope="session")

@@ -6,10 +6,9 @@ import json
 from pathlib import Path
 
 import pytest
-from tokenizers import AddedToken
 from transformers import AutoTokenizer
 
-from rft_cluster.chat import ChatCodec, parse_tool_calls
+from rft_cluster.chat import ChatCodec, TemplateError
 
 CALL = {"type": "function", "function": {"name": "lookup", "arguments": json.dumps({"account": "ACC-0137"})}}
 CONVERSATION = [
@@ -36,34 +35,36 @@ def test_conversation_ids_match_the_template_and_mask_only_assistant_turns(codec
     assert "4521\n</tool_response>" in codec.decode([i for i, m in zip(ids, mask) if not m])
 
 
-def test_a_sampled_tool_call_parses_back_to_the_call(codec: ChatCodec) -> None:
-    content, calls = parse_tool_calls(codec.decode(codec.assistant_ids(CONVERSATION[2])))
-    assert content == "" and [(c.name, json.loads(c.arguments), c.error) for c in calls] == [("lookup", {"account": "ACC-0137"}, None)]
+def test_an_observation_follows_the_turn_that_made_the_calls(codec: ChatCodec) -> None:
+    """Tool results are rendered after the structured assistant turn that made them, and start
+    right after that turn's stop token (what the engine stopped on)."""
+    call = {"id": "call_1", "type": "function", "function": {"name": "lookup", "arguments": {"account": "ACC-0137"}}}
+    obs = codec.decode(codec.observation_ids([call], ["ACC-0137 balance: 4521"]))
+    assert obs == "\n<|im_start|>user\n<tool_response>\nACC-0137 balance: 4521\n</tool_response><|im_end|>\n<|im_start|>assistant\n"
+    assert codec.decode(codec.turn_end_ids([call])) == "<|im_end|>"
+    # A turn's text for the parsers leaves its stop token out, whatever the turn holds.
+    assert codec.turn_text(codec.encode("It is 4521.<|im_end|>")) == "It is 4521."
+    assert codec.turn_text(codec.encode("cut off mid")) == "cut off mid"
 
 
-@pytest.mark.parametrize(
-    "text, error",
-    [
-        ("<tool_call>\n{not json}\n</tool_call>", "not valid JSON"),
-        ('<tool_call>\n{"arguments": {}}\n</tool_call>', '"name"'),
-        ('<tool_call>\n{"name": "x", "arguments": [1]}\n</tool_call>', "must be a JSON object"),
-    ],
-)
-def test_malformed_calls_carry_an_error(text: str, error: str) -> None:
-    [call] = parse_tool_calls(text)[1]
-    assert call.error is not None and error in call.error
-
-
-def test_reasoning_tokens_are_counted_and_kept_out_of_content(tiny_model_dir: Path) -> None:
+def test_the_stop_tokens_of_the_generation_config_end_a_turn(tiny_model_dir: Path) -> None:
+    """A template whose turns end with a token other than the tokenizer's eos (Llama's
+    <|eot_id|> beside <|end_of_text|>) is followed through the generation config's eos ids."""
     tok = AutoTokenizer.from_pretrained(tiny_model_dir)
-    assert ChatCodec(tok).reasoning_tokens(tok.encode("<think> a b </think>", add_special_tokens=False)) == 0
-    tok.add_tokens([AddedToken("<think>", special=False), AddedToken("</think>", special=False)])
-    codec = ChatCodec(tok)
-    thought = tok.encode("\nlet me see\n", add_special_tokens=False)
-    ids = tok.encode("<think>", add_special_tokens=False) + thought + tok.encode("</think>The answer is 5.", add_special_tokens=False)
-    assert codec.reasoning_tokens(ids) == len(thought)
-    assert codec.reasoning_tokens(ids[1:]) == len(thought)  # the prompt opened the block
-    assert parse_tool_calls(codec.decode(ids)) == ("The answer is 5.", [])
+    tok.add_special_tokens({"additional_special_tokens": ["<|eot|>"]})
+    tok.chat_template = tok.chat_template.replace("<|im_end|>", "<|eot|>")
+    with pytest.raises(TemplateError, match="none of the stop tokens"):
+        ChatCodec(tok).assistant_ids({"role": "assistant", "content": "hi"})
+    codec = ChatCodec(tok, [tok.convert_tokens_to_ids("<|eot|>")])
+    assert codec.decode(codec.assistant_ids({"role": "assistant", "content": "hi"})) == "hi<|eot|>"
+
+
+def test_a_conversation_the_template_refuses_is_a_template_error(tiny_model_dir: Path) -> None:
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    refuse = "{%- for m in messages %}{%- if m.role == 'tool' %}{{ raise_exception('one call per turn') }}{%- endif %}{%- endfor %}"
+    tok.chat_template = refuse + tok.chat_template
+    with pytest.raises(TemplateError, match="one call per turn"):
+        ChatCodec(tok).observation_ids([CALL | {"id": "call_1"}], ["4521"])
 
 
 def test_reasoning_effort_reaches_a_template_that_reads_it(tiny_model_dir: Path) -> None:
@@ -72,9 +73,9 @@ def test_reasoning_effort_reaches_a_template_that_reads_it(tiny_model_dir: Path)
     user = [{"role": "user", "content": "hi"}]
     # A template without the variable: the setting changes nothing, and the codec says so.
     assert not plain.template_uses("reasoning_effort")
-    assert plain.prompt_ids(user, None, "high") == plain.prompt_ids(user, None)
+    assert plain.prompt_ids(user, None, reasoning_effort="high") == plain.prompt_ids(user, None)
     tok.chat_template = "{%- if reasoning_effort is defined %}Reasoning: {{ reasoning_effort }}\n{%- endif %}" + tok.chat_template
     codec = ChatCodec(tok)
     assert codec.template_uses("reasoning_effort")
-    assert codec.decode(codec.prompt_ids(user, None, "high")).startswith("Reasoning: high")
+    assert codec.decode(codec.prompt_ids(user, None, reasoning_effort="high")).startswith("Reasoning: high")
     assert not codec.decode(codec.prompt_ids(user, None)).startswith("Reasoning")

@@ -68,6 +68,7 @@ def test_rollout_metrics_hand_computed() -> None:
         "train_status/timeout": 0,
         "train_status/worker_lost": 0,
         "train_status/stale": 0,
+        "train_status/format_failed": 0,
     })
 
 
@@ -189,6 +190,7 @@ def test_run_logger_on_s3_uploads_wandb_at_checkpoints_and_finish(s3_server: S3S
 
 
 STEP_METRICS = rollout_metrics(BATCH) | {
+    "format/unparsed_call_like": 2.0,
     "timing.step.sampling": 12.34,
     "timing.step.grading": 1.0,
     "timing.step.training": 3.21,
@@ -204,11 +206,11 @@ def test_step_printer_plain_when_not_a_terminal() -> None:
     text = buf.getvalue()
     assert "\x1b" not in text
     header, row1, row2 = text.splitlines()  # one line each despite the 40-column console
-    assert header.split() == ["step", "reward", "calls/roll", "no", "signal", "status", "sampling", "grading", "training",
+    assert header.split() == ["step", "reward", "calls/roll", "unparsed", "no", "signal", "status", "sampling", "grading", "training",
                               "weight_sync", "total", "(seconds)"]
-    assert row1.split() == ["1", "0.500", "1.50", "-", "ok", "2", "tool", "1", "grader", "1",
+    assert row1.split() == ["1", "0.500", "1.50", "2", "-", "ok", "2", "tool", "1", "grader", "1",
                             "12.3", "1.0", "3.2", "-", "17.0"]
-    assert row2.split() == ["2", "-", "-", "-", "-", "-", "-", "-", "-"]
+    assert row2.split() == ["2", "-", "-", "-", "-", "-", "-", "-", "-", "-"]
     assert len(row1) == len(row2) == header.index("  (seconds)")  # columns line up under the header
 
 

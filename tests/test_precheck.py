@@ -43,9 +43,18 @@ def test_the_step_row_shows_the_no_signal_share(capsys: pytest.CaptureFixture[st
      "baseline 0.02: too few successes for RL to start; warm-start on demonstrations first"),
     ({"graded": 32, "reward_mean": 0.9, "groups_no_signal_frac": 0.92}, False, "92% of groups carry no signal at group_size 4"),
     ({"graded": 30, "reward_mean": 0.3, "groups_no_signal_frac": 0.25}, True, "baseline 0.30 and 75% of groups carry signal"),
+    # Calls the parser does not read come first: they explain every other figure.
+    ({"graded": 0, "reward_mean": 0.0, "groups_no_signal_frac": 1.0, "format/unparsed_call_like_rollouts_frac": 0.9,
+      "format/unparsed_call_like/mistral": 40.0, "format/unparsed_call_like/hermes": 2.0}, False,
+     "90% of rollouts wrote what looks like mistral tool calls, which the hermes parser does not read: "
+     "set cluster.engine.tool_call_parser: mistral"),
+    ({"graded": 32, "reward_mean": 0.3, "groups_no_signal_frac": 0.25, "format/unparsed_call_like_rollouts_frac": 0.6,
+      "format/unparsed_call_like/hermes": 20.0}, False, "calls in its own format that the hermes parser could not read (malformed)"),
+    ({"graded": 30, "reward_mean": 0.3, "groups_no_signal_frac": 0.25, "format/unparsed_call_like_rollouts_frac": 0.5,
+      "format/unparsed_call_like/mistral": 16.0}, True, "ready to train"),
 ])
 def test_verdicts_name_the_first_problem(figures: dict[str, float], ok: bool, reason: str) -> None:
-    v = verdict({"rollouts": 32.0, **figures}, group_size=4)
+    v = verdict({"rollouts": 32.0, **figures}, group_size=4, tool_call_parser="hermes")
     assert v.ok is ok and reason in v.reason
 
 
@@ -69,6 +78,14 @@ def test_precheck_on_real_rollouts_says_go_and_no_go(ray_local, demo_job, tmp_pa
     assert (report["split"], report["prompts"], f["rollouts"]) == ("valid", 2, 8.0)
     assert report["verdict"]["ok"] and f["groups_no_signal_frac"] == 0.0 and f["graded"] == f["status/ok"] + f["status/budget_exhausted"] > 0
     assert f["tool_calls_per_rollout"] > 0  # the warm-started policy calls the ledger's tool
+    assert report["parsers"]["tool_call_parser"] == "hermes" and f["format/unparsed_call_like"] == 0
+
+    # The wrong parser for this Hermes-format model: no call is read, and precheck says which would.
+    demo_job.cluster.engine.tool_call_parser = "qwen3_coder"
+    report = precheck(demo_job, samples=8)
+    assert report["figures"]["tool_calls_per_rollout"] == 0 and report["figures"]["format/unparsed_call_like/hermes"] >= 5
+    assert not report["verdict"]["ok"] and "set cluster.engine.tool_call_parser: hermes" in report["verdict"]["reason"]
+    demo_job.cluster.engine.tool_call_parser = "auto"
 
     demo_job.rl.grader = StringCheckGrader(type="string_check", input="{{sample.output_text}}", reference="never-an-answer")
     report = precheck(demo_job, samples=8, split="train")

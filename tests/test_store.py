@@ -42,6 +42,7 @@ def test_round_trip_keeps_every_column(run_location: RunLocation) -> None:
         reward=0.5,
         grader_error="boom",
         reasoning_tokens=7,
+        unparsed_call_like=["llama3_json", "mistral"],
         num_turns=3,
         latency_s=9.5,
         grader_latency_s=0.75,
@@ -82,6 +83,7 @@ def test_round_trip_keeps_every_column(run_location: RunLocation) -> None:
         "error": "cat: connection refused",
         "generated_tokens": 3,
         "reasoning_tokens": 7,
+        "unparsed_call_like": ["llama3_json", "mistral"],
         "node_id": "node-1",
         "kind": "train",
     }
