@@ -32,9 +32,9 @@ import ray
 
 from rft_cluster.config import EngineSpec, ToolSettings, ToolSpec
 from rft_cluster.dataset import load_rows
-from rft_cluster.rollout_worker import RolloutRequest, RolloutWorker, SamplingSettings
+from rft_cluster.rollout_worker import RolloutWorker, SamplingSettings
 from rft_cluster.tool_proxy import ToolProxy
-from rft_cluster.types import Trajectory, new_trace_id
+from rft_cluster.types import RolloutRequest, Trajectory, new_trace_id
 
 from common import RESULTS, write_result  # benchmarks/common.py, beside this script
 

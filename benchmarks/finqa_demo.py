@@ -12,7 +12,6 @@ per-seed tables) and `benchmarks/results/finqa-demo.json`.
 from __future__ import annotations
 
 import argparse
-import json
 import subprocess
 import sys
 import time
@@ -20,15 +19,7 @@ from pathlib import Path
 
 from rft_cluster.report import load_metrics, write_report
 
-from common import RESULTS  # benchmarks/common.py, beside this script
-
-REPO = RESULTS.parent.parent
-
-
-def _commit() -> str:
-    sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True, check=True).stdout.strip()
-    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO, capture_output=True, text=True).stdout
-    return sha + ("-dirty" if dirty.strip() else "")
+from common import RESULTS, metadata, write_result  # benchmarks/common.py, beside this script
 
 
 def main() -> int:
@@ -38,7 +29,7 @@ def main() -> int:
     parser.add_argument("--results", default=str(RESULTS), help="where the report and JSON go")
     args = parser.parse_args()
     out = Path(args.output).resolve()
-    commit = _commit()
+    commit = metadata()["commit"]
     wall: dict[int, float] = {}
     for seed in args.seeds:
         print(f"[bench] seed {seed}: rft-cluster demo --seed {seed} --output {out}", flush=True)
@@ -50,8 +41,8 @@ def main() -> int:
     runs = {f"seed {seed}": load_metrics(out / f"run-seed{seed}") for seed in args.seeds}
     first = args.seeds[0]
     preamble = (
-        f"Commit `{commit}`. Each seed ran `rft-cluster demo --seed S` (the README's main job) on this "
-        f"2-core CPU machine; seed {first} built everything from nothing in {wall[first]:.0f} s (the main "
+        f"Commit `{commit}`. Each seed ran `rft-cluster demo --seed S` (the README's main job) on a "
+        f"{metadata()['machine']['cpus']}-core machine; seed {first} built everything from nothing in {wall[first]:.0f} s (the main "
         f"job's wall time), later seeds reused its environment, tiny model and warm start and took "
         + ", ".join(f"{wall[s]:.0f} s" for s in args.seeds[1:])
         + ". Evaluation: the 64 validation questions, one rollout each, at step 0 (the warm-started "
@@ -62,14 +53,12 @@ def main() -> int:
     report = results / "finqa-demo" / "report.md"
     (results / "finqa-demo.md").write_text(report.read_text().replace("](", "](finqa-demo/"))
     report.unlink()
-    machine = {
-        "commit": commit,
+    write_result(results, "finqa-demo.json", {
         "wall_time_s": wall[first],
         "wall_time_s_per_seed": {str(s): wall[s] for s in args.seeds},
         "seeds": [{**entry, "seed": seed} for seed, entry in zip(args.seeds, summary["seeds"])],
         "mean": summary["mean"],
-    }
-    (results / "finqa-demo.json").write_text(json.dumps(machine, indent=2) + "\n")
+    })
     print(f"[bench] report: {results / 'finqa-demo.md'}; figures: {results / 'finqa-demo.json'}")
     return 0
 

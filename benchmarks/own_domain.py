@@ -33,7 +33,7 @@ from common import RESULTS, metadata, write_result  # benchmarks/common.py, besi
 ENV_SEED = 0
 N_DEMONSTRATIONS = 300
 # The recipe under test: the tiny model's SFT and GRPO settings a user is told to start from
-# (README: Your own domain).
+# (docs/own-domain.md).
 SFT_EPOCHS = 10
 SFT_LEARNING_RATE = 2e-3
 HYPERPARAMETERS: dict[str, Any] = {

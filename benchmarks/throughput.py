@@ -81,7 +81,7 @@ def rl_run(output: Path, *, seed: int, steps: int, max_staleness: int, eval_inte
     from rft_cluster.driver import Trainer, init_ray
     from rft_cluster.metrics import StepPrinter
     from rft_cluster.storage import RunStorage
-    from rft_cluster.store import TrajectoryStore
+    from rft_cluster.trajectory_store import TrajectoryStore
     from rich.console import Console
 
     dirs, servers = demo_environment(output, tool_delay_s)

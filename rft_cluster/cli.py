@@ -1,11 +1,13 @@
 """`rft-cluster` command line: validate, train, demo, submit/status/logs/stop, tool-run, grader-run,
-sft, make-tiny-model, precheck."""
+sft, k8s, make-tiny-model, precheck, docs. One `_add_<command>` function builds each command's
+arguments; one `_<command>` handler runs it."""
 
 from __future__ import annotations
 
 import argparse
 import sys
 from pathlib import Path
+from typing import Any
 
 from rft_cluster.families import FAMILIES
 from rft_cluster.tiny_model import PRETRAIN_STEPS  # a light import: the module loads torch only when building
@@ -57,7 +59,7 @@ def _train(args: argparse.Namespace) -> int:
 
     job = _load_or_exit(Path(args.job))
     try:
-        result = train(job, args.output, max_steps=args.max_steps, resume=args.resume)
+        result = train(job, args.output, max_steps=args.max_steps, resume=args.resume, verbose=args.verbose)
     except PlacementError as e:
         sys.exit(str(e))
     print(f"done: {result['steps']} steps; outputs in {result['output']}")
@@ -68,7 +70,8 @@ def _demo(args: argparse.Namespace) -> int:
     """The embedded default: the FinQA demo from nothing to a report (rft_cluster.demo)."""
     from rft_cluster.demo import run_demo
 
-    run_demo(Path(args.job), Path(args.output), seed=args.seed, max_steps=args.max_steps, tool_delay_s=args.tool_delay_ms / 1000)
+    run_demo(Path(args.job), Path(args.output), seed=args.seed, max_steps=args.max_steps, tool_delay_s=args.tool_delay_ms / 1000,
+             verbose=args.verbose)
     return 0
 
 
@@ -118,7 +121,7 @@ def _k8s(args: argparse.Namespace) -> int:
         print(e, file=sys.stderr)
         return 1
     if args.image is None:
-        print(f"note: {manifests.image} has no rft-cluster installed; build an image with it and pass --image (README: Run on Kubernetes)", file=sys.stderr)
+        print(f"note: {manifests.image} has no rft-cluster installed; build an image with it and pass --image (docs/deploy.md: Run on Kubernetes)", file=sys.stderr)
     if args.output:
         for path in manifests.write(Path(args.output)):
             print(path)
@@ -171,7 +174,7 @@ def _precheck(args: argparse.Namespace) -> int:
 
     job = _load_or_exit(Path(args.job))
     try:
-        report = precheck(job, args.samples, args.split)
+        report = precheck(job, args.samples, args.split, verbose=args.verbose)
     except PlacementError as e:
         sys.exit(str(e))
     print(format_report(report))
@@ -180,35 +183,55 @@ def _precheck(args: argparse.Namespace) -> int:
     return 0 if report["verdict"]["ok"] else 1
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="rft-cluster", description="Agent reinforcement fine-tuning on Ray.")
-    sub = parser.add_subparsers(dest="command", required=True)
+def _docs(args: argparse.Namespace) -> int:
+    """Writes the job reference rendered from the job models; with --check, exits 1 if the file differs."""
+    from rft_cluster.reference import render_reference
 
+    page, path = render_reference(), Path(args.output)
+    if args.check:
+        if not path.is_file() or path.read_text(encoding="utf-8") != page:
+            print(f"{path} differs from the job models in rft_cluster/config.py: run `rft-cluster docs` to regenerate it", file=sys.stderr)
+            return 1
+        return 0
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(page, encoding="utf-8")
+    print(f"job reference written to {path}")
+    return 0
+
+
+_VERBOSE = "show the engines' and libraries' log lines here too (default: only in the run's log files)"
+
+
+def _add_validate(sub: Any) -> None:
     p = sub.add_parser("validate", help="check a job file and its datasets; start nothing")
     p.add_argument("job")
     p.set_defaults(fn=_validate)
 
-    for name, fn, helptext in (
-        ("train", _train, "run agent RFT for a job"),
-        ("demo", _demo, "run the embedded default end to end: FinQA environment, tiny model, warm start, agent RFT, report"),
-    ):
-        p = sub.add_parser(name, help=helptext)
-        if name == "train":
-            p.add_argument("job")
-            p.add_argument("--output", default=None, help="where everything is written: a local path or a pyarrow.fs URI "
-                           "(s3://, gs://, hdfs://, file://); default: the job's `storage`, else runs/train")
-        else:
-            p.add_argument("job", nargs="?", default=str(DEFAULT_JOB))
-            p.add_argument("--output", default="runs/local", help="where everything is written (a local directory)")
-        p.add_argument("--max-steps", type=int, default=None, help="stop after this many steps")
-        if name == "train":
-            p.add_argument("--resume", action="store_true", help="continue the run in --output from its last checkpoint")
-        else:
-            p.add_argument("--seed", type=int, default=None, help="RL seed (default: the job's); the warm start is shared")
-            p.add_argument("--tool-delay-ms", type=_non_negative, default=0,
-                           help="delay every tool call the demo's server answers by this many ms (the regime of real tools)")
-        p.set_defaults(fn=fn)
 
+def _add_train(sub: Any) -> None:
+    p = sub.add_parser("train", help="run agent RFT for a job")
+    p.add_argument("job")
+    p.add_argument("--output", default=None, help="where everything is written: a local path or a pyarrow.fs URI "
+                   "(s3://, gs://, hdfs://, file://); default: the job's `storage`, else runs/train")
+    p.add_argument("--max-steps", type=int, default=None, help="stop after this many steps")
+    p.add_argument("--resume", action="store_true", help="continue the run in --output from its last checkpoint")
+    p.add_argument("--verbose", action="store_true", help=_VERBOSE)
+    p.set_defaults(fn=_train)
+
+
+def _add_demo(sub: Any) -> None:
+    p = sub.add_parser("demo", help="run the embedded default end to end: FinQA environment, tiny model, warm start, agent RFT, report")
+    p.add_argument("job", nargs="?", default=str(DEFAULT_JOB))
+    p.add_argument("--output", default="runs/local", help="where everything is written (a local directory)")
+    p.add_argument("--max-steps", type=int, default=None, help="stop after this many steps")
+    p.add_argument("--seed", type=int, default=None, help="RL seed (default: the job's); the warm start is shared")
+    p.add_argument("--tool-delay-ms", type=_non_negative, default=0,
+                   help="delay every tool call the demo's server answers by this many ms (the regime of real tools)")
+    p.add_argument("--verbose", action="store_true", help=_VERBOSE)
+    p.set_defaults(fn=_demo)
+
+
+def _add_jobs_api(sub: Any) -> None:
     address = {"required": True, "help": "the cluster's Jobs API (its dashboard), e.g. http://HEAD:8265"}
     p = sub.add_parser("submit", help="submit a job to a running Ray cluster (Ray's Jobs API)")
     p.add_argument("job")
@@ -226,19 +249,22 @@ def main(argv: list[str] | None = None) -> int:
             p.add_argument("--follow", action="store_true", help="stream until the job ends; exit with its status")
         p.set_defaults(fn=_jobs_api)
 
+
+def _add_tryout(sub: Any) -> None:
     p = sub.add_parser("tool-run", help="send one tool call exactly as training would, and show what the model sees")
     p.add_argument("job")
     p.add_argument("--tool", required=True, help="tool name, as declared in the job")
     p.add_argument("--arguments", default="{}", help="the call's arguments, a JSON object as a string")
     p.add_argument("--row", type=int, default=0, help="training row whose reference data is sent as `item`")
     p.set_defaults(fn=_tool_run)
-
     p = sub.add_parser("grader-run", help="grade one answer exactly as training would, and show the reward")
     p.add_argument("job")
     p.add_argument("--output-text", required=True, help="the model's final answer to grade")
     p.add_argument("--row", type=int, default=0, help="training row whose reference data is sent as `item`")
     p.set_defaults(fn=_grader_run)
 
+
+def _add_sft(sub: Any) -> None:
     p = sub.add_parser("sft", help="supervised warm start on demonstration conversations (JSONL)")
     p.add_argument("model", help="HF model directory or hub name")
     p.add_argument("demonstrations", help="JSONL of OpenAI-format conversations with tool calls")
@@ -247,6 +273,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--learning-rate", type=float, default=1e-4)
     p.set_defaults(fn=_sft)
 
+
+def _add_k8s(sub: Any) -> None:
     p = sub.add_parser("k8s", help="KubeRay RayCluster + RayJob manifests whose resources match the job's `cluster` section")
     p.add_argument("job")
     p.add_argument("--output", default=None, metavar="DIR", help="write one file per object here (default: one YAML stream to stdout)")
@@ -259,6 +287,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-rollout-replicas", type=int, default=None, metavar="N", help="autoscaling ceiling of the rollout group (default: cluster.rollout_workers)")
     p.set_defaults(fn=_k8s)
 
+
+def _add_make_tiny_model(sub: Any) -> None:
     p = sub.add_parser("make-tiny-model", help="build a small Qwen2-style model + tokenizer offline, fitted to your material")
     p.add_argument("dir")
     p.add_argument("--corpus", nargs="+", default=[], metavar="FILE",
@@ -271,14 +301,35 @@ def main(argv: list[str] | None = None) -> int:
                         + "; ".join(f"{f.name}: {f.description}" for f in FAMILIES.values()))
     p.set_defaults(fn=_make_tiny_model)
 
+
+def _add_precheck(sub: Any) -> None:
     p = sub.add_parser("precheck", help="sample the job's prompts on its current model and say whether RL has a signal to learn from")
     p.add_argument("job")
     p.add_argument("--samples", type=int, default=32, metavar="K",
                    help="rollouts in all: K / group_size prompts, group_size rollouts each (default 32)")
     p.add_argument("--split", choices=("valid", "train"), default="valid", help="which prompts (default: validation, else training)")
     p.add_argument("--json", default=None, metavar="FILE", help="also write the figures and the verdict here")
+    p.add_argument("--verbose", action="store_true", help=_VERBOSE)
     p.set_defaults(fn=_precheck)
 
+
+def _add_docs(sub: Any) -> None:
+    p = sub.add_parser("docs", help="write the job reference (every job field, its default, range and meaning) from the code")
+    p.add_argument("--output", default=str(Path(__file__).resolve().parents[1] / "docs" / "job-reference.md"), metavar="PATH",
+                   help="where to write it (default: docs/job-reference.md in this repository)")
+    p.add_argument("--check", action="store_true", help="write nothing; exit 1 if the file differs from a fresh render")
+    p.set_defaults(fn=_docs)
+
+
+COMMANDS = (_add_validate, _add_train, _add_demo, _add_jobs_api, _add_tryout, _add_sft, _add_k8s,
+            _add_make_tiny_model, _add_precheck, _add_docs)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="rft-cluster", description="Agent reinforcement fine-tuning on Ray.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for add in COMMANDS:
+        add(sub)
     args = parser.parse_args(argv)
     return args.fn(args)
 

@@ -24,8 +24,8 @@ from pydantic import AfterValidator, AliasChoices, BaseModel, ConfigDict, Field,
 from pydantic import Strict as _StrictType
 
 from rft_cluster.formats import REASONING_PARSERS, TOOL_CALL_PARSERS, known_parser
-from rft_cluster.graders.formula import FUNCTIONS as _FORMULA_FUNCTIONS
-from rft_cluster.graders.formula import Formula, FormulaError
+from rft_cluster.formula import FUNCTIONS as _FORMULA_FUNCTIONS
+from rft_cluster.formula import Formula, FormulaError
 from rft_cluster.jobfile import CONTROL, ENV_REF, Document, EnvFindings, KeyPath, SpecError, expand_env, read_document
 from rft_cluster.redact import Redactor
 
@@ -95,9 +95,20 @@ Headers = Annotated[dict[str, str], AfterValidator(_headers)]
 class ToolSpec(Strict):
     """A user's tool endpoint. Several tools may share one URL (the server dispatches on name)."""
 
-    name: str = Field(pattern=TOOL_NAME.pattern)
-    server_url: HttpUrl
-    headers: Headers = Field(default_factory=dict)
+    name: str = Field(
+        pattern=TOOL_NAME.pattern,
+        description="The tool's name, as the model calls it and the rows' `tools` schemas declare it: 1 to 64 letters, "
+                    "digits, `_` or `-`, unique within `tools`.",
+    )
+    server_url: HttpUrl = Field(
+        description="The http(s) URL each call of this tool is POSTed to; several tools may share one URL (the server "
+                    "dispatches on the tool's name).",
+    )
+    headers: Headers = Field(
+        default_factory=dict,
+        description="HTTP headers sent with every call of this tool, e.g. an `Authorization` taken from a `${VAR}`; "
+                    "their values are redacted wherever the run writes or prints.",
+    )
 
 
 # --- graders ---------------------------------------------------------------------------------
@@ -110,6 +121,12 @@ def _finite_interval(name: str, value: tuple[float, float]) -> tuple[float, floa
     return value
 
 
+# Every grader's `pass_threshold`: read from the job's top-level grader only (driver.py).
+_PASS_THRESHOLD = (
+    "A score at or above it counts as a pass in the `train_pass_rate` and `valid_pass_rate` metrics (the job's "
+    "top-level grader only); the reward is unchanged; none: no pass rate."
+)
+
 # The widest score_range: rewards far beyond it would overflow a group's statistics (1e308 + 1e308).
 MAX_SCORE_MAGNITUDE = 1e6
 
@@ -118,7 +135,11 @@ class GraderCommon(Strict):
     """What every grader accepts. `score_range` (ours) declares the scores it may give, bounds
     included: any other score, like a non-finite one, fails the grade (`grader_failed`)."""
 
-    score_range: tuple[float, float] = (0.0, 1.0)
+    score_range: tuple[float, float] = Field(
+        default=(0.0, 1.0),
+        description="The `[min, max]` scores this grader may give, bounds included, within ±1e6: any other "
+                    "score, like a non-finite one, fails the grade as `grader_failed`.",
+    )
 
     @field_validator("score_range")
     @classmethod
@@ -129,68 +150,119 @@ class GraderCommon(Strict):
 
 
 class StringCheckGrader(GraderCommon):
-    type: Literal["string_check"]
-    name: str = "string_check"
-    input: str  # template, e.g. "{{sample.output_text}}"
-    reference: str  # template, e.g. "{{item.answer}}"
-    operation: Literal["eq", "ne", "like", "ilike"] = "eq"
+    type: Literal["string_check"] = Field(
+        description="`string_check`: scores 1.0 when `input` compared with `reference` by `operation` holds, else 0.0.",
+    )
+    name: str = Field(default="string_check", description="The grader's name in its error messages and logs.")
+    input: str = Field(description="Template of the text to check, e.g. `{{sample.output_text}}`.")
+    reference: str = Field(description="Template of the text to compare with, e.g. `{{item.answer}}`.")
+    operation: Literal["eq", "ne", "like", "ilike"] = Field(
+        default="eq",
+        description="`eq`: the texts are equal; `ne`: they differ; `like`: `reference` occurs in `input`; `ilike`: "
+                    "the same, ignoring case.",
+    )
 
 
 class TextSimilarityGrader(GraderCommon):
     """Similarity of two rendered templates in [0, 1] (metrics: rft_cluster/graders/text_similarity.py)."""
 
-    type: Literal["text_similarity"]
-    name: str = "text_similarity"
-    input: str  # template
-    reference: str  # template
+    type: Literal["text_similarity"] = Field(
+        description="`text_similarity`: scores how similar `input` is to `reference`, in [0, 1], by `evaluation_metric`.",
+    )
+    name: str = Field(default="text_similarity", description="The grader's name in its error messages and logs.")
+    input: str = Field(description="Template of the text to score, e.g. `{{sample.output_text}}`.")
+    reference: str = Field(description="Template of the reference text, e.g. `{{item.reference}}`.")
     evaluation_metric: Literal[
         "fuzzy_match", "bleu", "gleu", "meteor", "rouge_1", "rouge_2", "rouge_3", "rouge_4", "rouge_5", "rouge_l"
-    ]
-    pass_threshold: Float | None = None
+    ] = Field(
+        description="The similarity measure: `fuzzy_match` (rapidfuzz), `bleu` (sacrebleu), `gleu` and `meteor` "
+                    "(NLTK), `rouge_1` to `rouge_5` or `rouge_l` (rouge-score).",
+    )
+    pass_threshold: Float | None = Field(default=None, description=_PASS_THRESHOLD)
 
 
 class EndpointGrader(GraderCommon):
-    type: Literal["endpoint"]
-    name: str = "endpoint"
-    url: HttpUrl
-    headers: Headers = Field(default_factory=dict)
-    rate_limit: Int | None = Field(default=None, gt=0, description="requests per minute")
-    pass_threshold: Float | None = None
+    type: Literal["endpoint"] = Field(
+        description="`endpoint`: POSTs `{sample, item, trace_id}` to `url` and takes the `score` of its JSON reply.",
+    )
+    name: str = Field(default="endpoint", description="The grader's name in its error messages and logs.")
+    url: HttpUrl = Field(
+        description="The http(s) URL each grading request is POSTed to; timeouts, retries and size caps follow "
+                    "`tool_settings`.",
+    )
+    headers: Headers = Field(
+        default_factory=dict,
+        description="HTTP headers sent with every grading request; their values are redacted wherever the run writes "
+                    "or prints.",
+    )
+    rate_limit: Int | None = Field(
+        default=None, gt=0,
+        description="Requests per minute to `url`, spaced evenly, per grader actor; none: no limit.",
+    )
+    pass_threshold: Float | None = Field(default=None, description=_PASS_THRESHOLD)
 
 
 class JudgeMessage(Strict):
     """One chat message of a score_model prompt; `content` is a template."""
 
-    role: Literal["system", "developer", "user", "assistant"]
-    content: str
-    type: Literal["message"] | None = None  # OpenAI's input messages may carry it
+    role: Literal["system", "developer", "user", "assistant"] = Field(description="The message's chat role.")
+    content: str = Field(description="The message's text, a template, e.g. `Answer: {{sample.output_text}}`.")
+    type: Literal["message"] | None = Field(
+        default=None,
+        description="Accepted because OpenAI's input messages may carry it; it is not sent to the judge.",
+    )
 
 
 class JudgeSamplingParams(Strict):
     """OpenAI's score_model sampling_params; only the fields that are set are sent."""
 
-    temperature: Float | None = Field(default=None, ge=0)
-    top_p: Float | None = Field(default=None, gt=0, le=1)
-    seed: Int | None = None
+    temperature: Float | None = Field(default=None, ge=0, description="The judge's sampling temperature; none: not sent.")
+    top_p: Float | None = Field(default=None, gt=0, le=1, description="The judge's nucleus-sampling mass; none: not sent.")
+    seed: Int | None = Field(default=None, description="The judge's sampling seed; none: not sent.")
     # OpenAI spells it `max_completions_tokens` here (and `max_completion_tokens` elsewhere).
     max_completions_tokens: Int | None = Field(
-        default=None, gt=0, validation_alias=AliasChoices("max_completions_tokens", "max_completion_tokens")
+        default=None, gt=0, validation_alias=AliasChoices("max_completions_tokens", "max_completion_tokens"),
+        description="Tokens the judge may generate, sent as Chat Completions' `max_completion_tokens` (either "
+                    "spelling is accepted here); none: not sent.",
     )
-    reasoning_effort: Literal["none", "minimal", "low", "medium", "high", "xhigh"] | None = None
+    reasoning_effort: Literal["none", "minimal", "low", "medium", "high", "xhigh"] | None = Field(
+        default=None, description="The judge's reasoning effort; none: not sent.",
+    )
 
 
 class ScoreModelGrader(GraderCommon):
     """An LLM judge on any OpenAI-compatible chat endpoint (`base_url`, `headers` are ours)."""
 
-    type: Literal["score_model"]
-    name: str = "score_model"
-    model: str
-    input: list[JudgeMessage] = Field(min_length=1)
-    range: tuple[Float, Float] = (0.0, 1.0)
-    pass_threshold: Float | None = None
-    sampling_params: JudgeSamplingParams = Field(default_factory=JudgeSamplingParams)
-    base_url: HttpUrl  # e.g. "http://127.0.0.1:8000/v1"; the request goes to {base_url}/chat/completions
-    headers: Headers = Field(default_factory=dict)
+    type: Literal["score_model"] = Field(
+        description="`score_model`: an LLM judge on an OpenAI-compatible chat endpoint; the score read from its "
+                    "reply is mapped from `range` onto [0, 1].",
+    )
+    name: str = Field(default="score_model", description="The grader's name in its error messages and logs.")
+    model: str = Field(description="The model name sent to the judge's endpoint.")
+    input: list[JudgeMessage] = Field(
+        min_length=1, description="The chat messages sent to the judge (at least one), each `content` rendered as a template.",
+    )
+    range: tuple[Float, Float] = Field(
+        default=(0.0, 1.0),
+        description="`[min, max]` of the judge's scores: a score inside is mapped linearly onto [0, 1]; one outside "
+                    "fails the grade (never clamped).",
+    )
+    pass_threshold: Float | None = Field(
+        default=None, description=_PASS_THRESHOLD + " It is compared with the score mapped onto [0, 1].",
+    )
+    sampling_params: JudgeSamplingParams = Field(
+        default_factory=JudgeSamplingParams,
+        description="OpenAI's sampling parameters for the judge; only those that are set are sent.",
+    )
+    base_url: HttpUrl = Field(
+        description="The judge's OpenAI-compatible base URL, e.g. `http://127.0.0.1:8000/v1`; each request goes "
+                    "to `{base_url}/chat/completions`, with timeouts and retries from `tool_settings`.",
+    )
+    headers: Headers = Field(
+        default_factory=dict,
+        description="HTTP headers sent to the judge, e.g. an `Authorization` from a `${VAR}`; their values are "
+                    "redacted wherever the run writes or prints.",
+    )
 
     @field_validator("range")
     @classmethod
@@ -201,16 +273,31 @@ class ScoreModelGrader(GraderCommon):
 class PythonGrader(GraderCommon):
     """`grade(sample, item) -> float` from `source`, run in a sandbox (graders/python.py, graders/sandbox.py)."""
 
-    type: Literal["python"]
-    name: str = "python"
-    source: str
-    image_tag: str | None = None
+    type: Literal["python"] = Field(
+        description="`python`: calls `grade(sample, item)` from `source` in a fresh sandbox for each grade; the float "
+                    "it returns is the score.",
+    )
+    name: str = Field(default="python", description="The grader's name in its error messages and logs.")
+    source: str = Field(
+        description="Python source defining a top-level `grade(sample, item)` (a plain `def`, not `async`) that returns "
+                    "the score.",
+    )
+    image_tag: str | None = Field(
+        default=None,
+        description="Accepted for OpenAI compatibility and ignored: the grader runs in this machine's Python, not in an image.",
+    )
 
     NOT_ACTED_ON: ClassVar[dict[str, str]] = {"image_tag": "the grader runs in this machine's Python, not in an image"}
-    pass_threshold: Float | None = None
-    timeout_s: Float = Field(default=5.0, gt=0, le=3600)
+    pass_threshold: Float | None = Field(default=None, description=_PASS_THRESHOLD)
+    timeout_s: Float = Field(
+        default=5.0, gt=0, le=3600,
+        description="Wall time of one grade, in seconds: past it the grade is killed and fails. The grade's CPU time "
+                    "is capped at `ceil(timeout_s) + 1` seconds.",
+    )
     # An interpreter needs ~64 MB of address space to start; 1 TiB is beyond any grader's need.
-    memory_mb: Int = Field(default=512, ge=64, le=2**20, description="address-space limit of the child process")
+    memory_mb: Int = Field(
+        default=512, ge=64, le=2**20, description="Address-space limit of each process the grade runs, in MB.",
+    )
 
     @field_validator("source")
     @classmethod
@@ -246,10 +333,20 @@ def _grade_signature_problem(grade: _ast.FunctionDef | _ast.AsyncFunctionDef) ->
 class MultiGrader(GraderCommon):
     """Sub-graders run concurrently, combined by `calculate_output` over their names."""
 
-    type: Literal["multi"]
-    name: str = "multi"
-    graders: dict[str, Grader] = Field(min_length=1)
-    calculate_output: str
+    type: Literal["multi"] = Field(
+        description="`multi`: runs the sub-graders in `graders` concurrently and combines their scores with "
+                    "`calculate_output`; it fails if any of them fails.",
+    )
+    name: str = Field(default="multi", description="The grader's name in its error messages and logs.")
+    graders: dict[str, Grader] = Field(
+        min_length=1,
+        description="Sub-graders by name (at least one), each of any grader type above and held to its own "
+                    "`score_range`; a name must be an identifier usable in `calculate_output`.",
+    )
+    calculate_output: str = Field(
+        description="The formula giving the score from the sub-graders' scores: numbers, their names, `+ - * /`, "
+                    "`min`, `max`, `abs`; checked when the job loads.",
+    )
 
     @field_validator("graders")
     @classmethod
@@ -280,37 +377,92 @@ MultiGrader.model_rebuild()  # `graders` refers to `Grader`, defined just above
 class Hyperparameters(Strict):
     """OpenAI's hyperparameters (each `"auto"` by default) and our explicit extensions."""
 
-    batch_size: PositiveInt | Auto = "auto"  # prompts per step (at most the training rows)
-    compute_multiplier: Annotated[PositiveFloat, Field(le=256)] | Auto = "auto"  # scales rollouts per prompt (group_size's bound)
-    n_epochs: PositiveInt | Auto = "auto"
-    learning_rate_multiplier: PositiveFloat | Auto = "auto"
-    eval_interval: PositiveInt | Auto = "auto"
-    eval_samples: Annotated[PositiveInt, Field(le=1024)] | Auto = "auto"
-    reasoning_effort: Literal["default", "low", "medium", "high"] = "default"
+    batch_size: PositiveInt | Auto = Field(
+        default="auto", description="Prompts per training step, at most the training rows; auto: `min(8, training rows)`.",
+    )
+    # The bound keeps an auto group_size within its own (4 × 256 = 1024).
+    compute_multiplier: Annotated[PositiveFloat, Field(le=256)] | Auto = Field(
+        default="auto",
+        description="Scales the rollouts per prompt when `group_size` is auto: `max(2, round(4 × compute_multiplier))`; "
+                    "auto: 1.0.",
+    )
+    n_epochs: PositiveInt | Auto = Field(
+        default="auto",
+        description="Passes over the training rows: steps = `n_epochs × ceil(rows / batch_size)`, at most `max_steps`; "
+                    "auto: 1.",
+    )
+    learning_rate_multiplier: PositiveFloat | Auto = Field(
+        default="auto", description="The learning rate is `base_learning_rate × learning_rate_multiplier`; auto: 1.0.",
+    )
+    eval_interval: PositiveInt | Auto = Field(
+        default="auto",
+        description="Steps between validations and checkpoints (validation also runs before step 1 and after the "
+                    "last step); auto: a quarter of the steps, at least 1.",
+    )
+    eval_samples: Annotated[PositiveInt, Field(le=1024)] | Auto = Field(
+        default="auto", description="Rollouts per validation row; auto: 1.",
+    )
+    reasoning_effort: Literal["default", "low", "medium", "high"] = Field(
+        default="default",
+        description="Passed to the model's chat template as its `reasoning_effort` variable (a warning says so when "
+                    "the template has none); `default`: not passed, the template's own default applies.",
+    )
     # --- rft-cluster extensions ---
-    # Rollouts per prompt (GRPO group): a group of one has no advantage; over 1024 is one prompt's batch beyond any engine.
-    group_size: Annotated[Int, Field(ge=2, le=1024)] | Auto = "auto"
-    max_steps: Int | None = Field(default=None, gt=0)  # stop before the epochs are done
-    base_learning_rate: Float = Field(default=1e-5, gt=0)
-    warmup_steps: Int = Field(default=0, ge=0)  # the rate ramps linearly up to its value over these steps
-    clip_epsilon: Float = Field(default=0.2, gt=0)
-    # Per-token KL to the starting policy, weighted into the loss (GRPO's beta); > 0 keeps a
-    # frozen copy of the starting model in the learner, one more forward pass per step.
-    kl_coef: Float = Field(default=0.0, ge=0)
-    temperature: Float = Field(default=1.0, gt=0)
-    max_tokens_per_turn: Int = Field(default=256, gt=0)
-    # Reward shaping (`grpo.shaped_reward`): the tool-call penalty is subtracted per call, or with
-    # "scale" it takes that share of the score, so only rollouts that earned credit pay it.
-    tool_call_penalty: Float = Field(default=0.0, ge=0)
-    tool_call_penalty_mode: Literal["subtract", "scale"] = "subtract"
-    reasoning_token_penalty: Float = Field(default=0.0, ge=0)
-    scale_advantages: bool = True  # divide by the group's reward std (GRPO); false: Dr. GRPO
-    # Weight versions a trained-on token may lag the policy being updated: 0 samples each step
-    # on the newest weights (synchronous); k > 0 lets sampling run up to k steps ahead of training.
-    max_staleness: Int = Field(default=0, ge=0)
+    # A group of one has no advantage; over 1024 is one prompt's batch beyond any engine.
+    group_size: Annotated[Int, Field(ge=2, le=1024)] | Auto = Field(
+        default="auto",
+        description="Rollouts per prompt (the GRPO group); auto: `max(2, round(4 × compute_multiplier))`.",
+    )
+    max_steps: Int | None = Field(
+        default=None, gt=0, description="Stop after this many steps even if `n_epochs` are not done; none: no limit.",
+    )
+    base_learning_rate: Float = Field(default=1e-5, gt=0, description="AdamW's learning rate before `learning_rate_multiplier`.")
+    warmup_steps: Int = Field(
+        default=0, ge=0,
+        description="Steps over which the learning rate ramps linearly up to its value (step `k` of `N` uses "
+                    "`k/(N+1)` of it); 0: no warm-up.",
+    )
+    clip_epsilon: Float = Field(
+        default=0.2, gt=0,
+        description="The PPO/GRPO clip: the policy's probability ratio is clipped to `[1 − clip_epsilon, 1 + clip_epsilon]`.",
+    )
+    kl_coef: Float = Field(
+        default=0.0, ge=0,
+        description="Weight of the per-token KL to the starting policy in the loss (GRPO's beta); above 0 the learner "
+                    "keeps a frozen copy of the starting model, one more forward pass per step.",
+    )
+    temperature: Float = Field(default=1.0, gt=0, description="Sampling temperature of the rollouts.")
+    max_tokens_per_turn: Int = Field(
+        default=256, gt=0,
+        description="Tokens the model may generate per turn; must be below `cluster.engine.max_model_len`.",
+    )
+    # Reward shaping: `grpo.shaped_reward`.
+    tool_call_penalty: Float = Field(
+        default=0.0, ge=0,
+        description="Charged per tool call: subtracted from the reward, or with `tool_call_penalty_mode: scale` the "
+                    "share of the score each call costs; 0: none.",
+    )
+    tool_call_penalty_mode: Literal["subtract", "scale"] = Field(
+        default="subtract",
+        description="`subtract`: reward = score − penalty × calls; `scale`: score × max(0, 1 − penalty × calls), so "
+                    "only rollouts that earned credit pay it.",
+    )
+    reasoning_token_penalty: Float = Field(
+        default=0.0, ge=0,
+        description="Subtracted from the reward per reasoning token, as the model's reasoning parser counts them; 0: none.",
+    )
+    scale_advantages: bool = Field(
+        default=True,
+        description="Divide `reward − group mean` by the group's reward std (GRPO); false keeps the reward gap (Dr. GRPO).",
+    )
+    max_staleness: Int = Field(
+        default=0, ge=0,
+        description="Learner updates a trained-on token may lag the policy being updated: 0 samples each step on the "
+                    "newest weights (synchronous); k > 0 lets sampling run up to k steps ahead of training.",
+    )
 
     def resolved(self, n_train_rows: int) -> "ResolvedHyperparameters":
-        """Turns every "auto" into a number (documented in README: "auto" values); raises
+        """Turns every "auto" into a number (documented in docs/jobs.md: How "auto" resolves); raises
         ValueError for values that cannot run with this many training rows."""
         cm = 1.0 if self.compute_multiplier == "auto" else float(self.compute_multiplier)
         if self.batch_size != "auto" and self.batch_size > n_train_rows:
@@ -367,13 +519,39 @@ class ResolvedHyperparameters(Strict):
 class ToolSettings(Strict):
     """How the tool proxy treats endpoints. Defaults follow OpenAI's stated behaviour."""
 
-    timeout_s: Float = Field(default=30.0, gt=0, le=3600)
-    max_retries: Int = Field(default=3, ge=0, le=10)  # for 5xx and connection errors
-    backoff_s: Float = Field(default=0.5, ge=0, le=60)  # the n-th retry waits backoff_s * 2**n
-    max_concurrency: Int = Field(default=1024, gt=0, description="requests in flight per endpoint host, per tool proxy actor")
-    max_request_bytes: Int = Field(default=1_000_000, gt=0)
-    max_response_bytes: Int = Field(default=1_000_000, gt=0)
-    rollout_timeout_s: Float = Field(default=900.0, gt=0, le=86400, description="wall time of one whole rollout")
+    timeout_s: Float = Field(
+        default=30.0, gt=0, le=3600,
+        description="Seconds one attempt of a tool call, endpoint-grader or judge request may take.",
+    )
+    max_retries: Int = Field(
+        default=3, ge=0, le=10,
+        description="Retries of a request after a 429, a 5xx, a connection error or a timeout; then the tool call or "
+                    "grade fails.",
+    )
+    backoff_s: Float = Field(
+        default=0.5, ge=0, le=60,
+        description="Seconds before the first retry; retry `n` (from 0) waits `backoff_s × 2^n`, or the `Retry-After` "
+                    "a 429 or 5xx sent (at most 60 s). All the waits must fit in `rollout_timeout_s`.",
+    )
+    max_concurrency: Int = Field(
+        default=1024, gt=0,
+        description="Requests in flight to one endpoint host (scheme, host, port), per tool proxy or grader actor; "
+                    "lower it to protect a service.",
+    )
+    max_request_bytes: Int = Field(
+        default=1_000_000, gt=0,
+        description="Largest request body sent, in bytes: a larger tool call is not sent (the model sees it as "
+                    "malformed) and a larger grading request fails the grade.",
+    )
+    max_response_bytes: Int = Field(
+        default=1_000_000, gt=0,
+        description="Largest response body read, in bytes: a larger tool response reaches the model as an HTTP 413 "
+                    "message, a larger grader response fails the grade.",
+    )
+    rollout_timeout_s: Float = Field(
+        default=900.0, gt=0, le=86400,
+        description="Wall time of one whole rollout, in seconds; past it the rollout ends as `timeout`.",
+    )
 
     @model_validator(mode="after")
     def _retries_end(self) -> "ToolSettings":
@@ -388,16 +566,29 @@ class ToolSettings(Strict):
 
 
 class Reinforcement(Strict):
-    grader: Grader
-    tools: list[ToolSpec] = Field(default_factory=list)
-    max_episode_steps: Int = Field(default=10, gt=0, description="tool calls per rollout")
-    response_format: dict[str, Any] | None = None
+    grader: Grader = Field(description="How each rollout is scored: one grader, whose `type` picks its fields.")
+    tools: list[ToolSpec] = Field(default_factory=list, description="The tool endpoints the model may call.")
+    max_episode_steps: Int = Field(
+        default=10, gt=0,
+        description="Tool calls one rollout may make (its budget); a turn asking for more ends the rollout as "
+                    "`budget_exhausted`.",
+    )
+    response_format: dict[str, Any] | None = Field(
+        default=None,
+        description="Accepted for OpenAI compatibility and ignored: the final answer is not constrained to it; a "
+                    "grader sees the text as written.",
+    )
 
     NOT_ACTED_ON: ClassVar[dict[str, str]] = {
         "response_format": "the final answer is not constrained to it; a grader sees the text as written",
     }
-    hyperparameters: Hyperparameters = Field(default_factory=Hyperparameters)
-    tool_settings: ToolSettings = Field(default_factory=ToolSettings)
+    hyperparameters: Hyperparameters = Field(
+        default_factory=Hyperparameters, description="Training hyperparameters: OpenAI's (auto by default) and ours.",
+    )
+    tool_settings: ToolSettings = Field(
+        default_factory=ToolSettings,
+        description="How tool calls, endpoint graders and judges are sent: timeouts, retries, concurrency and size caps.",
+    )
 
     @field_validator("tools")
     @classmethod
@@ -411,43 +602,78 @@ class Reinforcement(Strict):
 
 
 class Method(Strict):
-    type: Literal["reinforcement"]
-    reinforcement: Reinforcement
+    type: Literal["reinforcement"] = Field(description="The fine-tuning method: `reinforcement`, the only one.")
+    reinforcement: Reinforcement = Field(description="The reinforcement settings: grader, tools and hyperparameters.")
 
 
 class EngineSpec(Strict):
     """vLLM engine settings for each rollout worker."""
 
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
-    max_model_len: Int = Field(default=4096, gt=0)
-    gpu_memory_utilization: Float = Field(default=0.85, gt=0, le=1)
-    cpu_kv_cache_gb: Float = Field(default=1.0, gt=0, description="VLLM_CPU_KVCACHE_SPACE")
-    max_num_seqs: Int = Field(default=64, gt=0)
-    enforce_eager: bool = True
-    tensor_parallel_size: Int = Field(default=1, gt=0, description="GPUs one engine spans (vLLM tensor parallelism)")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        default="auto", description="The engine's weight and activation dtype (vLLM's `dtype`); auto: vLLM's choice.",
+    )
+    max_model_len: Int = Field(
+        default=4096, gt=0,
+        description="Context length of a rollout, in tokens (prompt, tool results and turns together); a rollout that "
+                    "runs out ends as `budget_exhausted`.",
+    )
+    gpu_memory_utilization: Float = Field(
+        default=0.85, gt=0, le=1,
+        description="Share of each GPU's memory the engine may take for weights and KV cache (vLLM's "
+                    "`gpu_memory_utilization`).",
+    )
+    cpu_kv_cache_gb: Float = Field(
+        default=1.0, gt=0,
+        description="KV-cache space of a CPU engine, in GB, rounded to a whole GB (at least 1); sets "
+                    "`VLLM_CPU_KVCACHE_SPACE` unless the environment already does.",
+    )
+    max_num_seqs: Int = Field(default=64, gt=0, description="Sequences one engine runs at once (vLLM's `max_num_seqs`).")
+    enforce_eager: bool = Field(
+        default=True, description="Run the engine without CUDA graphs (vLLM's `enforce_eager`): a faster start, slower decoding.",
+    )
+    tensor_parallel_size: Int = Field(
+        default=1, gt=0,
+        description="GPUs one engine spans (vLLM tensor parallelism); at most `resources.rollout_worker.gpus` when "
+                    "that is set.",
+    )
     tool_call_parser: Annotated[str, AfterValidator(lambda v: known_parser(v, "tool_call_parser", TOOL_CALL_PARSERS))] = Field(
         default="auto",
-        description="vLLM tool-call parser that reads the model's calls (as `vllm serve --tool-call-parser`), e.g. "
-                    "hermes, llama3_json, mistral, qwen3_coder, openai; auto: chosen from the chat template",
+        description="The vLLM tool-call parser that reads the model's calls (as `vllm serve --tool-call-parser`), e.g. "
+                    "hermes, llama3_json, mistral, qwen3_coder, openai; auto: chosen from the chat template.",
     )
     reasoning_parser: Annotated[str, AfterValidator(lambda v: known_parser(v, "reasoning_parser", REASONING_PARSERS, ("auto", "none")))] = Field(
         default="auto",
-        description="vLLM reasoning parser that separates and counts the model's reasoning (as `vllm serve "
+        description="The vLLM reasoning parser that separates and counts the model's reasoning (as `vllm serve "
                     "--reasoning-parser`), e.g. qwen3, deepseek_r1, mistral, openai_gptoss; none: the model does not reason; "
-                    "auto: chosen from the chat template",
+                    "auto: chosen from the chat template.",
     )
 
 
 class LearnerSpec(Strict):
-    zero_stage: Annotated[Int, Field(ge=0, le=3)] = 2  # an Int, not Literal[0..3]: that would take `true` as 1
-    dtype: Literal["float32", "bfloat16"] = "float32"
-    ranks: Int = Field(default=1, gt=0, description="processes of the learner's DeepSpeed world, one Ray actor each")
-    micro_batch_size: Int = Field(default=4, gt=0)
-    weight_bucket_mb: Int = Field(default=64, gt=0, le=2**20, description="size of each weight-sync bucket")
-    gradient_checkpointing: bool = False
+    # An Int, not Literal[0..3]: that would take `true` as 1.
+    zero_stage: Annotated[Int, Field(ge=0, le=3)] = Field(
+        default=2, description="DeepSpeed ZeRO stage; `ranks` above 1 needs 1, 2 or 3.",
+    )
+    dtype: Literal["float32", "bfloat16"] = Field(
+        default="float32", description="Training dtype; bfloat16 applies on a GPU only (a CPU learner trains in float32).",
+    )
+    ranks: Int = Field(
+        default=1, gt=0,
+        description="Processes of the learner's DeepSpeed world (data parallel), one Ray actor each.",
+    )
+    micro_batch_size: Int = Field(
+        default=4, gt=0,
+        description="Sequences per forward and backward pass of a rank (DeepSpeed's `train_micro_batch_size_per_gpu`).",
+    )
+    weight_bucket_mb: Int = Field(
+        default=64, gt=0, le=2**20, description="Size of each bucket the new weights are sent to the engines in, in MB.",
+    )
+    gradient_checkpointing: bool = Field(
+        default=False, description="Recompute activations during the backward pass: less memory, slower steps.",
+    )
     cpu_threads: Int | None = Field(
         default=None, gt=0,
-        description="torch threads of a CPU learner rank; default: Ray's OMP_NUM_THREADS, i.e. resources.learner.cpus",
+        description="Torch threads of a CPU learner rank; none: Ray's OMP_NUM_THREADS, i.e. `resources.learner.cpus`.",
     )
 
     @model_validator(mode="after")
@@ -462,11 +688,19 @@ class LearnerSpec(Strict):
 class RoleResources(Strict):
     """What one actor of a role needs from the node it is placed on (a placement-group bundle)."""
 
-    cpus: Float = Field(default=1, ge=0)
-    gpus: Float = Field(default=0, ge=0)
-    memory_gb: Float | None = Field(default=None, gt=0, description="Ray memory reserved per actor")
-    resources: dict[str, Float] = Field(default_factory=dict, description="custom Ray resources per actor")
-    node_labels: dict[str, str] = Field(default_factory=dict, description="Ray node labels the node must carry")
+    cpus: Float = Field(default=1, ge=0, description="CPUs reserved per actor (Ray's `CPU`).")
+    gpus: Float = Field(default=0, ge=0, description="GPUs reserved per actor (Ray's `GPU`); may be a fraction.")
+    memory_gb: Float | None = Field(
+        default=None, gt=0, description="Ray memory reserved per actor, in GB; none: none reserved.",
+    )
+    resources: dict[str, Float] = Field(
+        default_factory=dict,
+        description="Custom Ray resources reserved per actor, name to a positive amount (not CPU, GPU or memory: use "
+                    "`cpus`, `gpus`, `memory_gb`).",
+    )
+    node_labels: dict[str, str] = Field(
+        default_factory=dict, description="Ray node labels (name to value) the actor's node must carry.",
+    )
 
     @field_validator("resources")
     @classmethod
@@ -485,18 +719,26 @@ def _network_role() -> RoleResources:
 class ClusterResources(Strict):
     """Per-actor needs of each role; a learner's entry is per rank."""
 
-    rollout_worker: RoleResources = Field(default_factory=RoleResources)
-    learner: RoleResources = Field(default_factory=RoleResources)
-    tool_proxy: RoleResources = Field(default_factory=_network_role)
-    grader: RoleResources = Field(default_factory=_network_role)
+    rollout_worker: RoleResources = Field(
+        default_factory=RoleResources, description="What each rollout worker (one vLLM engine) reserves.",
+    )
+    learner: RoleResources = Field(default_factory=RoleResources, description="What each learner rank reserves.")
+    tool_proxy: RoleResources = Field(
+        default_factory=_network_role, description="What each tool proxy actor reserves; by default no CPU.",
+    )
+    grader: RoleResources = Field(
+        default_factory=_network_role, description="What each grader actor reserves; by default no CPU.",
+    )
 
 
 class FleetSize(Strict):
     """An elastic rollout fleet: sampling starts once `min` workers are up; up to `max` are asked
     for, and those that come up later (e.g. on nodes the autoscaler adds) join the run."""
 
-    min: Int = Field(gt=0)
-    max: Int = Field(gt=0)
+    min: Int = Field(
+        gt=0, description="Rollout workers that must be up (within `placement_timeout_s`) before sampling starts.",
+    )
+    max: Int = Field(gt=0, description="Rollout workers asked for, at least `min`; those that come up later join the run.")
 
     @model_validator(mode="after")
     def _ordered(self) -> "FleetSize":
@@ -506,19 +748,36 @@ class FleetSize(Strict):
 
 
 class ClusterSpec(Strict):
-    ray_address: str | None = None  # None: RAY_ADDRESS if set (e.g. inside a Ray job), else a fresh local cluster
-    rollout_workers: Int | FleetSize = Field(default=1, description="a number, or {min, max} for an elastic fleet")
-    tool_proxies: Int = Field(default=1, gt=0)
-    graders: Int = Field(default=1, gt=0)
-    resources: ClusterResources = Field(default_factory=ClusterResources)
+    ray_address: str | None = Field(
+        default=None,
+        description="The Ray cluster to connect to; none: `RAY_ADDRESS` if set (e.g. inside a Ray job), else a fresh "
+                    "local cluster.",
+    )
+    rollout_workers: Int | FleetSize = Field(
+        default=1,
+        description="Rollout workers, one vLLM engine each: a number, or `{min, max}` for an elastic fleet.",
+    )
+    tool_proxies: Int = Field(
+        default=1, gt=0,
+        description="Tool proxy actors; an endpoint host may see up to `tool_proxies × tool_settings.max_concurrency` "
+                    "requests at once.",
+    )
+    graders: Int = Field(default=1, gt=0, description="Grader actors.")
+    resources: ClusterResources = Field(
+        default_factory=ClusterResources, description="What each role's actors reserve on the node they are placed on.",
+    )
     placement_timeout_s: Float = Field(
-        default=120.0, gt=0, le=86400, description="how long to wait for every role to be placed before failing with what is missing"
+        default=120.0, gt=0, le=86400,
+        description="Seconds start-up waits for every role (and `min` rollout workers) to be placed before failing "
+                    "with what is missing.",
     )
     actor_max_restarts: Int = Field(
-        default=5, ge=0, description="restarts of a dead tool proxy or grader actor (its in-flight calls are retried)"
+        default=5, ge=0,
+        description="Restarts of a tool proxy or grader actor whose process died; its calls in flight are retried on "
+                    "the restarted actor.",
     )
-    engine: EngineSpec = Field(default_factory=EngineSpec)
-    learner: LearnerSpec = Field(default_factory=LearnerSpec)
+    engine: EngineSpec = Field(default_factory=EngineSpec, description="vLLM settings of each rollout worker's engine.")
+    learner: LearnerSpec = Field(default_factory=LearnerSpec, description="DeepSpeed settings of the learner.")
 
     @field_validator("rollout_workers")
     @classmethod
@@ -545,15 +804,29 @@ class ClusterSpec(Strict):
 
 
 class WandbSpec(Strict):
-    project: str = "rft-cluster"
-    mode: Literal["offline", "online", "disabled"] = "offline"
+    project: str = Field(
+        default="rft-cluster",
+        description="The W&B project the run logs to; unless set here, an OpenAI `wandb` integration's project.",
+    )
+    mode: Literal["offline", "online", "disabled"] = Field(
+        default="offline",
+        description="`offline` writes the W&B run into the run's output, `online` also uploads it, `disabled` logs "
+                    "nothing to W&B.",
+    )
 
 
 class WandbIntegrationSettings(Strict):
-    project: str
-    name: str | None = None
-    entity: str | None = None
-    tags: list[str] = Field(default_factory=list)
+    project: str = Field(description="Names the run's W&B project, unless `wandb.project` is set.")
+    name: str | None = Field(
+        default=None, description="Accepted for OpenAI compatibility and ignored: the W&B run is named from `suffix`.",
+    )
+    entity: str | None = Field(
+        default=None,
+        description="Accepted for OpenAI compatibility and ignored: the W&B run goes to the logged-in default entity.",
+    )
+    tags: list[str] = Field(
+        default_factory=list, description="Accepted for OpenAI compatibility and ignored: the W&B run is not tagged.",
+    )
 
     NOT_ACTED_ON: ClassVar[dict[str, str]] = {
         "name": "the W&B run is named from `suffix`",
@@ -565,24 +838,44 @@ class WandbIntegrationSettings(Strict):
 class WandbIntegration(Strict):
     """OpenAI's `integrations: [{type: wandb, wandb: {...}}]`; its project names our W&B run."""
 
-    type: Literal["wandb"]
-    wandb: WandbIntegrationSettings
+    type: Literal["wandb"] = Field(description="The integration: `wandb`, the only one.")
+    wandb: WandbIntegrationSettings = Field(description="The W&B integration's settings.")
 
 
 class JobSpec(Strict):
-    model: NonEmptyStr  # HF hub name or local HF directory
-    training_file: NonEmptyStr
-    validation_file: NonEmptyStr | None = None
-    seed: Annotated[Int, Field(ge=0, lt=2**32)] = 42  # numpy's seed range
-    suffix: str | None = None
-    metadata: dict[str, str] = Field(default_factory=dict)  # OpenAI's; kept with the run config
-    integrations: list[WandbIntegration] = Field(default_factory=list)
-    method: Method
-    cluster: ClusterSpec = Field(default_factory=ClusterSpec)
-    # Where a run writes everything (`--output` overrides): a local path or a pyarrow.fs URI
-    # (s3://, gs://, hdfs://, file://), written by whichever actor holds the data.
-    storage: NonEmptyStr | None = None
-    wandb: WandbSpec = Field(default_factory=WandbSpec)
+    model: NonEmptyStr = Field(
+        description="The model to train: a Hugging Face hub name or a local HF directory (relative to the job file).",
+    )
+    training_file: NonEmptyStr = Field(
+        description="JSONL of training rows (`messages`, `tools` and reference data), relative to the job file.",
+    )
+    validation_file: NonEmptyStr | None = Field(
+        default=None, description="JSONL of validation rows, in the training file's format; none: no validation.",
+    )
+    # numpy's seed range.
+    seed: Annotated[Int, Field(ge=0, lt=2**32)] = Field(
+        default=42, description="Seed of the run's batch order, sampling and learner.",
+    )
+    suffix: str | None = Field(default=None, description="Names the run, in W&B too; none: `rft`.")
+    metadata: dict[str, str] = Field(
+        default_factory=dict, description="OpenAI's string labels of the job; kept with the run's config.",
+    )
+    integrations: list[WandbIntegration] = Field(
+        default_factory=list,
+        description="OpenAI's integrations; the first `wandb` entry's project names the run's W&B project.",
+    )
+    method: Method = Field(description="The fine-tuning method and its settings.")
+    cluster: ClusterSpec = Field(
+        default_factory=ClusterSpec,
+        description="Where and how the run executes: actor counts, resources, the vLLM engines and the learner.",
+    )
+    # Written by whichever actor holds the data.
+    storage: NonEmptyStr | None = Field(
+        default=None,
+        description="Where a run writes everything: a local path (relative to the job file) or a `pyarrow.fs` URI "
+                    "(s3://, gs://, hdfs://, file://); `--output` overrides it; none: `runs/train`.",
+    )
+    wandb: WandbSpec = Field(default_factory=WandbSpec, description="Weights & Biases logging.")
     # Set by load_job (private: a job file cannot set them): where the file lives (relative paths
     # in it resolve against its directory), its key lines, and its warnings ("file:line: ...").
     _source_path: Path | None = PrivateAttr(default=None)

@@ -99,14 +99,13 @@ def check_job_and_data(job_path: Path, unset_env_ok: bool = False) -> tuple[list
 
 def _format_problems(job: JobSpec) -> list[str]:
     """`tool_call_parser: auto` needs a chat template that shows the model's call format: checked
-    here for a local model directory (a hub model's is checked when its engines start)."""
+    here when a local model directory holds a template (a hub model's, or a directory's without
+    one, is checked when its engines start, which need the tokenizer anyway)."""
     model = job.resolve_path(job.model)
-    if job.cluster.engine.tool_call_parser != "auto" or not model.is_dir():
+    template = local_chat_template(model) if model.is_dir() else None
+    if job.cluster.engine.tool_call_parser != "auto" or template is None:
         return []
-    template = local_chat_template(model)
     try:
-        if template is None:
-            raise ValueError(f"{model} has no chat template; set cluster.engine.tool_call_parser explicitly")
         choose_tool_call_parser(template)
     except ValueError as e:
         return [f"{job.locate('cluster', 'engine', 'tool_call_parser')}: {e}"]

@@ -1,4 +1,4 @@
-"""The main job on the embedded default: the FinQA demo (README "The demo") from nothing to a report.
+"""The main job on the embedded default: the FinQA demo (docs/demo.md) from nothing to a report.
 
     environment (reports, datasets, demonstrations)  ->  tiny model  ->  warm start (SFT)
     ->  agent RFT against the FinQA tool server and grader (baseline evaluation at step 0,
@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from rich.console import Console
+from rich.table import Table
 
 from rft_cluster.config import JobSpec, load_job
 from rft_cluster.envs.finqa import (
@@ -35,6 +36,7 @@ from rft_cluster.envs.finqa import (
     write_demonstrations,
 )
 from rft_cluster.envs.finqa.corpus import N_COMPANIES, YEARS
+from rft_cluster.report import TABLE_METRICS
 from rft_cluster.tiny_model import PRETRAIN_STEPS
 
 
@@ -120,7 +122,8 @@ def warm_start(dirs: DemoDirs, size: DemoSize, env: FinQAServers, stages: Stages
         stages.start(f"warm start: reusing {dirs.warm_model}")
         return None
     stages.start(f"warm start: SFT on {size.n_demonstrations} wasteful demonstrations ({demos})")
-    return sft(str(dirs.tiny_model), demos, dirs.warm_model, epochs=size.sft_epochs, learning_rate=size.sft_learning_rate)
+    return sft(str(dirs.tiny_model), demos, dirs.warm_model, epochs=size.sft_epochs, learning_rate=size.sft_learning_rate,
+               console=stages.console)
 
 
 def demo_variables(dirs: DemoDirs, env: FinQAServers) -> dict[str, str]:
@@ -146,10 +149,12 @@ def run_demo(
     size: DemoSize = DemoSize(),
     console: Console | None = None,
     tool_delay_s: float = 0.0,
+    verbose: bool = False,
 ) -> dict[str, Any]:
     """Runs every stage; returns the report's summary (see `rft_cluster.report.write_report`)
     with the SFT losses and the wall time added. `tool_delay_s` delays every tool call the
-    server answers (the regime of real tools); the warm start's demonstrations are not delayed."""
+    server answers (the regime of real tools); the warm start's demonstrations are not delayed.
+    `verbose`: the engines' and Ray's own lines on the console too (`driver.init_ray`)."""
     from rft_cluster.driver import train
     from rft_cluster.report import load_metrics, write_report
 
@@ -168,7 +173,7 @@ def run_demo(
             stages.start(f"removing the earlier run of seed {job.seed}: {run_dir}")
             shutil.rmtree(run_dir)
         stages.start(f"agent RFT, seed {job.seed}: baseline evaluation, training, final evaluation -> {run_dir}")
-        train(job, run_dir, max_steps=max_steps)
+        train(job, run_dir, max_steps=max_steps, verbose=verbose)
     report_dir = dirs.report(job.seed)
     summary = write_report(
         {f"seed {job.seed}": load_metrics(run_dir)},
@@ -179,4 +184,23 @@ def run_demo(
     )
     (report_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     stages.start(f"done: report in {report_dir / 'report.md'}")
+    console.print(summary_table(summary, report_dir / "report.md", run_dir / "logs"))
     return summary
+
+
+def summary_table(summary: dict[str, Any], report: Path, logs: Path) -> Table:
+    """The few figures a person looks for at the end (baseline -> final) and where the rest is."""
+    seed = summary["seeds"][0]
+    table = Table(title=f"FinQA agent RFT demo, {seed['seed']}: baseline -> final", show_header=False)
+    table.add_column("", style="bold")
+    table.add_column("", overflow="fold")  # paths whole, whatever the width
+    for key in ("valid_reward_mean", "tool_calls_per_rollout"):
+        _, label, spec = TABLE_METRICS[key]
+        before, after = (seed[at][key] for at in ("baseline", "final"))
+        table.add_row(label, " -> ".join("-" if v is None else format(v, spec) for v in (before, after)))
+    table.add_row("RL steps", str(seed["final_step"]))
+    table.add_row("wall time", f"{summary['wall_time_s']:.0f} s")
+    table.add_row("report", str(report))
+    if logs.exists():  # the run keeps its actors' logs only on a local disk
+        table.add_row("actor logs", str(logs))
+    return table

@@ -19,6 +19,7 @@ learner the model directories and its state, each through its own filesystem cli
 
 from __future__ import annotations
 
+import logging
 import os
 import random
 import socket
@@ -36,20 +37,20 @@ from rft_cluster.checkpoints import CheckpointDir
 from rft_cluster.config import JobSpec, ResolvedHyperparameters
 from rft_cluster.dataset import load_rows, row_item
 from rft_cluster.fleet import Lost, RolloutFleet, Slot
-from rft_cluster.grader import GraderActor
+from rft_cluster.grader_actor import GraderActor
 from rft_cluster.grpo import group_advantages, shaped_reward
 from rft_cluster.learner_group import LearnerGroup
 from rft_cluster.metrics import (
     RunLogger, StepPrinter, format_metrics, format_warning, parsers_line, rollout_metrics, signal_metrics, signal_warning,
 )
 from rft_cluster.pipeline import Batch, Staleness, drop_stale
-from rft_cluster.redact import redact_logs
+from rft_cluster.redact import Redactor, redact_logs
 from rft_cluster.placement import Placement, actor_nodes, place
-from rft_cluster.rollout_worker import RolloutRequest, SamplingSettings
+from rft_cluster.rollout_worker import SamplingSettings
 from rft_cluster.storage import RunStorage
-from rft_cluster.store import TrajectoryStore
+from rft_cluster.trajectory_store import TrajectoryStore
 from rft_cluster.tool_proxy import ToolProxy
-from rft_cluster.types import GradeResult, RolloutStatus, TrainSample, Trajectory, new_trace_id
+from rft_cluster.types import GradeResult, RolloutRequest, RolloutStatus, TrainSample, Trajectory, new_trace_id
 from rft_cluster.weight_sync import publish_from
 
 # Rollouts in these states are graded and trained on; the rest are discarded (docs/architecture.md §4).
@@ -64,7 +65,7 @@ class Cluster:
     fleet: RolloutFleet
     proxies: list[Any]
     graders: list[Any]
-    learner: LearnerGroup
+    learner: LearnerGroup | None  # None: sampling only (precheck)
     placement: Placement
     startup: dict[str, float] = field(default_factory=dict)
     services: dict[str, list[str]] = field(default_factory=dict)  # role -> node id of each actor, but the fleet's
@@ -78,12 +79,13 @@ class Cluster:
         return {role: len(ids) for role, ids in self.nodes.items()}
 
 
-def start_cluster(job: JobSpec, hp: ResolvedHyperparameters) -> Cluster:
-    """Places the learner, proxies and graders (placement.place: fails fast with what is
-    missing), then the fleet's slots; engines and learner ranks start in parallel."""
+def start_cluster(job: JobSpec, hp: ResolvedHyperparameters, learner: bool = True) -> Cluster:
+    """Places the learner (unless `learner` is False: sampling only), proxies and graders
+    (placement.place: fails fast with what is missing), then the fleet's slots; engines and
+    learner ranks start in parallel."""
     c = job.cluster
     rl = job.rl
-    placement = place(c)
+    placement = place(c, learner)
     fleet = None
     try:
         restart = restartable(c.actor_max_restarts)
@@ -93,19 +95,20 @@ def start_cluster(job: JobSpec, hp: ResolvedHyperparameters) -> Cluster:
         fleet = RolloutFleet(c, model, job.seed, proxies)
         fleet.launch()  # engines start while the learner's ranks do
         fleet.placed()
-        learner = LearnerGroup(
+        ranks = LearnerGroup(
             model, c.learner, hp.learning_rate, hp.clip_epsilon, job.seed, hp.warmup_steps, hp.kl_coef,
             placement["learner"].all_options(),
-        )
+        ) if learner else None
         startup = fleet.start()
         services = {role: actor_nodes(actors) for role, actors in {"tool_proxy": proxies, "grader": graders}.items()}
-        services["learner"] = [r.node_id for r in learner.ranks]
+        if ranks is not None:
+            services["learner"] = [r.node_id for r in ranks.ranks]
     except BaseException:
         if fleet is not None:
             fleet.remove()
         placement.remove()  # kills whatever started in it
         raise
-    return Cluster(fleet, proxies, graders, learner, placement, startup, services)
+    return Cluster(fleet, proxies, graders, ranks, placement, startup, services)
 
 
 def _model_path(job: JobSpec) -> str | Path:
@@ -300,12 +303,15 @@ class Trainer:
 
     # ------------------------------------------------------------------ loop
 
-    def start(self) -> Cluster:
-        """Starts the run's actors: what `run()` trains with, and `rft-cluster precheck` samples with."""
-        self.cluster = start_cluster(self.job, self.hp)
+    def start(self, learner: bool = True) -> Cluster:
+        """Starts the run's actors: what `run()` trains with, and (without the learner, which it
+        never needs) what `rft-cluster precheck` samples with."""
+        self.cluster = start_cluster(self.job, self.hp, learner)
         return self.cluster
 
     def run(self) -> dict[str, Any]:
+        # Engines take a minute or more to start: say so before the wait.
+        self.printer.note(f"[rft] starting {self.job.cluster.fleet.min} rollout engine(s), the learner, tool proxies and graders ...")
         c = self.start()
         fleet = c.fleet.spec.fleet
         self.printer.note(
@@ -463,21 +469,25 @@ class Trainer:
             c = self.cluster
             ray.get([a.close.remote() for a in c.proxies + c.graders])
             c.fleet.remove()
-            c.learner.shutdown()
+            if c.learner is not None:
+                c.learner.shutdown()
             c.placement.remove()
             self.cluster = None
 
 
-def init_ray(job: JobSpec) -> None:
+def init_ray(job: JobSpec, verbose: bool = False) -> None:
     """Connects to `cluster.ray_address`, else to RAY_ADDRESS (set for a Ray job's driver, so
     `ray job submit ... -- rft-cluster train job.yaml` runs in the cluster it was submitted to),
-    else starts a fresh local cluster (never one a `ray start` left recorded in Ray's temp dir)."""
+    else starts a fresh local cluster (never one a `ray start` left recorded in Ray's temp dir).
+    Unless `verbose`, the actors' output stays in Ray's session logs (`worker_logs_dir`) instead
+    of being forwarded to this console, vLLM logs warnings only, and Ray's own driver lines too."""
     if ray.is_initialized():
         return
+    quiet = {} if verbose else {"log_to_driver": False, "logging_level": logging.WARNING, "runtime_env": _quiet_runtime_env()}
     source = "cluster.ray_address" if job.cluster.ray_address else "RAY_ADDRESS"
     address = job.cluster.ray_address or os.environ.get("RAY_ADDRESS")
     if not address:
-        ray.init(address="local", include_dashboard=False)
+        ray.init(address="local", include_dashboard=False, **quiet)
         return
     # ray.init retries an unreachable GCS for minutes; a refused connection is reported at once.
     host, _, port = address.removeprefix("ray://").rpartition(":")
@@ -486,7 +496,44 @@ def init_ray(job: JobSpec) -> None:
             socket.create_connection((host, int(port)), timeout=10).close()
         except OSError as e:
             raise SystemExit(f"cannot connect to the Ray cluster at {address} ({source}): {e.strerror or e}") from None
-    ray.init(address=address)
+    ray.init(address=address, **quiet)
+
+
+def _quiet_runtime_env() -> dict[str, Any] | None:
+    """VLLM_LOGGING_LEVEL for every actor and the engine processes they start (env_vars reach
+    both, on a local or a joined cluster). A level already set here wins: a submitted job's
+    forwarded variable is in this environment, and Ray refuses the same key twice."""
+    return None if "VLLM_LOGGING_LEVEL" in os.environ else {"env_vars": {"VLLM_LOGGING_LEVEL": "WARNING"}}
+
+
+def worker_logs_dir() -> Path | None:
+    """This node's Ray session logs (`<ray temp dir>/session_*/logs`), where each actor process's
+    stdout and stderr land as worker-*.out|err; None when this driver has no node of its own (Ray Client)."""
+    node = getattr(ray._private.worker.global_worker, "node", None)
+    return Path(node.get_logs_dir_path()) if node is not None else None
+
+
+def _of_job(log: Path, job_id: str) -> bool:
+    """Ray names a worker's files after the job it started for; a worker started before any job
+    (`ffffffff`) writes `:job_id:<id>` first once a job's task or actor runs on it."""
+    if f"-{job_id}-" in log.name:
+        return True
+    with log.open(errors="replace") as f:
+        return f.readline().strip() == f":job_id:{job_id}"
+
+
+def keep_worker_logs(storage: RunStorage, redactor: Redactor) -> Path | None:
+    """Copies (redacted) this job's non-empty worker logs on this node into the run's `logs/`
+    when the run is a local directory; returns that directory, else None (object stores: left as they are)."""
+    source, target = worker_logs_dir(), storage.local_path("logs")
+    if source is None or target is None:
+        return None
+    job_id = ray.get_runtime_context().get_job_id()
+    target.mkdir(parents=True, exist_ok=True)
+    for log in sorted(source.glob("worker-*")):
+        if log.suffix in (".out", ".err") and log.stat().st_size and _of_job(log, job_id):
+            (target / log.name).write_text(redactor.text(log.read_text(errors="replace")))
+    return target
 
 
 DEFAULT_OUTPUT = "runs/train"
@@ -500,11 +547,20 @@ def run_storage(job: JobSpec, output: str | Path | None = None) -> RunStorage:
     return RunStorage(output or DEFAULT_OUTPUT)
 
 
-def train(job: JobSpec, output: str | Path | None = None, max_steps: int | None = None, resume: bool = False) -> dict[str, Any]:
-    """Runs the job, writing to `run_storage(job, output)`."""
+def train(
+    job: JobSpec, output: str | Path | None = None, max_steps: int | None = None, resume: bool = False, verbose: bool = False
+) -> dict[str, Any]:
+    """Runs the job, writing to `run_storage(job, output)`; the actors' logs end up in its `logs/` (local runs)."""
     trainer = Trainer(job, run_storage(job, output), max_steps, resume)
-    init_ray(job)
+    init_ray(job, verbose)
+    logs = worker_logs_dir()
+    if logs is not None:
+        shown = "also shown here" if verbose else "not shown here: --verbose shows them"
+        trainer.printer.note(f"[rft] actor and engine logs: {logs}/worker-*.out|err ({shown})")
     try:
         return trainer.run()
     finally:
         trainer.shutdown()
+        kept = keep_worker_logs(trainer.storage, job.redactor)
+        if kept is not None:
+            trainer.printer.note(f"[rft] actor and engine logs copied to {kept}")

@@ -24,8 +24,8 @@ from ray.util.placement_group import placement_group, remove_placement_group
 
 from rft_cluster.config import ClusterSpec
 from rft_cluster.placement import PlacementError, RolePlacement, actor_nodes, bundle, describe_missing
-from rft_cluster.rollout_worker import RolloutRequest, RolloutWorker, SamplingSettings
-from rft_cluster.types import Trajectory
+from rft_cluster.rollout_worker import RolloutWorker, SamplingSettings
+from rft_cluster.types import RolloutRequest, Trajectory
 
 MAX_SLOT_RESTARTS = 3  # replacements of a worker that keeps dying before it comes up
 
@@ -193,9 +193,6 @@ class RolloutFleet:
         slot.inflight.add(ref)
         self._rollouts[ref] = (slot, slot.worker, request)
         return ref
-
-    def resubmit(self, request: RolloutRequest, settings: SamplingSettings) -> Any:
-        return self.submit_group([request], settings)[0]
 
     def result(self, ref: Any) -> Trajectory | Lost:
         """The finished rollout of `ref`, or a Lost record when its worker died (the worker is

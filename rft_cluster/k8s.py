@@ -51,7 +51,7 @@ class K8sError(ValueError):
 class K8sOptions:
     name: str | None = None  # default: from the job file's name
     namespace: str | None = None  # default: kubectl's current namespace
-    image: str | None = None  # default: default_image(), which lacks rft-cluster (README)
+    image: str | None = None  # default: default_image(), which lacks rft-cluster (docs/deploy.md)
     secret: str = DEFAULT_SECRET
     storage: str | None = None  # default: the job's `storage`
     min_rollout_replicas: int | None = None  # default: the fleet's min / max (cluster.rollout_workers)

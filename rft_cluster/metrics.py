@@ -156,7 +156,7 @@ def signal_warning(metrics: dict[str, float], group_size: int) -> str | None:
     if frac is None or frac <= NO_SIGNAL_WARN_FRAC:
         return None
     return (f"[rft] warning: {frac:.0%} of this step's groups carry no signal at group_size {group_size} "
-            "(their rewards are all equal): see `rft-cluster precheck` (README: Your own domain)")
+            "(their rewards are all equal): see `rft-cluster precheck` (docs/own-domain.md)")
 
 
 class RunLogger:

@@ -18,8 +18,7 @@ from dataclasses import dataclass, field
 from statistics import fmean
 from typing import Any
 
-from rft_cluster.rollout_worker import RolloutRequest
-from rft_cluster.types import RolloutStatus, Trajectory
+from rft_cluster.types import RolloutRequest, RolloutStatus, Trajectory
 
 
 @dataclass

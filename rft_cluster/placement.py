@@ -93,12 +93,13 @@ class Placement:
                 r.group = None
 
 
-def place(cluster: ClusterSpec) -> Placement:
-    """Reserves the bundles of the learner, tool proxies and graders and waits up to
-    `placement_timeout_s` for all of them. On timeout, frees them all and raises PlacementError
-    naming the roles left unplaced. (Rollout workers are placed slot by slot: `fleet.py`.)"""
+def place(cluster: ClusterSpec, learner: bool = True) -> Placement:
+    """Reserves the bundles of the learner (unless `learner` is False), tool proxies and graders
+    and waits up to `placement_timeout_s` for all of them. On timeout, frees them all and raises
+    PlacementError naming the roles left unplaced. (Rollout workers are placed slot by slot:
+    `fleet.py`.)"""
     counts = {
-        "learner": cluster.learner.ranks,
+        **({"learner": cluster.learner.ranks} if learner else {}),
         "tool_proxy": cluster.tool_proxies,
         "grader": cluster.graders,
     }

@@ -79,9 +79,11 @@ def prompt_sample(n_rows: int, samples: int, group_size: int, seed: int) -> list
     return sorted(random.Random(f"precheck-{seed}").sample(range(n_rows), n))
 
 
-def precheck(job: JobSpec, samples: int = DEFAULT_SAMPLES, split: Literal["valid", "train"] = "valid") -> dict[str, Any]:
+def precheck(
+    job: JobSpec, samples: int = DEFAULT_SAMPLES, split: Literal["valid", "train"] = "valid", verbose: bool = False
+) -> dict[str, Any]:
     """Runs the rollouts and returns {split, prompts, group_size, figures, verdict: {ok, reason}}.
-    Uses the validation prompts unless the job has none or `split` is "train"."""
+    Uses the validation prompts unless the job has none or `split` is "train". `verbose`: as `init_ray`'s."""
     from rft_cluster.driver import Trainer, init_ray
     from rft_cluster.storage import RunStorage
 
@@ -91,16 +93,17 @@ def precheck(job: JobSpec, samples: int = DEFAULT_SAMPLES, split: Literal["valid
         rows = trainer.valid_rows if used == "valid" else trainer.train_rows
         group = trainer.hp.group_size
         indices = prompt_sample(len(rows), samples, group, job.seed)
-        init_ray(job)
+        init_ray(job, verbose)
         try:
-            parsers = trainer.start().startup["parsers"]
+            cluster = trainer.start(learner=False)
+            parsers, roles = cluster.startup["parsers"], cluster.roles()
             batch = trainer.submit(rows, indices, group, 0, "train")  # grouped and rewarded as a training step is
             trainer.wait_for(batch)
         finally:
             trainer.shutdown()
     figures = summarize(batch.trajs)
     v = verdict(figures, group, parsers["tool_call_parser"])
-    return {"split": used, "prompts": len(indices), "group_size": group, "parsers": parsers, "figures": figures,
+    return {"split": used, "prompts": len(indices), "group_size": group, "roles": roles, "parsers": parsers, "figures": figures,
             "verdict": {"ok": v.ok, "reason": v.reason}}
 
 

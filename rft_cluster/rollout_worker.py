@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import os
 import sys
 import time
@@ -28,21 +29,15 @@ from rft_cluster.chat import ChatCodec, TemplateError
 from rft_cluster.config import EngineSpec
 from rft_cluster.formats import ParsedCall, TurnParser
 from rft_cluster.tool_proxy import ProxyClient
-from rft_cluster.types import RolloutStatus, ToolCallStatus, ToolResult, Trajectory, grader_sample
+from rft_cluster.types import RolloutRequest, RolloutStatus, ToolCallStatus, ToolResult, Trajectory, grader_sample
 from rft_cluster.weight_sync import WeightBucket
 
 
-@dataclass
-class RolloutRequest:
-    """One rollout to run: a dataset row, its group, and its trace id."""
-
-    trace_id: str
-    prompt_id: str
-    group_id: str
-    step: int
-    messages: list[dict]
-    tools: list[dict]
-    item: dict[str, Any]
+def turn_seed(seed: int, trace_id: str, turn: int) -> int:
+    """The sampling seed of one turn of one rollout: the same in every process and run (Python's
+    `hash` of a string is salted per process, so a seeded run would not repeat)."""
+    digest = hashlib.blake2b(f"{seed}/{trace_id}/{turn}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big") % 2**31
 
 
 @dataclass
@@ -244,7 +239,7 @@ class RolloutWorker:
             temperature=s.temperature,
             max_tokens=max_tokens,
             logprobs=0,
-            seed=None if s.seed is None else hash((s.seed, trace_id, turn)) % (2**31),
+            seed=None if s.seed is None else turn_seed(s.seed, trace_id, turn),
             # The agent loop decodes each turn once, itself, and needs only the finished turn
             # (whose weight-version spans cover every token): no per-token detokenizing and no
             # per-token output objects in this process, which shares the engine's cores.

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 from rich.console import Console
+from rich.progress import MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from rft_cluster.chat import ChatCodec
 from rft_cluster.config import LearnerSpec
@@ -76,15 +77,22 @@ def sft(
     t0 = time.perf_counter()
     n_batches = -(-len(samples) // batch_size)
     report_every = max(1, n_batches // 5)  # an epoch can take minutes on CPU: show it moving
-    for epoch in range(1, epochs + 1):
-        losses = []
-        for n, batch in enumerate(epoch_batches(lengths, batch_size, shuffle), start=1):
-            losses.append(learner.sft_step([samples[i] for i in batch])["loss"])
-            if n % report_every == 0 and n < n_batches:
-                console.print(f"[sft] epoch {epoch}/{epochs}: batch {n}/{n_batches}, loss {sum(losses[-report_every:]) / report_every:.4f} "
-                              f"({time.perf_counter() - t0:.0f} s)", markup=False)
-        epoch_losses.append(sum(losses) / len(losses))
-        console.print(f"[sft] epoch {epoch}/{epochs}: loss {epoch_losses[-1]:.4f} ({time.perf_counter() - t0:.0f} s)", markup=False)
+    # A terminal shows it moving on a bar (running loss, ETA over every epoch); a plain console
+    # (CI logs, files), which a bar would only reach once at its end, gets a line now and then.
+    with Progress(*Progress.get_default_columns(), MofNCompleteColumn(), TimeElapsedColumn(), TextColumn("{task.fields[loss]}"),
+                  console=console, disable=not console.is_terminal) as bar:
+        task = bar.add_task("sft", total=epochs * n_batches, loss="")
+        for epoch in range(1, epochs + 1):
+            losses = []
+            for n, batch in enumerate(epoch_batches(lengths, batch_size, shuffle), start=1):
+                losses.append(learner.sft_step([samples[i] for i in batch])["loss"])
+                recent = sum(losses[-report_every:]) / len(losses[-report_every:])
+                bar.update(task, advance=1, description=f"sft epoch {epoch}/{epochs}", loss=f"loss {recent:.4f}")
+                if bar.disable and n % report_every == 0 and n < n_batches:
+                    console.print(f"[sft] epoch {epoch}/{epochs}: batch {n}/{n_batches}, loss {recent:.4f} "
+                                  f"({time.perf_counter() - t0:.0f} s)", markup=False)
+            epoch_losses.append(sum(losses) / len(losses))
+            console.print(f"[sft] epoch {epoch}/{epochs}: loss {epoch_losses[-1]:.4f} ({time.perf_counter() - t0:.0f} s)", markup=False)
     learner.save_hf(RunStorage(output), "")
     console.print(f"[sft] warm-started model saved to {output}", markup=False)
     return {"first_epoch_loss": epoch_losses[0], "last_epoch_loss": epoch_losses[-1]}

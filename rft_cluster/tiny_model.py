@@ -335,8 +335,11 @@ def _batches(tokenizer: Any, text: _Text, batch_size: int, seq_len: int) -> Iter
 
 
 def _pretrain(model: Any, tokenizer: Any, text: _Text, steps: int, batch_size: int, seq_len: int, lr: float) -> None:
-    """AdamW with linear warmup and cosine decay; prints the loss ten times."""
+    """AdamW with linear warmup and cosine decay. A terminal shows a bar (loss, ETA) and the last
+    loss; a plain console (CI logs, files), which a bar would reach only at its end, gets the loss ten times."""
     import torch
+    from rich.console import Console
+    from rich.progress import MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     warmup = max(1, steps // 10)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.01)
@@ -345,18 +348,25 @@ def _pretrain(model: Any, tokenizer: Any, text: _Text, steps: int, batch_size: i
     )
     model.train()
     t0, losses = time.perf_counter(), []
-    for step, (ids, labels) in zip(range(1, steps + 1), _batches(tokenizer, text, batch_size, seq_len)):
-        loss = model(input_ids=ids, labels=labels).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        schedule.step()
-        opt.zero_grad(set_to_none=True)
-        losses.append(loss.item())
-        if step % max(1, steps // 10) == 0 or step == steps:
-            print(f"[tiny-model] pre-training step {step}/{steps}: loss {sum(losses) / len(losses):.3f} "
-                  f"({time.perf_counter() - t0:.0f} s)", flush=True)
-            losses = []
+    every = max(1, steps // 10)  # the loss is averaged over windows of this many steps
+    console = Console()
+    with Progress(*Progress.get_default_columns(), MofNCompleteColumn(), TimeElapsedColumn(), TextColumn("{task.fields[loss]}"),
+                  console=console, disable=not console.is_terminal) as bar:
+        task = bar.add_task("tiny-model pre-training", total=steps, loss="")
+        for step, (ids, labels) in zip(range(1, steps + 1), _batches(tokenizer, text, batch_size, seq_len)):
+            loss = model(input_ids=ids, labels=labels).loss
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            schedule.step()
+            opt.zero_grad(set_to_none=True)
+            losses.append(loss.item())
+            bar.update(task, advance=1, loss=f"loss {sum(losses) / len(losses):.3f}")
+            if (bar.disable and step % every == 0) or step == steps:
+                console.print(f"[tiny-model] pre-training step {step}/{steps}: loss {sum(losses) / len(losses):.3f} "
+                              f"({time.perf_counter() - t0:.0f} s)", markup=False)
+            if step % every == 0:
+                losses = []
     model.eval()
 
 

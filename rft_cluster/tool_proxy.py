@@ -152,11 +152,10 @@ class ProxyClient:
     async def _send(proxy: Any, share: list[tuple[ToolCall, asyncio.Future[ToolResult]]]) -> None:
         try:
             results = await proxy.call_batch.remote([c for c, _ in share])
-        except Exception as e:  # the proxy is gone for good (restarts exhausted): each caller sees it
-            for _, future in share:
-                if not future.done():
-                    future.set_exception(e)
-            return
+        except Exception as e:  # the proxy is gone for good (restarts exhausted): each call says so
+            lost = f"the tool proxy actor is gone, its restarts used up ({type(e).__name__})"
+            results = [ToolResult(call_id, name, arguments, lost, ToolCallStatus.PROXY_LOST)
+                       for (name, arguments, call_id, _, _), _ in share]
         for (_, future), result in zip(share, results):
             if not future.done():  # a caller may have been cancelled (rollout timeout)
                 future.set_result(result)

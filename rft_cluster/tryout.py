@@ -16,7 +16,7 @@ from rich.text import Text
 
 from rft_cluster.config import JobSpec
 from rft_cluster.dataset import load_rows, row_item
-from rft_cluster.grader import GraderActor
+from rft_cluster.grader_actor import GraderActor
 from rft_cluster.redact import Redactor
 from rft_cluster.tool_proxy import ToolProxy, function_call_body
 from rft_cluster.types import GradeResult, ToolResult, grader_sample, new_trace_id

@@ -1,7 +1,7 @@
 """Records that cross actor boundaries: tool results, grades, trajectories, training samples.
 
 Plain dataclasses (cheap to pickle through Ray's object store). Field names are the Parquet
-column names documented in README.md.
+column names documented in docs/outputs.md.
 """
 
 from __future__ import annotations
@@ -39,6 +39,20 @@ class ToolCallStatus(str, Enum):
     TIMEOUT = "timeout"  # after all retries: the rollout is discarded
     MALFORMED = "malformed"  # the model's call could not be parsed or names no tool
     BAD_RESPONSE = "bad_response"  # the endpoint answered 2xx with a body we cannot read
+    PROXY_LOST = "proxy_lost"  # the tool proxy actor died with no restarts left: the rollout is discarded
+
+
+@dataclass
+class RolloutRequest:
+    """One rollout to run: a dataset row, its group, and its trace id."""
+
+    trace_id: str
+    prompt_id: str
+    group_id: str
+    step: int
+    messages: list[dict]
+    tools: list[dict]
+    item: dict[str, Any]
 
 
 @dataclass
@@ -61,6 +75,7 @@ class ToolResult:
             ToolCallStatus.SERVER_ERROR,
             ToolCallStatus.CONNECTION_ERROR,
             ToolCallStatus.TIMEOUT,
+            ToolCallStatus.PROXY_LOST,
         )
 
 

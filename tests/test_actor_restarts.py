@@ -17,10 +17,10 @@ from aiohttp import web
 
 from rft_cluster.actor_restarts import restartable
 from rft_cluster.config import EndpointGrader, ToolSettings, ToolSpec
-from rft_cluster.grader import GraderActor
+from rft_cluster.grader_actor import GraderActor
 from rft_cluster.serving import ThreadedServer
 from rft_cluster.tool_proxy import ProxyClient, ToolProxy
-from rft_cluster.types import ToolCallStatus
+from rft_cluster.types import ToolCallStatus, ToolResult
 
 HOLD_S = 1.0  # the endpoint answers this late, so a kill lands while calls are in flight
 
@@ -122,13 +122,16 @@ def test_killed_grader_restarts_and_in_flight_grades_return_normally(ray_local: 
 
 
 def test_without_restarts_the_caller_sees_the_death(ray_local: None, endpoint: tuple[SlowEndpoint, str]) -> None:
+    """A proxy out of restarts fails its calls as `proxy_lost` (fatal: the rollout ends
+    `tool_failed` naming it), not as an exception the rollout would blame on its engine."""
     slow, url = endpoint
     proxy = ray.remote(ToolProxy).options(num_cpus=0, **restartable(0)).remote([ToolSpec(name="slow", server_url=f"{url}/tool")], ToolSettings())
 
-    async def scenario() -> None:
+    async def scenario() -> ToolResult:
         pending = asyncio.ensure_future(ProxyClient([proxy]).call("slow", "{}", "call_x", "trace_x", {}))
         await asyncio.to_thread(kill_when, proxy, lambda: len(slow.bodies["tool"]) == 1)
-        await asyncio.wait_for(pending, timeout=60)
+        return await asyncio.wait_for(pending, timeout=60)
 
-    with pytest.raises(ray.exceptions.ActorDiedError):
-        asyncio.run(scenario())
+    result = asyncio.run(scenario())
+    assert (result.call_id, result.status, result.fatal) == ("call_x", ToolCallStatus.PROXY_LOST, True)
+    assert "ActorDiedError" in result.output

@@ -30,6 +30,7 @@ def test_a_written_result_records_commit_machine_versions_and_backends(tmp_path:
     common = load_common()
     written = json.loads(common.write_result(tmp_path, "x.json", {"calls_per_s": 12.5}).read_text())
     assert written["calls_per_s"] == 12.5
+    assert written["command"].split()[1:3] == [sys.argv[0], *sys.argv[1:2]]  # what measured it
     head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True).stdout.strip()
     assert written["commit"].removesuffix("-dirty") == head
     assert written["machine"]["cpus"] == os.cpu_count() and written["machine"]["memory_gb"] > 0
@@ -42,6 +43,15 @@ def test_a_written_result_records_commit_machine_versions_and_backends(tmp_path:
         "learner_collectives": "nccl" if torch.cuda.is_available() else "gloo",
         "finqa_search": "bm25",
     }
+
+
+def test_a_result_from_uncommitted_changes_is_not_written_into_the_committed_results(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    common = load_common()
+    monkeypatch.setattr(common, "metadata", lambda: {"commit": "abc-dirty"})
+    with pytest.raises(SystemExit, match="uncommitted changes"):
+        common.write_result(common.RESULTS, "never.json", {"x": 1})
+    assert not (common.RESULTS / "never.json").exists()
+    assert json.loads(common.write_result(tmp_path, "scratch.json", {"x": 1}).read_text())["commit"] == "abc-dirty"
 
 
 def test_finqa_search_falls_back_to_bm25_with_a_warning_only_when_asked_for_auto(monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:

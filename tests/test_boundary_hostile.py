@@ -24,11 +24,11 @@ from rft_cluster.config import Grader, ToolSettings, ToolSpec
 from rft_cluster.envs.finqa.corpus import generate_reports, write_corpus
 from rft_cluster.envs.finqa.server import FinQAServers
 from rft_cluster.envs.finqa.tools import FinQATools, ToolError
-from rft_cluster.grader import GraderActor
+from rft_cluster.grader_actor import GraderActor
 from rft_cluster.grpo import group_advantages
 from rft_cluster.http import RETRY_AFTER_MAX_S, retry_after_s
 from rft_cluster.serving import ThreadedServer
-from rft_cluster.store import TrajectoryStore
+from rft_cluster.trajectory_store import TrajectoryStore
 from rft_cluster.tool_proxy import ToolProxy
 from rft_cluster.types import ToolCallStatus, ToolResult, Trajectory
 

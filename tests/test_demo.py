@@ -14,7 +14,7 @@ import yaml
 from rft_cluster.cli import DEFAULT_JOB
 from rft_cluster.demo import DemoSize, run_demo
 from rft_cluster.report import PLOT_FILES
-from rft_cluster.store import TrajectoryStore
+from rft_cluster.trajectory_store import TrajectoryStore
 
 SIZE = DemoSize(n_companies=6, years=(2020, 2021), n_train=8, n_valid=4, n_demonstrations=12, sft_epochs=2)
 BATCH, GROUP, STEPS = 2, 2, 2

@@ -14,7 +14,7 @@ import pytest
 from transformers import AutoModelForCausalLM
 
 from rft_cluster.driver import train
-from rft_cluster.store import TrajectoryStore
+from rft_cluster.trajectory_store import TrajectoryStore
 from rft_cluster.types import RolloutStatus
 from tests.conftest import trace_score
 from tests.wandb_log import wandb_history

@@ -18,7 +18,7 @@ from rft_cluster.config import EndpointGrader, load_job
 from rft_cluster.driver import train
 from rft_cluster.families import FAMILIES
 from rft_cluster.formats import TurnParser
-from rft_cluster.store import TrajectoryStore
+from rft_cluster.trajectory_store import TrajectoryStore
 from tests.conftest import LEDGER_JOB, _built
 
 pytestmark = pytest.mark.slow

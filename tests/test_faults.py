@@ -25,7 +25,7 @@ import ray
 from rft_cluster.driver import Cluster, Trainer, train
 from rft_cluster.serving import ThreadedServer
 from rft_cluster.storage import RunStorage
-from rft_cluster.store import TrajectoryStore
+from rft_cluster.trajectory_store import TrajectoryStore
 from tests.conftest import DelayedTool
 
 pytestmark = pytest.mark.slow

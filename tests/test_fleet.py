@@ -19,7 +19,7 @@ from aiohttp import web
 
 from rft_cluster.driver import train
 from rft_cluster.serving import ThreadedServer
-from rft_cluster.store import TrajectoryStore
+from rft_cluster.trajectory_store import TrajectoryStore
 from tests.conftest import LEDGER_JOB, DelayedTool
 from tests.ray_cluster import RayCluster
 

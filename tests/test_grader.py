@@ -14,7 +14,7 @@ from aiohttp import web
 
 from rft_cluster.config import EndpointGrader, StringCheckGrader, ToolSettings
 from rft_cluster.envs.ledger import LedgerServers
-from rft_cluster.grader import GraderActor, TemplateError, render_template
+from rft_cluster.grader_actor import GraderActor, TemplateError, render_template
 from tests.recording_server import RecordingServer
 
 FAST = ToolSettings(timeout_s=1.0, max_retries=2, backoff_s=0.01)

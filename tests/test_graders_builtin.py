@@ -13,7 +13,7 @@ import yaml
 from pydantic import TypeAdapter, ValidationError
 
 from rft_cluster.config import Grader
-from rft_cluster.grader import GraderActor
+from rft_cluster.grader_actor import GraderActor
 from tests.test_grader import FAST, ITEM, SAMPLE
 
 GRADER = TypeAdapter(Grader)

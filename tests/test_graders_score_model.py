@@ -23,7 +23,7 @@ from aiohttp import web
 
 from rft_cluster.config import ScoreModelGrader
 from rft_cluster.envs.ledger import SYSTEM_PROMPT
-from rft_cluster.grader import GraderActor
+from rft_cluster.grader_actor import GraderActor
 from rft_cluster.graders.score_model import parse_score
 from tests.recording_server import RecordingServer
 from tests.test_grader import FAST, ITEM, SAMPLE

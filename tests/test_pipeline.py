@@ -4,8 +4,7 @@ which rollouts are too stale to train on."""
 from __future__ import annotations
 
 from rft_cluster.pipeline import Batch, Staleness, drop_stale
-from rft_cluster.rollout_worker import RolloutRequest
-from rft_cluster.types import RolloutStatus, Trajectory
+from rft_cluster.types import RolloutRequest, RolloutStatus, Trajectory
 
 TRAINABLE = (RolloutStatus.OK, RolloutStatus.BUDGET_EXHAUSTED)
 

@@ -79,6 +79,7 @@ def test_precheck_on_real_rollouts_says_go_and_no_go(ray_local, demo_job, tmp_pa
     assert report["verdict"]["ok"] and f["groups_no_signal_frac"] == 0.0 and f["graded"] == f["status/ok"] + f["status/budget_exhausted"] > 0
     assert f["tool_calls_per_rollout"] > 0  # the warm-started policy calls the ledger's tool
     assert report["parsers"]["tool_call_parser"] == "hermes" and f["format/unparsed_call_like"] == 0
+    assert report["roles"] == {"rollout_worker": 1, "tool_proxy": 1, "grader": 1}  # it never trains: no learner
 
     # The wrong parser for this Hermes-format model: no call is read, and precheck says which would.
     demo_job.cluster.engine.tool_call_parser = "qwen3_coder"

@@ -22,7 +22,7 @@ from rft_cluster.config import load_job
 from rft_cluster.metrics import RunLogger
 from rft_cluster.redact import Redactor, redact_logs
 from rft_cluster.serving import ThreadedServer
-from rft_cluster.store import TrajectoryStore
+from rft_cluster.trajectory_store import TrajectoryStore
 from rft_cluster.types import RolloutStatus, ToolCallStatus, ToolResult, Trajectory
 
 PLANTED = "planted-Secret/9f+x 7"  # with characters a URL quotes, so its encoded forms matter
@@ -238,7 +238,7 @@ def test_proxy_and_grader_actors_redact_observations_errors_and_their_logs(serve
     import ray
 
     from rft_cluster.config import EndpointGrader, ToolSettings, ToolSpec
-    from rft_cluster.grader import GraderActor
+    from rft_cluster.grader_actor import GraderActor
     from rft_cluster.tool_proxy import ToolProxy
 
     redactor = Redactor(SECRET_ENV)

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from rft_cluster.checkpoints import CheckpointDir
-from rft_cluster.store import TrajectoryStore
+from rft_cluster.trajectory_store import TrajectoryStore
 
 pytestmark = pytest.mark.slow
 STEPS = 4

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 from pathlib import Path
 
@@ -13,8 +14,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from rft_cluster.config import EngineSpec, LearnerSpec
 from rft_cluster.driver import Trainer
 from rft_cluster.learner_group import LearnerGroup
-from rft_cluster.rollout_worker import RolloutRequest, RolloutWorker, SamplingSettings
-from rft_cluster.types import RolloutStatus, ToolCallStatus, Trajectory
+from rft_cluster.rollout_worker import RolloutWorker, SamplingSettings
+from rft_cluster.types import RolloutRequest, RolloutStatus, ToolCallStatus, Trajectory
 from rft_cluster.weight_sync import publish, publish_from
 
 pytestmark = pytest.mark.slow
@@ -247,3 +248,18 @@ def test_a_rollout_in_flight_across_a_publish_goes_on_with_the_new_weights(
     assert crossed, "the publish should land mid-turn in some rollout"
     counts = ray.get(rollout_worker.engine_stats.remote())
     assert counts["generated_tokens"] - stats["generated_tokens"] == sum(t.generated_tokens for t in [*trajs, probed])
+
+
+def test_a_turns_sampling_seed_repeats_in_another_process() -> None:
+    """A seeded run repeats: the seed of a turn does not depend on the process's hash salt."""
+    import subprocess
+    import sys
+
+    from rft_cluster.rollout_worker import turn_seed
+
+    code = "from rft_cluster.rollout_worker import turn_seed; print(turn_seed(7, 'trace_ab', 2))"
+    others = {subprocess.run([sys.executable, "-c", code], env={**os.environ, "PYTHONHASHSEED": salt}, check=True,
+                             capture_output=True, text=True).stdout.strip() for salt in ("1", "2")}
+    assert others == {str(turn_seed(7, "trace_ab", 2))}
+    assert len({turn_seed(7, "trace_ab", t) for t in range(4)} | {turn_seed(8, "trace_ab", 2)}) == 5
+    assert 0 <= turn_seed(7, "trace_ab", 2) < 2**31

@@ -21,7 +21,7 @@ from transformers import AutoModelForCausalLM
 
 from rft_cluster.checkpoints import CheckpointDir
 from rft_cluster.storage import RunStorage
-from rft_cluster.store import TrajectoryStore
+from rft_cluster.trajectory_store import TrajectoryStore
 from tests.conftest import S3Server
 from tests.wandb_log import wandb_history
 

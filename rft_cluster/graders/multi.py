@@ -9,7 +9,7 @@ from typing import Any
 
 from rft_cluster.config import MultiGrader
 from rft_cluster.graders.base import BaseGrader
-from rft_cluster.graders.formula import Formula, FormulaError
+from rft_cluster.formula import Formula, FormulaError
 from rft_cluster.types import GradeResult
 
 

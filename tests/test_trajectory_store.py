@@ -8,7 +8,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from rft_cluster.store import SCHEMA, TrajectoryStore
+from rft_cluster.trajectory_store import SCHEMA, TrajectoryStore
 from rft_cluster.types import RolloutStatus, ToolCallStatus, ToolResult, Trajectory
 from tests.conftest import RunLocation
 

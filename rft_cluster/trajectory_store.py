@@ -23,7 +23,7 @@ one `write_table` per step here.)
 | `weight_versions` | list<int32> | weight version that sampled each token (-1 where `loss_mask` is 0) |
 | `prompt_len` | int32 | number of leading prompt tokens in `token_ids` |
 | `output_text` | string | the final answer text the grader saw |
-| `tool_calls` | list<struct> | one entry per call, in order: `call_id`, `name`, `arguments` (JSON string), `output` (text shown to the model), `status` (`ok`, `client_error`, `server_error`, `connection_error`, `timeout`, `malformed`, `bad_response`), `http_status` (int32, null without a response), `latency_s` (float64, all attempts), `attempts` (int32) |
+| `tool_calls` | list<struct> | one entry per call, in order: `call_id`, `name`, `arguments` (JSON string), `output` (text shown to the model), `status` (`ok`, `client_error`, `server_error`, `connection_error`, `timeout`, `malformed`, `bad_response`, `proxy_lost`), `http_status` (int32, null without a response), `latency_s` (float64, all attempts), `attempts` (int32) |
 | `score` | float64, nullable | the grader's score; null when the rollout was not graded or the grader failed |
 | `reward` | float64, nullable | the reward trained on: `score` minus the tool-call and reasoning-token penalties |
 | `status` | string | `ok`, `budget_exhausted`, `tool_failed`, `grader_failed`, `engine_failed`, `timeout`, `worker_lost`, `stale`, `format_failed` |
