@@ -330,6 +330,8 @@ class Trainer:
             project=self.job.wandb.project,
             redactor=self.job.redactor,
         )
+        if self.job.wandb.mode != "disabled":
+            self.printer.note(f"[rft] W&B run ({self.job.wandb.mode}) in {self.storage.uri_for('wandb')}")
         try:
             order = batches(len(self.train_rows), self.hp.batch_size, self.job.seed)
             first = 1

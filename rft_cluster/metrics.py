@@ -198,8 +198,10 @@ class RunLogger:
             parent.mkdir(parents=True, exist_ok=True)
             # One W&B run per output: a resumed run continues the id the first one recorded.
             run_id = self.storage.read_text(self.WANDB_ID).strip() if self.storage.exists(self.WANDB_ID) else uuid.uuid4().hex[:12]
+            # Silent: W&B's banner and end-of-run history would sit between the step rows; the
+            # driver prints where the run is instead.
             self._run = wandb.init(mode=wandb_mode, dir=parent, project=self._redact.text(project), name=self._redact.text(job_name),
-                                   config=self._redact(config), id=run_id, resume="allow")
+                                   config=self._redact(config), id=run_id, resume="allow", settings=wandb.Settings(silent=True))
             self.storage.write_text(self.WANDB_ID, run_id)
             self.wandb_run_dir = Path(self._run.dir).parent
 
