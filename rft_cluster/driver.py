@@ -41,7 +41,7 @@ from rft_cluster.grader_actor import GraderActor
 from rft_cluster.grpo import group_advantages, shaped_reward
 from rft_cluster.learner_group import LearnerGroup
 from rft_cluster.metrics import (
-    RunLogger, StepPrinter, format_metrics, format_warning, parsers_line, rollout_metrics, signal_metrics, signal_warning,
+    RunLogger, StepPrinter, format_metrics, parsers_line, rollout_metrics, signal_metrics, signal_warning, unread_calls,
 )
 from rft_cluster.pipeline import Batch, Staleness, drop_stale
 from rft_cluster.redact import Redactor, redact_logs
@@ -365,10 +365,10 @@ class Trainer:
                     logger.upload_wandb()
                 logger.log(step, metrics, nodes=c.nodes)
                 self.printer.print_step(step, metrics)
-                for warning in (signal_warning(metrics, self.hp.group_size),
-                                format_warning(metrics, c.startup["parsers"]["tool_call_parser"])):
-                    if warning:
-                        self.printer.note(warning)
+                if warning := signal_warning(metrics, self.hp.group_size):
+                    self.printer.note(warning)
+                if unread := unread_calls(metrics, c.startup["parsers"]["tool_call_parser"]):
+                    self.printer.note(f"[rft] warning: {unread}")
                 last_done = time.perf_counter()
             final = c.learner.save_hf(self.storage, "final")
             self.printer.note(f"[rft] final policy saved to {final}")

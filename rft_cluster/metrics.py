@@ -92,7 +92,7 @@ def rollout_metrics(trajs: list[Trajectory], prefix: str = "train", pass_thresho
 # Above this share of a step's groups without signal, `train` warns (signal_warning).
 NO_SIGNAL_WARN_FRAC = 0.5
 # Above this share of rollouts with a turn that looks like an unread call, `train` warns and
-# `precheck` says NO-GO (format_warning).
+# `precheck` says NO-GO (unread_calls).
 UNPARSED_WARN_FRAC = 0.5
 
 
@@ -132,15 +132,15 @@ def format_metrics(trajs: list[Trajectory]) -> dict[str, float]:
     return out
 
 
-def format_warning(metrics: dict[str, float], tool_call_parser: str) -> str | None:
-    """A warning line when most rollouts wrote what looks like a call the parser did not read."""
+def unread_calls(metrics: dict[str, float], tool_call_parser: str) -> str | None:
+    """What is wrong when most rollouts wrote what looks like a call the parser did not read, else None."""
     frac = metrics.get("format/unparsed_call_like_rollouts_frac", 0.0)
     if frac <= UNPARSED_WARN_FRAC:
         return None
     likely = max((k for k in metrics if k.startswith("format/unparsed_call_like/")), key=metrics.__getitem__).rsplit("/", 1)[1]
     why = (f"calls in its own format that the {likely} parser could not read (malformed)" if likely == tool_call_parser
            else f"what looks like {likely} tool calls, which the {tool_call_parser} parser does not read: set cluster.engine.tool_call_parser: {likely}")
-    return f"[rft] warning: {frac:.0%} of rollouts wrote {why}"
+    return f"{frac:.0%} of rollouts wrote {why}"
 
 
 def parsers_line(parsers: dict[str, str]) -> str:

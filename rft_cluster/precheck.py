@@ -18,7 +18,7 @@ from typing import Any, Literal
 
 from rft_cluster.config import JobSpec
 from rft_cluster.metrics import (
-    NO_SIGNAL_WARN_FRAC, format_metrics, format_warning, parsers_line, rollout_metrics, signal_metrics,
+    NO_SIGNAL_WARN_FRAC, format_metrics, parsers_line, rollout_metrics, signal_metrics, unread_calls,
 )
 from rft_cluster.types import RolloutStatus, Trajectory
 
@@ -38,8 +38,8 @@ class Verdict:
 def verdict(figures: dict[str, float], group_size: int, tool_call_parser: str) -> Verdict:
     """The pre-check's conclusion from its figures (`summarize`), the first problem found first:
     calls the parser does not read explain every figure after them."""
-    if unread := format_warning(figures, tool_call_parser):
-        return Verdict(False, unread.removeprefix("[rft] warning: "))
+    if unread := unread_calls(figures, tool_call_parser):
+        return Verdict(False, unread)
     n = figures["rollouts"]
     failed = n - figures["graded"]
     if figures["graded"] == 0:

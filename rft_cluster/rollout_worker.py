@@ -205,19 +205,20 @@ class RolloutWorker:
             if room <= 0:
                 return RolloutStatus.BUDGET_EXHAUSTED, "context length exhausted"
             turn = await self._generate(ep.ids, min(s.max_tokens_per_turn, room), s, req.trace_id, ep.turns)
-            context = ep.ids[:]
+            # Parsed against its context before the turn joins it (the parser keeps no reference).
+            parsed = self.parser.parse(self.codec.turn_text(turn.ids), turn.ids, ep.ids, request)
             ep.sampled(turn)
             ep.turns += 1
-            parsed = self.parser.parse(self.codec.turn_text(turn.ids), turn.ids, context, request)
             ep.reasoning_tokens += parsed.reasoning_tokens
             if parsed.unparsed_call_like is not None:
                 ep.unparsed_call_like.append(parsed.unparsed_call_like)
-            ep.assistant_messages.append(parsed.message())
+            message = parsed.message()
+            ep.assistant_messages.append(message)
             if not parsed.calls:
                 return RolloutStatus.OK, None
             if len(ep.tool_calls) + len(parsed.calls) > s.max_episode_steps:
                 return RolloutStatus.BUDGET_EXHAUSTED, f"tool-call budget of {s.max_episode_steps} exhausted"
-            calls = [c.message() for c in parsed.calls]
+            calls = message["tool_calls"]
             results = await asyncio.gather(*(self._call_tool(c, req) for c in parsed.calls))
             ep.tool_calls += results
             fatal = next((r for r in results if r.fatal), None)
