@@ -40,25 +40,30 @@ def metadata() -> dict[str, Any]:
     import shlex
     import subprocess
     import sys
-    from importlib.metadata import PackageNotFoundError, version
-
     repo = RESULTS.parent.parent
     sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True).stdout.strip()
     dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=repo, capture_output=True, text=True).stdout
-    versions = {}
-    for package in PACKAGES:
-        try:
-            versions[package] = version(package)
-        except PackageNotFoundError:
-            pass
     return {
         "commit": sha + ("-dirty" if dirty.strip() else ""),
         "command": shlex.join([sys.executable.rsplit("/", 1)[-1], *sys.argv]),
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
                     "memory_gb": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1)},
-        "versions": versions,
+        "versions": versions(),
         "backends": backends(),
     }
+
+
+def versions() -> dict[str, str]:
+    """The installed versions of `PACKAGES` (those not installed are left out)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {}
+    for package in PACKAGES:
+        try:
+            out[package] = version(package)
+        except PackageNotFoundError:
+            pass
+    return out
 
 
 def backends() -> dict[str, str]:

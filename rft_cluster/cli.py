@@ -22,34 +22,45 @@ def _non_negative(text: str) -> int:
     return value
 
 
-def _check(job_path: Path) -> list[str]:
-    """Prints the job's problems and warnings (one line each) to stderr; returns the problems."""
+def _check(job_path: Path, output: str | None = None) -> list[str]:
+    """Prints the job's problems and warnings (one line each) to stderr; returns the problems.
+    `output`: `train --output`, whose storage is built too."""
     from rft_cluster.dataset import check_job_and_data
 
-    problems, warnings = check_job_and_data(job_path)
+    problems, warnings = check_job_and_data(job_path, output=output)
     for line in problems + warnings:
         print(line, file=sys.stderr)
     return problems
 
 
 def _validate(args: argparse.Namespace) -> int:
+    from rft_cluster.grader_actor import deadlines
+
     problems = _check(Path(args.job))
     if problems:
         print(f"{len(problems)} problem(s) found; nothing was started.", file=sys.stderr)
         return 1
+    job = _load(Path(args.job))
+    for deadline in deadlines(job.rl):  # what the run enforces, stated (preflight refused any that cannot fit)
+        print(job.redactor.text(deadline.line()))
     print(f"{args.job}: job and datasets are valid.")
     return 0
 
 
-def _load_or_exit(job_path: Path):
-    from rft_cluster.config import SpecError, load_job
-
-    problems = _check(job_path)
+def _load_or_exit(job_path: Path, output: str | None = None):
+    problems = _check(job_path, output)
     if problems:
         sys.exit(f"{len(problems)} problem(s) in {job_path}; fix them first (see `rft-cluster validate`).")
+    return _load(job_path)
+
+
+def _load(job_path: Path):
+    """The job `_check` found no problem in."""
+    from rft_cluster.config import SpecError, load_job
+
     try:
         return load_job(job_path)
-    except SpecError as e:  # validated above; kept for a file changed in between
+    except SpecError as e:  # checked already; kept for a file changed in between
         sys.exit(str(e))
 
 
@@ -57,7 +68,7 @@ def _train(args: argparse.Namespace) -> int:
     from rft_cluster.driver import train
     from rft_cluster.placement import PlacementError
 
-    job = _load_or_exit(Path(args.job))
+    job = _load_or_exit(Path(args.job), args.output)  # before any actor starts
     try:
         result = train(job, args.output, max_steps=args.max_steps, resume=args.resume, verbose=args.verbose)
     except PlacementError as e:

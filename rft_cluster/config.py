@@ -14,11 +14,12 @@ import ast as _ast
 import keyword as _keyword
 import math
 import os
+import random as _random
 import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal, Union
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 from pydantic import AfterValidator, AliasChoices, BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, ValidationInfo, field_validator, model_validator
 from pydantic import Strict as _StrictType
@@ -27,7 +28,7 @@ from rft_cluster.formats import REASONING_PARSERS, TOOL_CALL_PARSERS, known_pars
 from rft_cluster.formula import FUNCTIONS as _FORMULA_FUNCTIONS
 from rft_cluster.formula import Formula, FormulaError
 from rft_cluster.jobfile import CONTROL, ENV_REF, Document, EnvFindings, KeyPath, SpecError, expand_env, read_document
-from rft_cluster.redact import Redactor
+from rft_cluster.redact import Redactor, strings_in, url_credentials
 
 Auto = Literal["auto"]
 
@@ -60,27 +61,42 @@ def _not_blank(value: str) -> str:
     return value
 
 
+# Stands for a `${VAR}` still unset (set on the cluster) when a URL's form is checked: valid as
+# a host, a port, credentials or a path.
+_UNSET_PLACEHOLDER = "1"
+
+
 def _http_url(value: str) -> str:
-    """An http(s) URL with a host. A `${VAR}` still in it is unset here and checked where it is
-    set. Errors name the scheme, never the URL (it may hold a secret)."""
-    if ENV_REF.search(value):
-        return value
+    """An http(s) URL with a host the resolver can encode (IDNA: no empty label, none over 63
+    characters) and credentials aiohttp can send (Latin-1). A `${VAR}` still in it is unset
+    here: the form around it is checked with a placeholder, unless the URL starts with it (it
+    holds the scheme). Errors name the scheme, never the URL (it may hold a secret)."""
     if CONTROL.search(value) or " " in value:
         raise ValueError("URL holds a space, line break or control character")
+    if ENV_REF.match(value):
+        return value
     try:
-        parts = urlsplit(value)
+        parts = urlsplit(ENV_REF.sub(_UNSET_PLACEHOLDER, value))
         parts.port  # noqa: B018 - raises for a port out of range
     except ValueError as e:
         raise ValueError(f"not a valid URL: {e}") from None
     if parts.scheme not in ("http", "https") or not parts.hostname:
         got = f"scheme {parts.scheme!r}" if parts.scheme else "no scheme"
         raise ValueError(f"must be an http:// or https:// URL with a host, got {got}")
+    try:
+        parts.hostname.encode("idna")  # what the resolver does with it
+    except UnicodeError:
+        raise ValueError("the host is not a valid DNS name: a label is empty or over 63 characters") from None
+    try:
+        f"{unquote(parts.username or '')}:{unquote(parts.password or '')}".encode("latin-1")
+    except UnicodeEncodeError:
+        raise ValueError("the URL's credentials hold a character outside Latin-1: Basic auth cannot send it") from None
     return value
 
 
 def _headers(headers: dict[str, str]) -> dict[str, str]:
     for name, value in headers.items():
-        if not _HEADER_NAME.match(name):
+        if not _HEADER_NAME.fullmatch(name):  # `match` with `$` would let a final newline through
             raise ValueError(f"header name {name!r} is not an HTTP token (letters, digits, !#$%&'*+-.^_`|~)")
         if CONTROL.search(value):  # CR/LF would start a new header: request smuggling
             raise ValueError(f"header {name!r}: the value holds a line break or control character")
@@ -129,6 +145,26 @@ _PASS_THRESHOLD = (
 
 # The widest score_range: rewards far beyond it would overflow a group's statistics (1e308 + 1e308).
 MAX_SCORE_MAGNITUDE = 1e6
+# A score this many ulps past an end of score_range counts as at that end: float sums of weights
+# that add up to 1 land a rounding step above it (0.4 + 0.2 + 0.3 + 0.1).
+SCORE_RANGE_ULPS = 4
+
+
+def score_tolerance(score_range: tuple[float, float]) -> float:
+    """How far float rounding may carry a score past either end of `score_range`: SCORE_RANGE_ULPS
+    ulps of the end of larger magnitude, at both ends. Rounding errors scale with the magnitudes
+    a score is computed from, not with the end it lands at: an end of 0 has ulps of 5e-324, yet
+    `0.3 - 0.1 * 3` lands 5.6e-17 below it; and a span-relative epsilon would be under one ulp for
+    a narrow range far from 0 ([1e6 - 1, 1e6])."""
+    return SCORE_RANGE_ULPS * math.ulp(max(abs(score_range[0]), abs(score_range[1])))
+
+
+def in_score_range(score: float, score_range: tuple[float, float]) -> bool:
+    """Whether `score` lies within `score_range` up to float rounding (`score_tolerance`): one
+    rule for validate's formula check and the run's check of every grade (graders/base.py)."""
+    low, high = score_range
+    tolerance = score_tolerance(score_range)
+    return low - tolerance <= score <= high + tolerance
 
 
 class GraderCommon(Strict):
@@ -141,6 +177,10 @@ class GraderCommon(Strict):
                     "score, like a non-finite one, fails the grade as `grader_failed`.",
     )
 
+    # The scores the grader's type gives before score_range applies (string_check: 0 or 1);
+    # none: any number.
+    NATIVE_SCORES: ClassVar[tuple[float, float] | None] = None
+
     @field_validator("score_range")
     @classmethod
     def _score_range_is_an_interval(cls, value: tuple[float, float]) -> tuple[float, float]:
@@ -148,8 +188,30 @@ class GraderCommon(Strict):
             raise ValueError(f"score_range bounds must lie within ±{MAX_SCORE_MAGNITUDE:g}, got {list(value)}")
         return value
 
+    @field_validator("pass_threshold", check_fields=False)
+    @classmethod
+    def _threshold_splits_the_scores(cls, threshold: float | None, info: ValidationInfo) -> float | None:
+        if threshold is None or "score_range" not in info.data:
+            return threshold
+        low, high = _reachable(cls.NATIVE_SCORES, info.data["score_range"])
+        if not low < threshold <= high:
+            pass_rate = "every score passes" if threshold <= low else "no score can pass"
+            raise ValueError(f"{threshold:g} is outside ({low:g}, {high:g}], the scores this grader gives: {pass_rate}, the pass rate is constant")
+        return threshold
+
+    def reachable(self) -> tuple[float, float]:
+        """The lowest and highest score this grader can give."""
+        return _reachable(self.NATIVE_SCORES, self.score_range)
+
+
+def _reachable(native: tuple[float, float] | None, score_range: tuple[float, float]) -> tuple[float, float]:
+    if native is None:
+        return score_range
+    return max(native[0], score_range[0]), min(native[1], score_range[1])
+
 
 class StringCheckGrader(GraderCommon):
+    NATIVE_SCORES: ClassVar[tuple[float, float] | None] = (0.0, 1.0)
     type: Literal["string_check"] = Field(
         description="`string_check`: scores 1.0 when `input` compared with `reference` by `operation` holds, else 0.0.",
     )
@@ -165,6 +227,8 @@ class StringCheckGrader(GraderCommon):
 
 class TextSimilarityGrader(GraderCommon):
     """Similarity of two rendered templates in [0, 1] (metrics: rft_cluster/graders/text_similarity.py)."""
+
+    NATIVE_SCORES: ClassVar[tuple[float, float] | None] = (0.0, 1.0)
 
     type: Literal["text_similarity"] = Field(
         description="`text_similarity`: scores how similar `input` is to `reference`, in [0, 1], by `evaluation_metric`.",
@@ -232,6 +296,8 @@ class JudgeSamplingParams(Strict):
 
 class ScoreModelGrader(GraderCommon):
     """An LLM judge on any OpenAI-compatible chat endpoint (`base_url`, `headers` are ours)."""
+
+    NATIVE_SCORES: ClassVar[tuple[float, float] | None] = (0.0, 1.0)  # the judge's score mapped from `range`
 
     type: Literal["score_model"] = Field(
         description="`score_model`: an LLM judge on an OpenAI-compatible chat endpoint; the score read from its "
@@ -308,16 +374,26 @@ class PythonGrader(GraderCommon):
             raise ValueError(f"source line {e.lineno}: {e.msg}" if e.lineno else e.msg) from None
         except (RecursionError, MemoryError):  # CPython's parser reports a deep expression as either
             raise ValueError("source is nested too deeply to compile") from None
-        grades = [node for node in module.body if isinstance(node, (_ast.FunctionDef, _ast.AsyncFunctionDef)) and node.name == "grade"]
+        grades = [node for node in module.body if _binds_grade(node)]
         if not grades:
             raise ValueError("source must define a top-level function `grade(sample, item)`")
-        problem = _grade_signature_problem(grades[-1])  # the last definition is the one that runs
-        if problem:
-            raise ValueError(f"source line {grades[-1].lineno}: {problem}")
+        last = grades[-1]  # the last definition is the one that runs
+        fn = last.value if isinstance(last, (_ast.Assign, _ast.AnnAssign)) else last
+        # `grade = make_grader()` can only be checked by calling it: it is, at run time.
+        if isinstance(fn, (_ast.FunctionDef, _ast.AsyncFunctionDef, _ast.Lambda)) and (problem := _grade_signature_problem(fn)):
+            raise ValueError(f"source line {last.lineno}: {problem}")
         return source
 
 
-def _grade_signature_problem(grade: _ast.FunctionDef | _ast.AsyncFunctionDef) -> str | None:
+def _binds_grade(node: _ast.stmt) -> bool:
+    """Whether a top-level statement defines `grade`: `def`, or an assignment (`grade = lambda ...`)."""
+    if isinstance(node, (_ast.FunctionDef, _ast.AsyncFunctionDef)):
+        return node.name == "grade"
+    targets = node.targets if isinstance(node, _ast.Assign) else [node.target] if isinstance(node, _ast.AnnAssign) and node.value else []
+    return any(isinstance(t, _ast.Name) and t.id == "grade" for t in targets)
+
+
+def _grade_signature_problem(grade: _ast.FunctionDef | _ast.AsyncFunctionDef | _ast.Lambda) -> str | None:
     """Why `grade` cannot be called as `grade(sample, item)` and return a number, or None."""
     if isinstance(grade, _ast.AsyncFunctionDef):
         return "`async def grade` returns a coroutine, not a number: define it with plain `def`"
@@ -359,12 +435,53 @@ class MultiGrader(GraderCommon):
     @field_validator("calculate_output")
     @classmethod
     def _formula_is_safe(cls, expression: str, info: ValidationInfo) -> str:
-        if "graders" in info.data:  # else the graders already failed and were reported
+        if "graders" in info.data and "score_range" in info.data:  # else they failed and were reported
             try:
-                Formula(expression, info.data["graders"])
+                formula = Formula(expression, info.data["graders"])
             except FormulaError as e:
                 raise ValueError(str(e)) from None
+            if problem := _formula_problem(formula, info.data["graders"], info.data["score_range"]):
+                raise ValueError(problem)
         return expression
+
+
+# Sub-graders up to which every corner of their scores is tried (2^8 evaluations).
+_ALL_CORNERS_UP_TO = 8
+
+
+def _score_samples(graders: dict[str, GraderCommon]) -> list[dict[str, float]]:
+    """Sub-score combinations a step can produce: the corners of their reachable ranges (all of
+    them for a few sub-graders, else each one high alone and low alone), their middle, and seeded
+    points inside (string_check gives only its ends)."""
+    bounds = {name: sub.reachable() for name, sub in graders.items()}
+    names = list(bounds)
+    if len(names) <= _ALL_CORNERS_UP_TO:
+        corners = [{n: bounds[n][(mask >> i) & 1] for i, n in enumerate(names)} for mask in range(2 ** len(names))]
+    else:
+        corners = [{n: bounds[n][int(n == m) ^ flip] for n in names} for m in names for flip in (0, 1)]
+    rng = _random.Random(0)
+    inside = [{n: low + (high - low) * f for n, (low, high) in bounds.items()} for f in (0.5, *(rng.random() for _ in range(8)))]
+    continuous = [n for n, sub in graders.items() if not isinstance(sub, StringCheckGrader)]
+    return corners + [{**corners[0], **{n: point[n] for n in continuous}} for point in inside]
+
+
+def _formula_problem(formula: Formula, graders: dict[str, GraderCommon], score_range: tuple[float, float]) -> str | None:
+    """Why the formula fails a step's grades (an error, a non-finite value or one outside
+    score_range for sub-scores the sub-graders can give), or gives every rollout one reward."""
+    values = set()
+    for scores in _score_samples(graders):
+        at = ", ".join(f"{n}={v:g}" for n, v in scores.items())
+        try:
+            value = formula.evaluate(scores)
+        except FormulaError as e:
+            return f"{e} when the sub-graders score {at}: those rollouts would fail as grader_failed"
+        if not in_score_range(value, score_range):
+            return (f"gives {value:g} when the sub-graders score {at}, outside score_range [{score_range[0]:g}, {score_range[1]:g}]: "
+                    "those rollouts would fail as grader_failed")
+        values.add(value)
+    if max(values) - min(values) <= score_tolerance(score_range):  # `a + 1 - a` differs from 1 by rounding only
+        return f"gives {values.pop():g} whatever the sub-graders score: a constant reward teaches nothing"
+    return None
 
 
 Grader = Annotated[
@@ -431,6 +548,24 @@ class Hyperparameters(Strict):
         description="Weight of the per-token KL to the starting policy in the loss (GRPO's beta); above 0 the learner "
                     "keeps a frozen copy of the starting model, one more forward pass per step.",
     )
+    old_logprobs: Literal["learner", "engine"] = Field(
+        default="learner",
+        description="The old policy of the PPO ratio. `learner` (as veRL does): the learner's own logprobs of the "
+                    "sampled tokens under its weights before the update (a step is one update, so those of its training "
+                    "forward, without gradient: no extra pass), so the ratio starts at 1 and the clip bounds the update alone; the "
+                    "engine/learner gap is then measured (`train/mismatch_mean|max`) and corrected by `tis_cap`. "
+                    "`engine`: the engine's sampling logprobs, whose gap from the learner's (bf16 weights and "
+                    "kernels, batch shapes) is in every ratio before any update, biasing it and clipping tokens the "
+                    "update never moved.",
+    )
+    tis_cap: Annotated[Float, Field(ge=1)] | None = Field(
+        default=2.0, validate_default=True,
+        description="Truncated importance sampling (TIS): each token's clipped surrogate is multiplied by "
+                    "`min(exp(learner logprob − engine logprob), tis_cap)` (old weights, no gradient), correcting for "
+                    "the engine sampling from a slightly different policy than the learner computes, and with "
+                    "`max_staleness` > 0 an older one (the only staleness correction with `old_logprobs: learner`); "
+                    "2.0 as in the TIS paper; null: no weight. Needs `old_logprobs: learner`.",
+    )
     temperature: Float = Field(default=1.0, gt=0, description="Sampling temperature of the rollouts.")
     max_tokens_per_turn: Int = Field(
         default=256, gt=0,
@@ -461,6 +596,16 @@ class Hyperparameters(Strict):
                     "newest weights (synchronous); k > 0 lets sampling run up to k steps ahead of training.",
     )
 
+    @field_validator("tis_cap")
+    @classmethod
+    def _tis_needs_learner_logprobs(cls, cap: float | None, info: ValidationInfo) -> float | None:
+        # The weight is the learner's old logprob over the engine's: with engine logprobs as the
+        # old policy there is no learner logprob to weigh (the default cap must be turned off too).
+        if cap is not None and info.data.get("old_logprobs") == "engine":
+            raise ValueError(f"{cap:g} needs old_logprobs: learner (the weight is the learner's old logprob over the "
+                             "engine's); with old_logprobs: engine set tis_cap: null")
+        return cap
+
     def resolved(self, n_train_rows: int) -> "ResolvedHyperparameters":
         """Turns every "auto" into a number (documented in docs/jobs.md: How "auto" resolves); raises
         ValueError for values that cannot run with this many training rows."""
@@ -486,6 +631,8 @@ class Hyperparameters(Strict):
             eval_samples=1 if self.eval_samples == "auto" else self.eval_samples,
             clip_epsilon=self.clip_epsilon,
             kl_coef=self.kl_coef,
+            old_logprobs=self.old_logprobs,
+            tis_cap=self.tis_cap,
             temperature=self.temperature,
             max_tokens_per_turn=self.max_tokens_per_turn,
             tool_call_penalty=self.tool_call_penalty,
@@ -507,6 +654,8 @@ class ResolvedHyperparameters(Strict):
     eval_samples: Int
     clip_epsilon: Float
     kl_coef: Float
+    old_logprobs: Literal["learner", "engine"]
+    tis_cap: Float | None
     temperature: Float
     max_tokens_per_turn: Int
     tool_call_penalty: Float
@@ -531,7 +680,8 @@ class ToolSettings(Strict):
     backoff_s: Float = Field(
         default=0.5, ge=0, le=60,
         description="Seconds before the first retry; retry `n` (from 0) waits `backoff_s × 2^n`, or the `Retry-After` "
-                    "a 429 or 5xx sent (at most 60 s). All the waits must fit in `rollout_timeout_s`.",
+                    "a 429 or 5xx sent (at most 60 s). A request's whole schedule must fit in `rollout_timeout_s`: every "
+                    "attempt at `timeout_s`, every wait at the longer of its backoff and 60 s.",
     )
     max_concurrency: Int = Field(
         default=1024, gt=0,
@@ -550,19 +700,35 @@ class ToolSettings(Strict):
     )
     rollout_timeout_s: Float = Field(
         default=900.0, gt=0, le=86400,
-        description="Wall time of one whole rollout, in seconds; past it the rollout ends as `timeout`.",
+        description="Wall time of one whole rollout, in seconds; past it the rollout ends as `timeout`. Also the "
+                    "deadline of each tool call and each grade (`validate` states every one).",
     )
 
     @model_validator(mode="after")
     def _retries_end(self) -> "ToolSettings":
-        # `tool-run` and graders have no rollout deadline: a call's retries must end on their own.
-        waits = self.backoff_s * (2**self.max_retries - 1)
-        if waits > self.rollout_timeout_s:
+        # Every request is cut at rollout_timeout_s: one whose own schedule is longer would be
+        # cut mid-retry (and `tool-run` has no such deadline: its retries must end on their own).
+        schedule = request_schedule_s(self)
+        if schedule > self.rollout_timeout_s:
             raise ValueError(
-                f"max_retries {self.max_retries} with backoff_s {self.backoff_s:g} wait {waits:g} s in all, "
-                f"longer than rollout_timeout_s {self.rollout_timeout_s:g}"
+                f"one request may take {schedule:g} s by these settings ({self.max_retries + 1} attempts of timeout_s "
+                f"{self.timeout_s:g}, each of {self.max_retries} retries after the longer of backoff_s {self.backoff_s:g} × 2^n "
+                f"and a Retry-After of up to {RETRY_AFTER_MAX_S:g} s), longer than rollout_timeout_s {self.rollout_timeout_s:g}"
             )
         return self
+
+
+# The longest wait a `Retry-After` may ask for (http.py honours it up to this): a rollout (and its
+# group) waits on it.
+RETRY_AFTER_MAX_S = 60.0
+
+
+def request_schedule_s(settings: ToolSettings) -> float:
+    """The longest one request to an endpoint (a tool call, an endpoint grade, a judge's reply) can
+    take by its own schedule: every attempt at its full `timeout_s`, and each wait before a retry at
+    the longer of its backoff and the longest `Retry-After` honoured (RETRY_AFTER_MAX_S)."""
+    waits = sum(max(settings.backoff_s * 2**n, RETRY_AFTER_MAX_S) for n in range(settings.max_retries))
+    return (settings.max_retries + 1) * settings.timeout_s + waits
 
 
 class Reinforcement(Strict):
@@ -646,6 +812,12 @@ class EngineSpec(Strict):
         description="The vLLM reasoning parser that separates and counts the model's reasoning (as `vllm serve "
                     "--reasoning-parser`), e.g. qwen3, deepseek_r1, mistral, openai_gptoss; none: the model does not reason; "
                     "auto: chosen from the chat template.",
+    )
+    weight_transfer: Literal["auto", "rft_shm", "nccl", "ipc"] = Field(
+        default="auto",
+        description="How new weights reach the engines (vLLM's weight-transfer backends): nccl, learner and engines "
+                    "on different GPUs; ipc, the learner sharing the engines' GPU (CUDA IPC); rft_shm, CPU shared memory "
+                    "(Ray's object store to other nodes). auto: rft_shm for CPU engines, nccl for GPU engines.",
     )
 
 
@@ -973,10 +1145,12 @@ def load_job(path: str | Path, unset_env_ok: bool = False, environ: Mapping[str,
         raise SpecError([f"{path}:1: the job must be a mapping of fields, got {type(doc.data).__name__}"])
 
     def at(key_path: KeyPath, message: str) -> str:
-        return f"{path}:{doc.line(key_path)}: {'.'.join(key_path) or '<root>'}: {message}"
+        # A message may quote a value (a formula, a name) that a `${VAR}` expanded.
+        return redact.text(f"{path}:{doc.line(key_path)}: {'.'.join(key_path) or '<root>'}: {message}")
 
     env = EnvFindings()
     data = expand_env(doc.data, os.environ if environ is None else environ, unset_env_ok, env)
+    redact = Redactor(env.expanded, url_credentials(strings_in(data)))
     if env.errors:
         raise SpecError([at(p, m) for p, m in env.errors])
     try:
@@ -996,5 +1170,5 @@ def load_job(path: str | Path, unset_env_ok: bool = False, environ: Mapping[str,
     warnings = sorted(env.warnings + _ignored_fields(job), key=lambda found: doc.line(found[0]))
     job._warnings = [at(p, f"warning: {m}") for p, m in warnings]
     job._document = Document(None, doc.lines)  # the lines only: the data may hold expanded secrets
-    job._redactor = Redactor(env.expanded)
+    job._redactor = redact
     return job

@@ -15,18 +15,30 @@ Problems read `"{path}:{line}: {field}: {message}"` (lines 1-based, fields like
 
 from __future__ import annotations
 
+import codecs
 import json
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
+
+from jsonschema import Draft202012Validator, SchemaError
 
 from rft_cluster.config import TOOL_NAME, JobSpec, SpecError, load_job
 from rft_cluster.formats import choose_tool_call_parser, local_chat_template
 from rft_cluster.graders.template import TemplateError, lookup, placeholders
+from rft_cluster.jobfile import unreadable
+from rft_cluster.preflight import preflight_problems
 from rft_cluster.types import grader_sample
 
 ROLES = ("system", "developer", "user", "assistant", "tool")
 DEFAULT_MAX_ROW_BYTES = 1_000_000
 MAX_ROW_DEPTH = 64
+# Lines a row's (and a file's) problems take at most; the rest are counted: 20,000 bad roles in
+# one row are one kind of mistake, not 20,000 lines to read.
+MAX_PROBLEMS_PER_ROW = 20
+MAX_PROBLEMS_PER_FILE = 100
+# Byte-order marks of encodings that are not UTF-8 (UTF-32 LE first: it starts with UTF-16 LE's).
+_BOMS = ((codecs.BOM_UTF32_LE, "UTF-32"), (codecs.BOM_UTF32_BE, "UTF-32"), (codecs.BOM_UTF16_LE, "UTF-16"), (codecs.BOM_UTF16_BE, "UTF-16"))
 # Row keys that would be confused with the protocol's own fields (docs/architecture.md §3).
 RESERVED_KEYS = {
     "sample": "reserved: graders address the model's output as `sample` ({{sample.output_text}}, "
@@ -63,14 +75,21 @@ def validate_job_and_data(job_path: Path, unset_env_ok: bool = False) -> list[st
     return check_job_and_data(job_path, unset_env_ok)[0]
 
 
-def check_job_and_data(job_path: Path, unset_env_ok: bool = False) -> tuple[list[str], list[str]]:
+def check_job_and_data(job_path: Path, unset_env_ok: bool = False, output: str | Path | None = None) -> tuple[list[str], list[str]]:
     """(problems, warnings) of a job file and its datasets, the job checked against the rows:
     tool names the rows use but the job does not declare, a batch larger than the training
-    set, and grader templates naming an `item` field a row lacks."""
+    set, and grader templates naming an `item` field a row lacks; then, for a job and data
+    without problems, what `train` builds before it starts (`preflight`; `output`: `--output`).
+    No line shows a `${VAR}`'s value (a path may hold one)."""
     try:
         job = load_job(job_path, unset_env_ok)
     except SpecError as e:
         return e.problems, []
+    problems = _job_and_data_problems(job, output)
+    return [job.redactor.text(p) for p in problems], [job.redactor.text(w) for w in job.warnings]
+
+
+def _job_and_data_problems(job: JobSpec, output: str | Path | None) -> list[str]:
     declared = {tool.name for tool in job.rl.tools}
     problems: list[str] = []
     scanned: list[tuple[Path, list[tuple[int, dict[str, Any]]]]] = []
@@ -80,10 +99,10 @@ def check_job_and_data(job_path: Path, unset_env_ok: bool = False) -> tuple[list
         problems += row_problems
         scanned.append((path, rows))
         for line, row in rows:
-            for j, name in _tool_names(row):
+            for where, name in _tool_names(row):
                 if name not in declared:
                     problems.append(
-                        f"{path}:{line}: tools[{j}].function.name: tool {name!r} is not declared "
+                        f"{path}:{line}: {where}: tool {name!r} is not declared "
                         f"in the job's method.reinforcement.tools (declared: {sorted(declared)})"
                     )
     train_path, train_rows = scanned[0]
@@ -94,7 +113,9 @@ def check_job_and_data(job_path: Path, unset_env_ok: bool = False) -> tuple[list
         problems.append(f"{job.locate('method', 'reinforcement', 'hyperparameters', 'batch_size')}: {e} ({train_path})")
     problems += _template_problems(job, scanned)
     problems += _format_problems(job)
-    return problems, job.warnings
+    if not problems:  # the rows are sound: what train builds from them can be built
+        problems += preflight_problems(job, [(path, _join_text_parts(rows[0][1])) for path, rows in scanned], output)
+    return problems
 
 
 def _format_problems(job: JobSpec) -> list[str]:
@@ -157,34 +178,81 @@ Problem = tuple[str, str]  # (field, message), located by the caller
 
 
 def _scan(path: Path, max_row_bytes: int) -> tuple[list[tuple[int, dict[str, Any]]], list[str]]:
-    """(line, row) for every line that parsed as an object, and every problem found."""
-    if not path.is_file():  # a FIFO or device would block or never end
-        return [], [f"{path}: cannot read: {'no such file' if not path.exists() else 'not a regular file'}"]
+    """(line, row) for every line that parsed as an object, and every problem found (at most
+    MAX_PROBLEMS_PER_FILE lines, then their count)."""
+    if (reason := unreadable(path)) is not None:  # a FIFO or device would block or never end
+        return [], [f"{path}: cannot read: {reason}"]
     try:
-        data = path.read_bytes()
+        f = path.open("rb")
     except OSError as e:
         return [], [f"{path}: cannot read: {e.strerror}"]
     rows: list[tuple[int, dict[str, Any]]] = []
     problems: list[str] = []
-    # Split bytes, not text: str.splitlines() also breaks on U+2028 and friends, which JSON
-    # allows unescaped inside strings.
-    for line, raw in enumerate(data.splitlines(), start=1):
-        if not raw.strip():
-            continue  # blank lines (e.g. a trailing one) are not rows
-        row, found = _parse_line(raw, max_row_bytes)
-        if row is not None:
-            rows.append((line, row))
-            found += _check_row(row)
-        problems += [f"{path}:{line}: {field}: {message}" for field, message in found]
+    unlisted = not_utf8 = 0
+    with f:
+        if encoding := _foreign_encoding(f.read(4)):
+            return [], [f"{path}: encoded as {encoding}: a dataset is UTF-8 JSONL (convert it, e.g. `iconv -f {encoding} -t UTF-8`)"]
+        f.seek(0)
+        for line, raw in _lines(f, max_row_bytes):
+            if isinstance(raw, int):
+                found: list[Problem] = [("<row>", f"{raw} bytes, over the limit of {max_row_bytes}: not read")]
+            elif not raw.strip():
+                continue  # blank lines (e.g. a trailing one) are not rows
+            else:
+                row, found = _parse_line(raw[3:] if line == 1 and raw.startswith(codecs.BOM_UTF8) else raw)
+                if row is not None:
+                    rows.append((line, row))
+                    found += _check_row(row)
+            if found and found[-1][1].startswith("not valid UTF-8"):
+                not_utf8 += 1
+                if not_utf8 > 1:  # the encoding is said once, the lines counted
+                    continue
+            if len(found) > MAX_PROBLEMS_PER_ROW:
+                found = found[:MAX_PROBLEMS_PER_ROW] + [("<row>", f"and {len(found) - MAX_PROBLEMS_PER_ROW} more problems in this row")]
+            room = MAX_PROBLEMS_PER_FILE - len(problems)
+            problems += [f"{path}:{line}: {field}: {message}" for field, message in found[:room]]
+            unlisted += max(0, len(found) - room)
+    if not_utf8 > 1:
+        problems.append(f"{path}: {not_utf8 - 1} more lines are not valid UTF-8: a dataset is UTF-8 JSONL (is the file in another encoding?)")
+    if unlisted:
+        problems.append(f"{path}: and {unlisted} more problems (the first {MAX_PROBLEMS_PER_FILE} are listed)")
     if not rows and not problems:
         problems.append(f"{path}: empty: the dataset has no rows")
     return rows, problems
 
 
-def _parse_line(raw: bytes, max_row_bytes: int) -> tuple[dict[str, Any] | None, list[Problem]]:
+def _foreign_encoding(head: bytes) -> str | None:
+    """The encoding a dataset's first bytes show when it is not UTF-8: a UTF-16/32 byte-order
+    mark, or UTF-16 without one (ASCII with a NUL byte beside each character)."""
+    for bom, name in _BOMS:
+        if head.startswith(bom):
+            return name
+    if len(head) >= 2 and (head[0] == 0) != (head[1] == 0):
+        return "UTF-16"
+    return None
+
+
+def _lines(f: BinaryIO, max_row_bytes: int) -> Iterator[tuple[int, bytes | int]]:
+    """(line number, bytes without the line break) of each line; a line over `max_row_bytes` is
+    skipped without being held, as (line number, its size). Lines break at `\n` only: JSON
+    allows U+2028 and friends unescaped inside strings."""
+    line = 0
+    while chunk := f.readline(max_row_bytes + 2):
+        line += 1
+        ended = chunk.endswith(b"\n")
+        content = chunk[:-1] if ended else chunk
+        if len(content) <= max_row_bytes:
+            yield line, content.removesuffix(b"\r")
+            continue
+        size = len(content)
+        while not ended and (chunk := f.readline(2**20)):
+            ended = chunk.endswith(b"\n")
+            size += len(chunk) - ended
+        yield line, size
+
+
+def _parse_line(raw: bytes) -> tuple[dict[str, Any] | None, list[Problem]]:
     problems: list[Problem] = []
-    if len(raw) > max_row_bytes:
-        problems.append(("<row>", f"{len(raw)} bytes, over the limit of {max_row_bytes}"))
     try:
         row = json.loads(raw.decode("utf-8"), object_pairs_hook=_unique_keys, parse_constant=_not_json)
     except UnicodeDecodeError as e:
@@ -238,6 +306,9 @@ def _check_row(row: dict[str, Any]) -> list[Problem]:
     problems += _check_messages(row.get("messages"))
     if "tools" in row:
         problems += _check_tools(row["tools"])
+        offered = {name for _, name in _function_names(row["tools"])}
+        problems += [(where, f"calls {name!r}, which the row's tools do not declare")
+                     for where, name in _tool_names(row) if where.startswith("messages") and name not in offered]
     return problems
 
 
@@ -249,6 +320,7 @@ def _check_messages(messages: Any) -> list[Problem]:
     if not messages:
         return [("messages", "empty: the last message must be from 'user'")]
     problems: list[Problem] = []
+    call_ids: set[str] = set()  # of the calls made so far: what a tool message answers
     for i, message in enumerate(messages):
         where = f"messages[{i}]"
         if not isinstance(message, dict):
@@ -259,6 +331,12 @@ def _check_messages(messages: Any) -> list[Problem]:
         problems += _check_content(message, where)
         if "tool_calls" in message:
             problems += _check_tool_calls(message, where)
+            calls = message["tool_calls"] if isinstance(message["tool_calls"], list) else []
+            call_ids |= {c["id"] for c in calls if isinstance(c, dict) and isinstance(c.get("id"), str)}
+        if message.get("role") == "tool" and not isinstance(message.get("tool_call_id"), str):
+            problems.append((f"{where}.tool_call_id", f"a tool message answers a call: its tool_call_id must be the call's id, {_got(message, 'tool_call_id')}"))
+        elif message.get("role") == "tool" and call_ids and message["tool_call_id"] not in call_ids:
+            problems.append((f"{where}.tool_call_id", f"{_got(message, 'tool_call_id')}, the id of no earlier tool call"))
     last = messages[-1]
     # A last message with an invalid role was reported above; repeating it adds nothing.
     if isinstance(last, dict) and last.get("role") in ROLES and last["role"] != "user":
@@ -294,7 +372,7 @@ def _check_tool_calls(message: dict[str, Any], where: str) -> list[Problem]:
     for k, call in enumerate(calls):
         fn = call.get("function") if isinstance(call, dict) else None
         name, arguments = (fn.get("name"), fn.get("arguments")) if isinstance(fn, dict) else (None, None)
-        if not (isinstance(name, str) and TOOL_NAME.match(name) and isinstance(arguments, str)):
+        if not (isinstance(name, str) and TOOL_NAME.fullmatch(name) and isinstance(arguments, str)):
             shape = '{"type": "function", "function": {"name": "...", "arguments": "<JSON object as a string>"}}'
             problems.append((f"{where}.tool_calls[{k}]", f"must be {shape}"))
     return problems
@@ -326,7 +404,7 @@ def _check_tools(tools: Any) -> list[Problem]:
             problems.append((f"{where}.function", f"must be an object with a name, {_got(tool, 'function')}"))
             continue
         name = fn.get("name")
-        if not isinstance(name, str) or not TOOL_NAME.match(name):
+        if not isinstance(name, str) or not TOOL_NAME.fullmatch(name):
             problems.append((f"{where}.function.name", f"must match {TOOL_NAME.pattern}, {_got(fn, 'name')}"))
         elif name in first_index:
             duplicate = f"duplicate tool name {name!r} (also tools[{first_index[name]}])"
@@ -338,20 +416,39 @@ def _check_tools(tools: Any) -> list[Problem]:
         params = fn.get("parameters")
         if "parameters" in fn and not (isinstance(params, dict) and params.get("type") == "object"):
             problems.append((f"{where}.function.parameters", 'must be a JSON schema with "type": "object"'))
+        elif "parameters" in fn and (schema_problem := _schema_problem(params)):
+            problems.append((f"{where}.function.parameters", schema_problem))
     return problems
 
 
-def _tool_names(row: dict[str, Any]) -> list[tuple[int, str]]:
-    """(index, name) of each tool schema in a row that has a string name."""
-    tools = row.get("tools")
-    if not isinstance(tools, list):
+def _schema_problem(schema: dict[str, Any]) -> str | None:
+    """Why `schema` is not a valid JSON Schema (what the engine and the chat template are given)."""
+    try:
+        Draft202012Validator.check_schema(schema)
+    except SchemaError as e:
+        at = "/".join(str(p) for p in e.absolute_path) or "the root"
+        return f"not a valid JSON Schema at {at}: {e.message[:200]}"
+    return None
+
+
+def _tool_names(row: dict[str, Any]) -> list[tuple[str, str]]:
+    """(field, name) of each tool schema and each earlier call in a row that has a string name."""
+    tools, messages = row.get("tools"), row.get("messages")
+    found = [(f"tools[{j}].function.name", name) for j, name in _function_names(tools)]
+    for i, message in enumerate(messages if isinstance(messages, list) else []):
+        if isinstance(message, dict):
+            found += [(f"messages[{i}].tool_calls[{k}].function.name", name) for k, name in _function_names(message.get("tool_calls"))]
+    return found
+
+
+def _function_names(entries: Any) -> list[tuple[int, str]]:
+    """(index, name) of each `{"function": {"name": "..."}}` entry with a string name."""
+    if not isinstance(entries, list):
         return []
     return [
-        (j, tool["function"]["name"])
-        for j, tool in enumerate(tools)
-        if isinstance(tool, dict)
-        and isinstance(tool.get("function"), dict)
-        and isinstance(tool["function"].get("name"), str)
+        (j, entry["function"]["name"])
+        for j, entry in enumerate(entries)
+        if isinstance(entry, dict) and isinstance(entry.get("function"), dict) and isinstance(entry["function"].get("name"), str)
     ]
 
 

@@ -41,9 +41,10 @@ from rft_cluster.grader_actor import GraderActor
 from rft_cluster.grpo import group_advantages, shaped_reward
 from rft_cluster.learner_group import LearnerGroup
 from rft_cluster.metrics import (
-    RunLogger, StepPrinter, format_metrics, parsers_line, rollout_metrics, signal_metrics, signal_warning, unread_calls,
+    RunLogger, StepPrinter, format_metrics, grader_warning, parsers_line, rollout_metrics, signal_metrics, signal_warning,
+    unread_calls,
 )
-from rft_cluster.pipeline import Batch, Staleness, drop_stale
+from rft_cluster.pipeline import Batch, Staleness, drop_stale, lost_trajectory
 from rft_cluster.redact import Redactor, redact_logs
 from rft_cluster.placement import Placement, actor_nodes, place
 from rft_cluster.rollout_worker import SamplingSettings
@@ -51,7 +52,7 @@ from rft_cluster.storage import RunStorage
 from rft_cluster.trajectory_store import TrajectoryStore
 from rft_cluster.tool_proxy import ToolProxy
 from rft_cluster.types import GradeResult, RolloutRequest, RolloutStatus, TrainSample, Trajectory, new_trace_id
-from rft_cluster.weight_sync import publish_from
+from rft_cluster.weight_transfer import Publish, publish_from
 
 # Rollouts in these states are graded and trained on; the rest are discarded (docs/architecture.md §4).
 # A rollout that ran out of budget still teaches: its (usually low) reward is the budget pressure.
@@ -97,7 +98,7 @@ def start_cluster(job: JobSpec, hp: ResolvedHyperparameters, learner: bool = Tru
         fleet.placed()
         ranks = LearnerGroup(
             model, c.learner, hp.learning_rate, hp.clip_epsilon, job.seed, hp.warmup_steps, hp.kl_coef,
-            placement["learner"].all_options(),
+            placement["learner"].all_options(), old_logprobs=hp.old_logprobs, tis_cap=hp.tis_cap,
         ) if learner else None
         startup = fleet.start()
         services = {role: actor_nodes(actors) for role, actors in {"tool_proxy": proxies, "grader": graders}.items()}
@@ -129,6 +130,22 @@ def _request(row: dict, index: int, step: int, split: str) -> RolloutRequest:
         tools=row.get("tools", []),
         item=row_item(row),
     )
+
+
+# How much of an error text the driver records (a rollout's, a grade's): enough to act on.
+ERROR_TEXT_CHARS = 500
+
+
+def _cause(e: Exception, redactor: Redactor) -> str:
+    """An actor's exception as `Type: message` (a RayTaskError's own text is a whole traceback),
+    redacted, then cut."""
+    cause = getattr(e, "cause", None) or e
+    return f"{type(cause).__name__}: {redactor.clip(str(cause), ERROR_TEXT_CHARS)}"
+
+
+def failed_rollout(request: RolloutRequest, stage: str, e: Exception, redactor: Redactor) -> Trajectory:
+    """The record of a rollout that an exception in our code ended at `stage`."""
+    return replace(lost_trajectory(request, f"{stage}: {_cause(e, redactor)}", None), status=RolloutStatus.INTERNAL_ERROR)
 
 
 def batches(n_rows: int, batch_size: int, seed: int) -> Iterator[list[int]]:
@@ -173,7 +190,7 @@ class Trainer:
         self.printer = printer or StepPrinter(redactor=job.redactor)
         self.cluster: Cluster | None = None
         # The loop's state: what is in flight, and the weight version the engines hold.
-        self._rollouts: dict[Any, Batch] = {}  # rollout ref -> its batch
+        self._rollouts: dict[Any, tuple[Batch, RolloutRequest]] = {}  # rollout ref -> its batch and request
         self._grades: dict[Any, tuple[Batch, Trajectory]] = {}  # grade ref -> (batch, rollout)
         self._backlog: list[tuple[list[RolloutRequest], Batch]] = []  # groups waiting for a worker
         self._batches: dict[int, Batch] = {}  # train step -> its batch
@@ -199,8 +216,8 @@ class Trainer:
         if not self.cluster.fleet.workers:  # every worker lost: wait for a replacement
             self._backlog.append((requests, batch))
             return
-        for ref in self.cluster.fleet.submit_group(requests, self.settings):
-            self._rollouts[ref] = batch
+        for ref, request in zip(self.cluster.fleet.submit_group(requests, self.settings), requests):
+            self._rollouts[ref] = batch, request
 
     def pump(self, timeout: float) -> None:
         """Waits up to `timeout` for rollouts, grades or engines, and handles all that are ready."""
@@ -220,8 +237,13 @@ class Trainer:
             self._join(slot)
 
     def _rollout_ended(self, ref: Any) -> None:
-        batch = self._rollouts.pop(ref)
-        out = self.cluster.fleet.result(ref)
+        batch, request = self._rollouts.pop(ref)
+        try:
+            out = self.cluster.fleet.result(ref)
+        except Exception as e:  # the worker raised (or its result did not deserialize): this rollout ends, not the run
+            out = failed_rollout(request, "returning the rollout", e, self.job.redactor)
+        if out.error:  # a worker holds no redactor and sends its error texts whole: redacted, then cut, here
+            out.error = self.job.redactor.clip(out.error, ERROR_TEXT_CHARS)
         if isinstance(out, Lost):
             batch.record_lost(out.request, out.error, out.node_id)
             rerun = replace(out.request, trace_id=new_trace_id())
@@ -244,6 +266,8 @@ class Trainer:
             g = ray.get(ref)
         except RayActorError as e:
             g = GradeResult(score=None, error=f"grader actor died: {type(e).__name__}")
+        except Exception as e:  # the grader actor raised: this grade fails, not the run
+            g = GradeResult(score=None, error=f"grading raised {_cause(e, self.job.redactor)}")
         hp = self.hp
         t.grader_latency_s = g.latency_s
         if g.score is None:
@@ -286,13 +310,21 @@ class Trainer:
         return [TrainSample(t.token_ids, t.loss_mask, t.logprobs, a) for t, a in zip(kept, adv) if a != 0.0]
 
     def warm_up(self) -> float:
-        """One GRPO group per rollout worker on the first prompts, not graded into any metric and
-        not stored: a cold engine (kernels not yet built, caches not allocated) and cold tool
-        connections would make the baseline evaluation look slower than every later one."""
+        """Each rollout worker samples the first turns of a GRPO group on one of the first
+        prompts, and keeps nothing: a cold engine (kernels not yet built, caches not allocated)
+        would make the baseline evaluation look slower than every later one. No tool or grader is
+        called: the users' endpoints see only rollouts that are stored."""
+        t0 = time.perf_counter()
         rows = self.valid_rows or self.train_rows
-        workers = len(self.cluster.fleet.workers)
-        batch = self.submit(rows, [i % len(rows) for i in range(workers)], self.hp.group_size, 0, "warmup")
-        return self.wait_for(batch)
+        fleet = self.cluster.fleet
+        calls = [(w, w.warm_up.remote(_request(rows[i % len(rows)], i, 0, "warmup"), self.settings, self.hp.group_size))
+                 for i, w in enumerate(fleet.workers)]
+        for worker, ref in calls:
+            try:
+                ray.get(ref)
+            except RayActorError:  # replaced; the replacement joins as any other
+                fleet.lost(worker, "died during the warm-up")
+        return time.perf_counter() - t0
 
     def evaluate(self, step: int) -> dict[str, float]:
         """Validation rollouts on the current weights (no publish happens until they end), stored as kind=eval."""
@@ -339,7 +371,7 @@ class Trainer:
                 first = self._restore(self.resume_from, logger)
             elif self.valid_rows:
                 warm = self.warm_up()
-                self.printer.note(f"[rft] engines warmed up in {warm:.1f} s ({len(c.fleet.workers)} group(s), not stored); baseline evaluation next")
+                self.printer.note(f"[rft] engines warmed up in {warm:.1f} s (no tool or grader called); baseline evaluation next")
                 logger.log(0, {**self.evaluate(0), "timing.warmup": warm}, nodes=c.nodes)
             for _ in range(first - 1):
                 next(order)
@@ -366,6 +398,8 @@ class Trainer:
                 logger.log(step, metrics, nodes=c.nodes)
                 self.printer.print_step(step, metrics)
                 if warning := signal_warning(metrics, self.hp.group_size):
+                    self.printer.note(warning)
+                if warning := grader_warning(metrics):
                     self.printer.note(warning)
                 if unread := unread_calls(metrics, c.startup["parsers"]["tool_call_parser"]):
                     self.printer.note(f"[rft] warning: {unread}")
@@ -439,7 +473,10 @@ class Trainer:
 
     def _send_weights(self, workers: list[Any], version: int) -> dict[str, float]:
         """Publishes to `workers`; those found dead are replaced. Returns the stats, empty when none survived."""
-        result = publish_from(self.cluster.learner, workers, version, self.job.cluster.learner.weight_bucket_mb << 20)
+        engine = self.job.cluster.engine
+        job = Publish(workers, version, self.job.cluster.learner.weight_bucket_mb << 20, self.cluster.startup["weight_transfer"],
+                      None if engine.dtype == "auto" else engine.dtype, engine.tensor_parallel_size)
+        result = publish_from(self.cluster.learner, job)
         for i in result.lost:
             self.cluster.fleet.lost(workers[i], "died during a weight publish")
         return result.stats() if len(result.lost) < len(workers) else {}

@@ -103,7 +103,7 @@ class RolloutFleet:
         starting = {s.starting: s for s in self.slots}
         up, _ = ray.wait(list(starting), num_returns=need)
         facts = [self._started(starting[ref], ref) for ref in up]
-        return {"startup_s": time.perf_counter() - self._t0, "parsers": facts[0]["parsers"]}
+        return {"startup_s": time.perf_counter() - self._t0, "parsers": facts[0]["parsers"], "weight_transfer": facts[0]["weight_transfer"]}
 
     def _launch(self, s: Slot) -> None:
         s.worker = ray.remote(RolloutWorker).options(**s.placement.options(0), max_restarts=0).remote(

@@ -38,6 +38,20 @@ def _number(node: ast.Constant) -> float:
     return value
 
 
+def _refused(tree: ast.expr, source: str) -> str | None:
+    """The outermost part of the formula that is not allowed, quoted from its source (simpleeval's
+    own refusal would name an operator by its object, `<ast.Pow object at 0x…>`), or None."""
+    for node in ast.walk(tree):
+        if not isinstance(node, ast.expr):
+            continue  # operators and argument lists: judged with the expression they belong to
+        op = node.op if isinstance(node, (ast.BinOp, ast.UnaryOp)) else None
+        if isinstance(node, _NODES) and (op is None or type(op) in _OPERATORS):
+            continue
+        what = f"the operator {type(op).__name__}" if op is not None else type(node).__name__
+        return f"`{ast.get_source_segment(source, node) or ast.unparse(node)}`: {what} is not available"
+    return None
+
+
 class Formula:
     def __init__(self, expression: str, names: Iterable[str]):
         self.expression = expression
@@ -47,6 +61,8 @@ class Formula:
             self._tree = ast.parse(expression.strip(), mode="eval").body
         except SyntaxError as e:
             raise FormulaError(f"{expression!r} is not a valid expression: {e.msg}") from None
+        if refused := _refused(self._tree, expression.strip()):
+            raise FormulaError(f"{expression!r}: {refused} ({ALLOWED})")
         # Evaluating once with placeholder scores rejects unknown names, functions and syntax at
         # load time; a division by zero is only a property of these placeholders.
         try:

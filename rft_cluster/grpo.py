@@ -17,6 +17,10 @@ import torch
 # advantage would make the loss infinite; a ratio of e^20 is already fully clipped anyway.
 _MAX_LOG_RATIO = 20.0
 
+# `policy_loss` stats that are maxima over the tokens: combined over micro-batches and ranks by
+# max, where every other stat, a token mean, is weighted by its tokens.
+MAX_STATS = frozenset({"mismatch_max", "ratio_dev_max"})
+
 
 def shaped_reward(
     score: float,
@@ -87,14 +91,20 @@ def policy_loss(
     clip_eps: float,
     ref_logprobs: torch.Tensor | None = None,
     kl_coef: float = 0.0,
+    engine_logprobs: torch.Tensor | None = None,
+    tis_cap: float | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """PPO/GRPO clipped surrogate, averaged over the masked tokens of the whole batch, plus
     `kl_coef` times the KL to a reference policy when `ref_logprobs` ([B, T], no grad) are given.
 
-    logprobs: [B, T] the trainer's, with grad. old_logprobs: [B, T] the rollout engine's
-    sampling logprobs, so ratio = exp(logprobs - old_logprobs) is both the PPO ratio and the
-    importance weight that corrects for the trainer/rollout mismatch (different kernels,
-    stale weights in async mode). advantages: broadcastable to [B, T] ([B, 1] per sequence).
+    logprobs: [B, T] the trainer's, with grad. old_logprobs: [B, T] the old policy's, the PPO
+    ratio's denominator: ratio = exp(logprobs - old_logprobs). They are either the rollout
+    engine's sampling logprobs (then the ratio is also the importance weight for the
+    trainer/engine mismatch: other kernels, stale weights in async mode), or the trainer's own
+    recomputed before the update, with the engine's then given as `engine_logprobs` [B, T]:
+    that mismatch is measured (stats below), and with `tis_cap` each token's surrogate is
+    multiplied by the truncated importance weight w = min(exp(old_logprobs - engine_logprobs),
+    tis_cap), detached (TIS). advantages: broadcastable to [B, T] ([B, 1] per sequence).
     mask: [B, T], true on tokens the policy sampled; all others are ignored entirely.
 
     The mean is over tokens, not per sequence then over sequences: every generated token
@@ -103,10 +113,16 @@ def policy_loss(
 
     stats (over masked tokens): clip_fraction (share whose gradient the clip removes),
     approx_kl (k3 estimator: mean of (ratio - 1) - log ratio), logprob_gap (mean
-    |logprob - old_logprob|, the rollout/trainer gap), ratio_mean, and with a reference
-    ref_kl (GRPO's per-token k3 estimate of KL(policy || reference): e^d - d - 1 with
-    d = ref - logprob, never negative, zero with zero gradient where the two agree).
+    |logprob - old_logprob|: the rollout/trainer gap when the engine's are the old),
+    ratio_mean, ratio_dev_max (max |ratio - 1|), and with a reference ref_kl (GRPO's
+    per-token k3 estimate of KL(policy || reference): e^d - d - 1 with d = ref - logprob,
+    never negative, zero with zero gradient where the two agree); with `engine_logprobs`
+    mismatch_mean and mismatch_max (mean and max |old_logprob - engine_logprob|), and with
+    `tis_cap` tis_truncated (share whose weight the cap lowered). The `MAX_STATS` are maxima,
+    every other stat a token mean.
     """
+    if tis_cap is not None and engine_logprobs is None:
+        raise ValueError("tis_cap needs engine_logprobs: the weight is old_logprobs over the engine's")
     mask = mask.bool()
     # Masked positions may hold arbitrary old logprobs (0.0 for prompt tokens): zero their
     # log-ratio so nothing non-finite can leak into the sums through them.
@@ -122,6 +138,17 @@ def policy_loss(
     def masked_mean(x: torch.Tensor) -> torch.Tensor:
         return torch.where(mask, x, 0.0).sum() / n
 
+    def masked_max(x: torch.Tensor) -> float:  # of x >= 0
+        return torch.where(mask, x, 0.0).max().item()
+
+    stats: dict[str, float] = {}
+    if engine_logprobs is not None:
+        mismatch = torch.where(mask, old_logprobs - engine_logprobs, 0.0).detach()
+        stats |= {"mismatch_mean": masked_mean(mismatch.abs()).item(), "mismatch_max": masked_max(mismatch.abs())}
+        if tis_cap is not None:
+            weight = torch.exp(mismatch.clamp(-_MAX_LOG_RATIO, _MAX_LOG_RATIO))
+            stats["tis_truncated"] = masked_mean((weight > tis_cap).float()).item()
+            per_token = per_token * weight.clamp(max=tis_cap)
     loss = masked_mean(per_token)
     ref_kl = None
     if ref_logprobs is not None:
@@ -129,11 +156,12 @@ def policy_loss(
         ref_kl = masked_mean(torch.exp(d) - d - 1.0)
         loss = loss + kl_coef * ref_kl
     with torch.no_grad():
-        stats = {
+        stats |= {
             "clip_fraction": masked_mean((clipped < unclipped).float()).item(),
             "approx_kl": masked_mean((ratio - 1.0) - log_ratio).item(),
             "logprob_gap": masked_mean(diff.abs()).item(),
             "ratio_mean": masked_mean(ratio).item(),
+            "ratio_dev_max": masked_max((ratio - 1.0).abs()),
         }
     if ref_kl is not None:
         stats["ref_kl"] = ref_kl.item()

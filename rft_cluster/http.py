@@ -15,8 +15,8 @@ Header values are never logged: they carry users' secrets.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
+import re
 import time
 from dataclasses import dataclass
 from email.utils import parsedate_to_datetime
@@ -26,7 +26,9 @@ from urllib.parse import urlsplit
 
 import aiohttp
 
-from rft_cluster.config import ToolSettings
+from rft_cluster.config import RETRY_AFTER_MAX_S, ToolSettings
+from rft_cluster.redact import process_redactor
+from rft_cluster.types import dumps_strict
 from rft_cluster.untrusted import loads
 
 log = logging.getLogger(__name__)
@@ -34,12 +36,12 @@ log = logging.getLogger(__name__)
 # How much of an endpoint's body an error message quotes (to the model, in a grader error):
 # enough to act on, cheap in context.
 ERROR_TEXT_CHARS = 1000
-# The longest wait a `Retry-After` may ask for: a rollout (and its group) waits on it.
-RETRY_AFTER_MAX_S = 60.0
 
 
 def clip(text: str, limit: int = ERROR_TEXT_CHARS) -> str:
-    return text if len(text) <= limit else text[:limit] + "…"
+    """`text` cut to `limit` characters, redacted first by this process's job redactor: a
+    secret straddling the cut is replaced whole, never shown in part."""
+    return process_redactor().clip(text, limit)
 
 
 class Failure(str, Enum):
@@ -128,14 +130,17 @@ def retry_after_s(value: str | None) -> float | None:
     if value is None:
         return None
     value = value.strip()
-    if value.isdigit():
+    if _DELAY_SECONDS.fullmatch(value):  # ASCII digits only: `str.isdigit` takes "²", which float() refuses
         seconds = float(value)
     else:
         try:
             seconds = parsedate_to_datetime(value).timestamp() - time.time()
-        except (TypeError, ValueError, IndexError, OverflowError):
+        except Exception:  # noqa: BLE001 - whatever a malformed date raises in the parser: the backoff applies
             return None
-    return min(max(seconds, 0.0), RETRY_AFTER_MAX_S)
+    return min(max(seconds, 0.0), RETRY_AFTER_MAX_S)  # a huge delay (1e400 is inf) is the longest
+
+
+_DELAY_SECONDS = re.compile(r"[0-9]+")
 
 
 def _host(url: str) -> str:
@@ -171,7 +176,7 @@ class JsonPoster:
 
     async def post(self, url: str, payload: dict[str, Any], headers: dict[str, str]) -> HttpOutcome:
         started = time.monotonic()
-        data = json.dumps(payload).encode()
+        data = dumps_strict(payload)  # NaN/Infinity (not JSON) go as null: everything sent is strict JSON
         cap = self._settings.max_request_bytes
         if len(data) > cap:
             detail = f"request body is {len(data)} bytes, over the limit of {cap} bytes"
@@ -243,3 +248,38 @@ async def _read_capped(resp: aiohttp.ClientResponse, cap: int) -> bytes:
         chunks.append(chunk)
         size += len(chunk)
     return b"".join(chunks)
+
+
+class _Built(Exception):
+    """Raised where a request would connect: everything before it was built as it is sent."""
+
+
+class _BuildOnly(aiohttp.BaseConnector):
+    async def connect(self, req: Any, traces: Any, timeout: Any) -> Any:
+        self.request = req
+        raise _Built
+
+
+async def request_problem(url: str, headers: dict[str, str]) -> str | None:
+    """Why aiohttp would refuse to send a POST of JSON to `url` with `headers` (credentials in the
+    URL beside an `Authorization` header, a URL it cannot parse, a header it would not write), or
+    None. The request is built exactly as `JsonPoster` builds it; nothing is sent. The reason
+    never quotes the URL (it may hold a secret)."""
+    # The writer's own check (no line breaks, no NUL), private to aiohttp: the check is exactly what it sends.
+    from aiohttp.http_writer import _serialize_headers
+
+    connector = _BuildOnly()
+    async with aiohttp.ClientSession(connector=connector) as session:
+        try:
+            await session.post(url, data=b"{}", headers={"Content-Type": "application/json", **headers}, allow_redirects=False)
+        except _Built:
+            try:
+                _serialize_headers("POST / HTTP/1.1", connector.request.headers)
+            except ValueError as e:
+                return f"aiohttp would not send its headers: {e}"
+            return None
+        except aiohttp.InvalidURL:
+            return "aiohttp cannot parse the URL"
+        except (ValueError, TypeError, aiohttp.ClientError) as e:  # UnicodeError is a ValueError
+            return f"aiohttp would not send it: {type(e).__name__}: {e}"
+    return "aiohttp neither built nor refused the request"  # unreachable: post() returns only after connecting

@@ -19,14 +19,17 @@ import socket
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import TYPE_CHECKING, Literal
 
 import torch
 
 from rft_cluster.config import LearnerSpec
-from rft_cluster.grpo import policy_loss, token_logprobs
-from rft_cluster.storage import RunStorage
+from rft_cluster.grpo import MAX_STATS, policy_loss, token_logprobs
 from rft_cluster.types import TrainSample
+from rft_cluster.weight_transfer import NamedWeights, Publish, PublishResult, WeightMeta
+
+if TYPE_CHECKING:  # storage needs pyarrow, which a GPU check without it does not load (benchmarks/gpu_check.py)
+    from rft_cluster.storage import RunStorage
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -82,7 +85,6 @@ def _init_distributed(use_cuda: bool, rendezvous: Rendezvous | None) -> None:
             del os.environ["MASTER_PORT"]
 
 
-R = TypeVar("R")
 
 # (micro-batch samples, their padded input ids and attention mask [B, T], next-token logprobs
 # [B, T-1], loss mask [B, T-1]) -> (mean loss, stats)
@@ -113,15 +115,22 @@ class Learner:
         seed: int,
         warmup_steps: int = 0,
         kl_coef: float = 0.0,
+        old_logprobs: Literal["learner", "engine"] = "learner",
+        tis_cap: float | None = 2.0,
         rendezvous: Rendezvous | None = None,
     ):
+        """`old_logprobs` and `tis_cap`: the job's `hyperparameters` of those names (defaults alike)."""
         import torch.distributed as dist
         from transformers import AutoModelForCausalLM, AutoTokenizer, set_seed
 
+        if old_logprobs == "engine" and tis_cap is not None:
+            raise ValueError("tis_cap needs old_logprobs 'learner': it weights the learner's old logprobs against the engine's")
         set_seed(seed)
         self.spec = spec
         self.clip_epsilon = clip_epsilon
         self.kl_coef = kl_coef
+        self.old_logprobs = old_logprobs
+        self.tis_cap = tis_cap
         use_cuda = torch.cuda.is_available()
         if spec.cpu_threads and not use_cuda:
             torch.set_num_threads(spec.cpu_threads)
@@ -199,13 +208,22 @@ class Learner:
         self, chunk: list[TrainSample], ids: torch.Tensor, attn: torch.Tensor, logprobs: torch.Tensor, mask: torch.Tensor
     ) -> tuple[torch.Tensor, dict[str, float]]:
         width = logprobs.shape[1] + 1
-        old = self._shifted([s.rollout_logprobs for s in chunk], width, torch.float32).to(logprobs.device)
+        engine = self._shifted([s.rollout_logprobs for s in chunk], width, torch.float32).to(logprobs.device)
         adv = torch.tensor([s.advantage for s in chunk], dtype=torch.float32, device=logprobs.device)[:, None]
         ref = None
         if self.reference is not None:
             with torch.no_grad():
                 ref = token_logprobs(self.reference(input_ids=ids, attention_mask=attn).logits, ids)
-        return policy_loss(logprobs, old, adv, mask, self.clip_epsilon, ref, self.kl_coef)
+        if self.old_logprobs == "engine":
+            return policy_loss(logprobs, engine, adv, mask, self.clip_epsilon, ref, self.kl_coef)
+        # The old policy's logprobs on the learner: a step is one optimizer update over the whole
+        # batch, so the weights before the update are the ones this forward ran on, and its
+        # logprobs, detached, are exactly what a separate no-grad pass would recompute (a second
+        # pass would cost a forward per micro-batch for the same numbers). In async mode tokens
+        # may have been sampled by older weights: the ratio's old policy is the learner's
+        # current one, and the TIS weight (old over the engine's logprob) corrects for staleness
+        # as well as for kernel mismatch.
+        return policy_loss(logprobs, logprobs.detach(), adv, mask, self.clip_epsilon, ref, self.kl_coef, engine, self.tis_cap)
 
     def _optimize(self, samples: list[TrainSample], chunk_loss: ChunkLoss) -> dict[str, float]:
         """Across ranks, `samples` is this rank's share of the batch: the loss and every stat
@@ -238,9 +256,9 @@ class Learner:
             self.engine.backward(loss * (share * self.world_size), scale_wrt_gas=False)
             metrics["loss"] += loss.item() * share
             for key, value in stats.items():
-                metrics[key] += value * share
+                metrics[key] = max(metrics[key], value) if key in MAX_STATS else metrics[key] + value * share
         lr = self._lr()  # the rate this step uses: stepping moves the schedule on
-        metrics = self._sum_over_ranks(metrics)
+        metrics = self._combine_over_ranks(metrics)
         metrics["grad_norm"] = self._step()
         return metrics | {
             "tokens": float(total_tokens),
@@ -261,15 +279,17 @@ class Learner:
         every = torch.stack(every).cpu()
         return int(every[:, 0].sum()), int(every[:, 1].sum()), int(every[:, 2].max())
 
-    def _sum_over_ranks(self, metrics: dict[str, float]) -> dict[str, float]:
-        """Every rank's batch-weighted stats summed (a rank without samples has no keys)."""
+    def _combine_over_ranks(self, metrics: dict[str, float]) -> dict[str, float]:
+        """Every rank's batch-weighted stats summed, and its `MAX_STATS` maxed (a rank without
+        samples has no keys)."""
         if self.world_size == 1:
             return dict(metrics)
         import torch.distributed as dist
 
         every: list[dict[str, float]] = [{} for _ in range(self.world_size)]
         dist.all_gather_object(every, dict(metrics))
-        return {key: sum(m.get(key, 0.0) for m in every) for key in {k for m in every for k in m}}
+        keys = {k for m in every for k in m}
+        return {key: (max if key in MAX_STATS else sum)(m[key] for m in every if key in m) for key in keys}
 
     def _step(self) -> float:
         """Clips, steps, and returns the gradient norm before clipping.
@@ -323,14 +343,22 @@ class Learner:
         for name, t in self.gathered_weights():
             yield name, t.to("cpu", copy=True)
 
-    def hand_out_weights(self, receive: Callable[[Iterator[tuple[str, torch.Tensor]]], R]) -> R | None:
-        """Rank 0 hands its current weights (`gathered_weights`) to `receive`, in its own process,
-        and returns what that returns; at ZeRO-3 the other ranks take part in each gather and
-        return None. `weight_sync.publish_from` is the receiver that sends them to the engines."""
-        if self.rank == 0:
-            return receive(self.gathered_weights())
-        self._join_gathers()
-        return None
+    def weight_source(self, dtype: str | None = None) -> NamedWeights:
+        """The weights to publish (vLLM's `WeightSource`): `gathered_weights`, in `dtype` on the
+        wire when given (the engines'), with their full shapes known without gathering."""
+        wire = getattr(torch, dtype) if dtype else None
+        meta = [WeightMeta(n, wire or p.dtype, tuple(getattr(p, "ds_shape", p.shape))) for n, p in self.model.named_parameters()]
+
+        def produce() -> Iterator[tuple[str, torch.Tensor]]:
+            for name, t in self.gathered_weights():
+                yield name, t if wire is None else t.to(wire)
+
+        return NamedWeights(meta, produce)
+
+    def publish(self, job: Publish) -> PublishResult | None:
+        """Runs `job` on this rank (every rank must: ZeRO-3 gathers are collectives); rank 0 sends
+        and returns what the publish did, the others return None (`weight_transfer.publish_from`)."""
+        return job(self.weight_source(job.dtype), self.rank)
 
     def _join_gathers(self) -> None:
         """What a rank other than 0 does while rank 0 reads the weights: at ZeRO-3 each

@@ -9,19 +9,17 @@ node, and every rank then joins at that address (no fixed port, so runs can shar
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, Literal
 
 import ray
-import torch
 
 from rft_cluster.config import LearnerSpec
 from rft_cluster.learner import Learner, Rendezvous, free_port
 from rft_cluster.storage import RunStorage
 from rft_cluster.types import TrainSample
-
-R = TypeVar("R")
+from rft_cluster.weight_transfer import Publish, PublishResult
 
 
 @dataclass(frozen=True)
@@ -94,6 +92,9 @@ class LearnerGroup:
         warmup_steps: int = 0,
         kl_coef: float = 0.0,
         actor_options: list[dict[str, Any]] | None = None,
+        *,
+        old_logprobs: Literal["learner", "engine"] = "learner",
+        tis_cap: float | None = 2.0,
     ):
         options = actor_options if actor_options is not None else [{"num_cpus": 1}] * spec.ranks
         if len(options) != spec.ranks:
@@ -104,7 +105,7 @@ class LearnerGroup:
             nodes = _wait_all([a.node.remote() for a in self.actors])
             self.ranks = [RankPlacement(i, *n) for i, n in enumerate(nodes)]
             addr, port = self.ranks[0].node_ip, ray.get(self.actors[0].free_port.remote())
-            args = (model, spec, learning_rate, clip_epsilon, seed, warmup_steps, kl_coef)
+            args = (model, spec, learning_rate, clip_epsilon, seed, warmup_steps, kl_coef, old_logprobs, tis_cap)
             starts = []
             for r, a in zip(self.ranks, self.actors):
                 peers = [p for p in self.ranks if p.node_id == r.node_id]  # in rank order
@@ -127,10 +128,9 @@ class LearnerGroup:
         shares = split_by_tokens(samples, len(self.actors))
         return _wait_all([a.call.remote("train_step", s) for a, s in zip(self.actors, shares)])[0]
 
-    def hand_out_weights(self, receive: Callable[[Iterator[tuple[str, torch.Tensor]]], R]) -> R:
-        """Rank 0's `receive(weights)` (see `Learner.hand_out_weights`); every rank takes part.
-        `weight_sync.publish_from(group, ...)` sends them to the engines."""
-        return self._all("hand_out_weights", receive)[0]
+    def publish(self, job: Publish) -> PublishResult:
+        """Every rank runs `job` (see `Learner.publish`); rank 0's result."""
+        return self._all("publish", job)[0]
 
     def compute_logprobs(self, token_ids: list[list[int]]) -> list[list[float]]:
         return self._all("compute_logprobs", token_ids)[0]

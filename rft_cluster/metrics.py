@@ -45,7 +45,8 @@ def rollout_metrics(trajs: list[Trajectory], prefix: str = "train", pass_thresho
       fraction naming the same tool twice in a row.
     - `rollout_latency_mean_s`, `generated_tokens_mean`, `reasoning_tokens_mean`, `turns_mean`:
       over all rollouts.
-    - `grader_latency_mean_s`: over rollouts the grader ran on (scored or `grader_failed`).
+    - `grader_latency_mean_s`: over rollouts the grader ran on (scored or `grader_failed`);
+      `grader_failed_frac`: the share of those it failed on (`grader_warning` shouts above a share).
     - `status/<status>`: count per RolloutStatus, zeros included; `rollouts`: the total.
     """
     p = prefix
@@ -63,6 +64,7 @@ def rollout_metrics(trajs: list[Trajectory], prefix: str = "train", pass_thresho
     # Graded = the grader ran: it returned a score or failed; other rollouts never reached it.
     graded = [t for t in trajs if t.reward is not None or t.status == RolloutStatus.GRADER_FAILED]
     put_mean("grader_latency_mean_s", [t.grader_latency_s for t in graded])
+    put_mean("grader_failed_frac", [float(t.status == RolloutStatus.GRADER_FAILED) for t in graded])
     put_mean("rollout_latency_mean_s", [t.latency_s for t in trajs])
     put_mean("generated_tokens_mean", [float(t.generated_tokens) for t in trajs])
     put_mean("reasoning_tokens_mean", [float(t.reasoning_tokens) for t in trajs])
@@ -94,6 +96,9 @@ NO_SIGNAL_WARN_FRAC = 0.5
 # Above this share of rollouts with a turn that looks like an unread call, `train` warns and
 # `precheck` says NO-GO (unread_calls).
 UNPARSED_WARN_FRAC = 0.5
+# Above this share of a step's grades failing, the step row and `train` shout and `precheck` says
+# NO-GO: a grader failing on some answers trains on the others only (a biased signal, not a quiet one).
+GRADER_FAILED_WARN_FRAC = 0.2
 
 
 def signal_metrics(trajs: list[Trajectory]) -> dict[str, float]:
@@ -148,6 +153,21 @@ def parsers_line(parsers: dict[str, str]) -> str:
     chosen = f" (chosen from the chat template: {parsers['chosen']})" if parsers["chosen"] else ""
     return (f"[rft] turns read by vLLM's parsers: tool_call_parser {parsers['tool_call_parser']}, "
             f"reasoning_parser {parsers['reasoning_parser']}{chosen}")
+
+
+def grader_failing(metrics: dict[str, float], prefix: str = "train") -> float | None:
+    """The share of graded rollouts the grader failed on, when it is over GRADER_FAILED_WARN_FRAC; else None."""
+    frac = metrics.get(f"{prefix}_grader_failed_frac")
+    return frac if frac is not None and frac > GRADER_FAILED_WARN_FRAC else None
+
+
+def grader_warning(metrics: dict[str, float], prefix: str = "train") -> str | None:
+    """A warning line when the grader failed on too many of a step's rollouts, else None."""
+    frac = grader_failing(metrics, prefix)
+    if frac is None:
+        return None
+    return (f"[rft] WARNING: the grader failed on {frac:.0%} of this step's graded rollouts: they are not trained on, so the "
+            "others' rewards are a biased signal. Their `grader_error` is in trajectories/; try `rft-cluster grader-run`")
 
 
 def signal_warning(metrics: dict[str, float], group_size: int) -> str | None:
@@ -263,6 +283,7 @@ _STATUS_LABELS = {
     RolloutStatus.WORKER_LOST: "lost",
     RolloutStatus.STALE: "stale",
     RolloutStatus.FORMAT_FAILED: "format",
+    RolloutStatus.INTERNAL_ERROR: "internal",
 }
 _TIMINGS = {
     "sampling": "timing.step.sampling",
@@ -303,8 +324,10 @@ class StepPrinter:
             self._header_printed = True
         p = self.prefix
         reward = metrics.get(f"{p}_reward_mean")
+        failing = grader_failing(metrics, p)
         statuses = " ".join(
-            f"{label} {metrics[key]:.0f}"
+            # A grader over its failure share is shouted in plain text too (CI logs have no colour).
+            f"GRADER {metrics[key]:.0f} ({failing:.0%})" if status == RolloutStatus.GRADER_FAILED and failing else f"{label} {metrics[key]:.0f}"
             for status, label in _STATUS_LABELS.items()
             if metrics.get(key := f"{p}_status/{status.value}")
         )
@@ -314,7 +337,7 @@ class StepPrinter:
             (_fmt(metrics.get(f"{p}_tool_calls_per_rollout"), ".2f"), ""),
             (_fmt(metrics.get("format/unparsed_call_like"), ".0f"), "red" if metrics.get("format/unparsed_call_like") else ""),
             (_fmt(metrics.get("signal/groups_no_signal_frac"), ".0%"), ""),
-            (statuses, ""),
+            (statuses, "bold red" if failing else ""),
         ] + [(_fmt(metrics.get(key), ".1f"), "") for key in _TIMINGS.values()]
         row = Text(" ").join(
             Text(format(text, spec), style=style) for (text, style), (_, spec) in zip(cells, _COLUMNS)

@@ -18,7 +18,7 @@ from typing import Any, Literal
 
 from rft_cluster.config import JobSpec
 from rft_cluster.metrics import (
-    NO_SIGNAL_WARN_FRAC, format_metrics, parsers_line, rollout_metrics, signal_metrics, unread_calls,
+    GRADER_FAILED_WARN_FRAC, NO_SIGNAL_WARN_FRAC, format_metrics, parsers_line, rollout_metrics, signal_metrics, unread_calls,
 )
 from rft_cluster.types import RolloutStatus, Trajectory
 
@@ -44,6 +44,9 @@ def verdict(figures: dict[str, float], group_size: int, tool_call_parser: str) -
     failed = n - figures["graded"]
     if figures["graded"] == 0:
         return Verdict(False, f"none of {n:.0f} rollouts was graded: check the tools and the grader (rft-cluster tool-run / grader-run)")
+    if (grader_failed := figures.get("grader_failed_frac", 0.0)) > GRADER_FAILED_WARN_FRAC:
+        return Verdict(False, f"the grader failed on {grader_failed:.0%} of the rollouts it graded (over {GRADER_FAILED_WARN_FRAC:.0%}): "
+                              "see their grader_error with rft-cluster grader-run, and fix the grader first")
     if failed / n > MAX_FAILED_FRAC:
         return Verdict(False, f"{failed / n:.0%} of rollouts ended without a grade (see the statuses): fix those failures first")
     mean = figures["reward_mean"]
@@ -63,6 +66,7 @@ def summarize(trajs: list[Trajectory]) -> dict[str, float]:
     return {
         "rollouts": m["precheck_rollouts"],
         "graded": float(len(scores)),
+        "grader_failed_frac": m.get("precheck_grader_failed_frac", 0.0),
         "reward_mean": m.get("precheck_reward_mean", 0.0),
         "reward_std": pstdev(scores) if scores else 0.0,
         "groups_no_signal_frac": signal_metrics(trajs).get("signal/groups_no_signal_frac", 1.0),
@@ -116,6 +120,7 @@ def format_report(report: dict[str, Any]) -> str:
         "  " + parsers_line(report["parsers"]).removeprefix("[rft] "),
         f"  reward (score) mean {f['reward_mean']:.3f}, spread (std) {f['reward_std']:.3f} over {f['graded']:.0f} graded",
         f"  groups with no signal: {f['groups_no_signal_frac']:.0%}",
+        f"  grader failures: {f['grader_failed_frac']:.0%} of the rollouts it graded",
         f"  tool calls per rollout {f['tool_calls_per_rollout']:.2f}, failed calls {f['tool_call_failures']:.0f}",
         f"  turns that look like a call the {report['parsers']['tool_call_parser']} parser did not read: "
         f"{f['format/unparsed_call_like']:.0f} (in {f.get('format/unparsed_call_like_rollouts_frac', 0.0):.0%} of rollouts)",

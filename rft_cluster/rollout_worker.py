@@ -6,7 +6,7 @@ was given and sampled, a loss mask that is 1 on sampled ids only, each sampled i
 and the weight version that produced it.
 
 One Ray call runs one rollout, so the driver sees each as it ends. Weights are loaded between
-two engine steps (`begin_weight_sync` ... `finish_weight_sync`) while in-flight rollouts wait in
+two engine steps (`start_weight_update` ... `finish_weight_update`) while in-flight rollouts wait in
 the engine and then go on; each token's version says which weights sampled it.
 """
 
@@ -20,7 +20,7 @@ import sys
 import time
 import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import ray
@@ -28,9 +28,10 @@ import ray
 from rft_cluster.chat import ChatCodec, TemplateError
 from rft_cluster.config import EngineSpec
 from rft_cluster.formats import ParsedCall, TurnParser
+from rft_cluster.pipeline import lost_trajectory
 from rft_cluster.tool_proxy import ProxyClient
 from rft_cluster.types import RolloutRequest, RolloutStatus, ToolCallStatus, ToolResult, Trajectory, grader_sample
-from rft_cluster.weight_sync import WeightBucket
+from rft_cluster.weight_transfer import resolve_backend
 
 
 def turn_seed(seed: int, trace_id: str, turn: int) -> int:
@@ -139,13 +140,20 @@ class RolloutWorker:
         self.node_id = ray.get_runtime_context().get_node_id()
         self._stats = _EngineStats()
         self._effort_checked = False  # warned once if the template ignores reasoning_effort
+        self.transfer_backend = ""  # resolved at start
+        self._transfer_ready = False
+        self._staging: Any = None  # staging.Staging, for buckets from another node
 
     async def start(self) -> dict[str, Any]:
         """Starts the engine (seconds to a minute); returns facts about it."""
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(max(1, round(self.spec.cpu_kv_cache_gb))))
         from vllm import AsyncEngineArgs
+        from vllm.config import WeightTransferConfig
         from vllm.v1.engine.async_llm import AsyncLLM
 
+        from vllm.platforms import current_platform
+
+        self.transfer_backend = resolve_backend(self.spec.weight_transfer, on_gpu=not current_platform.is_cpu())
         args = AsyncEngineArgs(
             model=self.model,
             dtype=self.spec.dtype,
@@ -163,14 +171,17 @@ class RolloutWorker:
             # vLLM's own metrics cost per-token work in this process and per step in the engine;
             # `engine_stats` keeps what the driver needs.
             disable_log_stats=True,
-            worker_extension_cls="rft_cluster.weight_sync.WeightSyncExtension",
+            # vLLM's weight-transfer protocol, with the backend the learner publishes through
+            # (`weight_transfer.py`).
+            weight_transfer_config=WeightTransferConfig(backend=self.transfer_backend),
         )
         t0 = time.perf_counter()
         self.engine = AsyncLLM.from_engine_args(args)
         self.codec = ChatCodec.for_model(self.model)
         self.parser = TurnParser(self.codec.tokenizer, self.spec.tool_call_parser, self.spec.reasoning_parser)
         await self.engine.update_weight_version(str(self.weight_version))  # vLLM's initial label is "default"
-        return {"startup_s": time.perf_counter() - t0, "pid": os.getpid(), "parsers": self.parser.describe()}
+        return {"startup_s": time.perf_counter() - t0, "pid": os.getpid(), "parsers": self.parser.describe(),
+                "weight_transfer": self.transfer_backend}
 
     # ---------------------------------------------------------------- agent loops
 
@@ -185,7 +196,13 @@ class RolloutWorker:
             status, error = RolloutStatus.TIMEOUT, f"rollout exceeded {timeout} s"
         except Exception as e:  # an engine fault ends this rollout only, and is recorded
             status, error = RolloutStatus.ENGINE_FAILED, f"{type(e).__name__}: {e}"
-        return self._trajectory(request, ep, status, error, time.perf_counter() - t0)
+        latency = time.perf_counter() - t0
+        try:
+            return self._trajectory(request, ep, status, error, latency)
+        except Exception as e:  # RecursionError included: this rollout ends, never the run
+            # Whole: the driver redacts error texts with the job's redactor, then cuts them.
+            return replace(lost_trajectory(request, f"building the trajectory: {type(e).__name__}: {e}", self.node_id),
+                           status=RolloutStatus.INTERNAL_ERROR, num_turns=ep.turns, latency_s=latency)
 
     async def _agent_loop(self, req: RolloutRequest, s: SamplingSettings, ep: _Episode) -> tuple[RolloutStatus, str | None]:
         assert self.codec is not None and self.parser is not None, "start() first"
@@ -194,7 +211,7 @@ class RolloutWorker:
             if not self.codec.template_uses("reasoning_effort"):
                 print(f"[rft] reasoning_effort {s.reasoning_effort!r} has no effect: {self.model}'s chat template "
                       "has no `reasoning_effort` variable", file=sys.stderr)
-        variables = {"reasoning_effort": s.reasoning_effort} if s.reasoning_effort else {}
+        variables = self._variables(s)
         prompt = self.codec.prompt_ids(req.messages, req.tools, **variables)
         ep.shown(prompt)
         if len(prompt) >= self.spec.max_model_len:  # not the policy's doing: nothing to learn
@@ -223,13 +240,28 @@ class RolloutWorker:
             ep.tool_calls += results
             fatal = next((r for r in results if r.fatal), None)
             if fatal is not None:
-                return RolloutStatus.TOOL_FAILED, f"tool {fatal.name!r}: {fatal.status.value}: {fatal.output[:200]}"
+                return RolloutStatus.TOOL_FAILED, f"tool {fatal.name!r}: {fatal.status.value}: {fatal.output}"  # cut by the driver
             try:
                 if not turn.finished:  # cut off by max_tokens: close the turn as the template would
                     ep.shown(self.codec.turn_end_ids(calls))
                 ep.shown(self.codec.observation_ids(calls, [r.output for r in results]))
             except TemplateError as e:  # the policy's doing (e.g. parallel calls where the template takes one)
                 return RolloutStatus.FORMAT_FAILED, str(e)
+
+    @staticmethod
+    def _variables(s: SamplingSettings) -> dict[str, Any]:
+        """The chat template's variables beyond messages and tools."""
+        return {"reasoning_effort": s.reasoning_effort} if s.reasoning_effort else {}
+
+    async def warm_up(self, req: RolloutRequest, s: SamplingSettings, n: int) -> None:
+        """Samples `n` first turns of `req`'s prompt at once and keeps nothing: the engine builds
+        its kernels and caches on the run's own shapes, and no tool or grader is called (the
+        users' endpoints never see a rollout that is not stored)."""
+        assert self.codec is not None, "start() first"
+        prompt = self.codec.prompt_ids(req.messages, req.tools, **self._variables(s))
+        room = self.spec.max_model_len - len(prompt)
+        if room > 0:
+            await asyncio.gather(*(self._generate(prompt, min(s.max_tokens_per_turn, room), s, f"{req.trace_id}-{i}", 0) for i in range(n)))
 
     async def _generate(self, ids: list[int], max_tokens: int, s: SamplingSettings, trace_id: str, turn: int) -> _Turn:
         from vllm import SamplingParams
@@ -254,7 +286,7 @@ class RolloutWorker:
         token_ids = list(comp.token_ids)
         self._stats.add_output(len(token_ids), final.num_cached_tokens or 0)
         # Spans of output positions [start, end) and the weight version the engine core stamped
-        # on the steps that sampled them (see `finish_weight_sync`).
+        # on the steps that sampled them (see `finish_weight_update`).
         versions = [int(span.version) for span in comp.weight_versions or () for _ in range(span.start, span.end)]
         if len(versions) != len(token_ids):
             raise RuntimeError(f"the engine labelled {len(versions)} of {len(token_ids)} sampled tokens with a weight version")
@@ -298,7 +330,19 @@ class RolloutWorker:
 
     # ---------------------------------------------------------------- weights
 
-    async def begin_weight_sync(self) -> None:
+    async def init_weight_transfer_engine(self, init_info: dict[str, Any]) -> str:
+        """Readies the engine's side of the weight transfer (a rendezvous for nccl); a second
+        call (the learner's set of workers changed) first releases the previous one. Returns
+        this worker's node, where the publisher's shared memory is reachable or not."""
+        from vllm.distributed.weight_transfer.base import WeightTransferInitRequest
+
+        if self._transfer_ready:
+            await self.engine.shutdown_weight_transfer_engine()
+        await self.engine.init_weight_transfer_engine(WeightTransferInitRequest(init_info=init_info))
+        self._transfer_ready = True
+        return self.node_id
+
+    async def start_weight_update(self) -> None:
         """Pauses generation without ending in-flight requests, then readies the model for loading.
 
         In-flight requests stay in the engine, frozen between two generation steps (vLLM's
@@ -312,14 +356,25 @@ class RolloutWorker:
         old KV would sample from a mix no policy defines.)
         """
         await self.engine.pause_generation(mode="keep", clear_cache=True)
-        await self.engine.collective_rpc("rft_begin_weight_sync")
+        await self.engine.start_weight_update()
 
-    async def load_weight_bucket(self, bucket: WeightBucket) -> None:
-        # The bytes go through shared memory; the RPC carries where they lie (same node).
-        await self.engine.collective_rpc("rft_load_weight_bucket", args=bucket.staged_args())
+    async def update_weights(self, update_info: dict[str, Any] | list[dict[str, Any]]) -> None:
+        """One bucket (or, for nccl, the broadcast) into the engine's workers. A bucket staged in
+        another node's shared memory comes with its bytes in Ray's object store: they are staged
+        here, where the engine's workers can map them."""
+        from vllm.distributed.weight_transfer.base import WeightTransferUpdateRequest
 
-    async def finish_weight_sync(self, version: int) -> None:
-        """Re-packs the loaded weights, labels them `version` and resumes generation.
+        if isinstance(update_info, dict) and "bucket" in update_info:
+            from rft_cluster.staging import Staging
+
+            data = await update_info.pop("bucket")
+            self._staging = self._staging or Staging()
+            update_info["path"] = self._staging.write(data)
+        await self.engine.update_weights(WeightTransferUpdateRequest(update_info=update_info))
+
+    async def finish_weight_update(self, version: int) -> None:
+        """vLLM finishes the load (re-processing the weights, e.g. CPU GEMM packing), labels the
+        weights `version` and generation resumes.
 
         The label is exact per token: the engine core stamps each step's outputs with its current
         weight version, in its own process, at the step that sampled them, and the version is
@@ -328,8 +383,7 @@ class RolloutWorker:
         the old version and every one after the resume the new one, however late the outputs
         reach this process.
         """
-        await self.engine.collective_rpc("rft_finish_weight_sync")
-        await self.engine.update_weight_version(str(version))
+        await self.engine.finish_weight_update(str(version))
         self.weight_version = version
         await self.engine.resume_generation()
 

@@ -3,19 +3,23 @@ in OpenAI's function_call protocol (§3 there) and turns every outcome into a `T
 
 A plain class with async methods; the driver wraps it with `ray.remote` (an async actor).
 Rollout workers reach it through `ProxyClient`, which carries many calls per actor call.
+
+Every call ends by its deadline, `rollout_timeout_s` from when the proxy takes it (queueing,
+attempts, backoffs and `Retry-After` waits all count), and what it sends is strict JSON.
 """
 
 from __future__ import annotations
 
 import asyncio
+import time
 import uuid
 from collections.abc import Sequence
 from typing import Any
 
 from rft_cluster.config import ToolSettings, ToolSpec
-from rft_cluster.http import Failure, HttpOutcome, JsonPoster
+from rft_cluster.http import Failure, HttpOutcome, JsonPoster, clip
 from rft_cluster.redact import Redactor, redact_logs
-from rft_cluster.types import ToolCallStatus, ToolResult
+from rft_cluster.types import ToolCallStatus, ToolResult, strict_json
 
 # What each failure of a call makes of it; the fatal ones end the rollout as `tool_failed` (a
 # 429 too: waited out while retries last, then the rollout is discarded, never shown).
@@ -33,7 +37,8 @@ ToolCall = tuple[str, str, str, str, dict[str, Any]]
 
 
 def function_call_body(name: str, arguments: str, call_id: str, trace_id: str, item: dict[str, Any]) -> dict[str, Any]:
-    """The request body of OpenAI's tool-endpoint protocol (docs/architecture.md §3)."""
+    """The request body of OpenAI's tool-endpoint protocol (docs/architecture.md §3); a
+    non-finite number in the item is sent as null (strict JSON)."""
     return {
         "type": "function_call",
         "id": f"fc_{uuid.uuid4().hex}",
@@ -41,7 +46,7 @@ def function_call_body(name: str, arguments: str, call_id: str, trace_id: str, i
         "name": name,
         "arguments": arguments,
         "trace_id": trace_id,
-        "item": item,
+        "item": strict_json(item),
     }
 
 
@@ -62,8 +67,12 @@ class ToolProxy:
         tool = self._tools.get(name)
         if tool is None:
             return self.unknown_tool(name, arguments, call_id)
-        body = function_call_body(name, arguments, call_id, trace_id, item)
-        return self.result(body, await self.post(tool, body))
+        try:
+            body = function_call_body(name, arguments, call_id, trace_id, item)
+            return self.result(body, await self.post(tool, body))
+        except Exception as e:  # noqa: BLE001 - this call fails (its rollout ends as tool_failed), never its batch
+            why = self._redact.clip(f"the tool proxy failed on this call: {type(e).__name__}: {e}", 500)  # redacted, then cut
+            return ToolResult(call_id, name, arguments, why, ToolCallStatus.INTERNAL_ERROR)
 
     async def call_batch(self, calls: list[ToolCall]) -> list[ToolResult]:
         """Many calls in one actor call (they run concurrently), results in the same order."""
@@ -74,7 +83,15 @@ class ToolProxy:
         return ToolResult(call_id, name, arguments, f"unknown tool {name!r}; known tools: {known}", ToolCallStatus.MALFORMED)
 
     async def post(self, tool: ToolSpec, body: dict[str, Any]) -> HttpOutcome:
-        return await self._poster.post(tool.server_url, body, tool.headers)
+        """The call's outcome by its deadline (`rollout_timeout_s`: nothing waits on it longer)."""
+        started, deadline = time.monotonic(), self._settings.rollout_timeout_s
+        try:
+            async with asyncio.timeout(deadline):
+                return await self._poster.post(tool.server_url, body, tool.headers)
+        except TimeoutError:
+            # The attempts cut short are not counted here (JsonPoster keeps that count): 0 says unknown.
+            detail = f"no result within the call's deadline of rollout_timeout_s={deadline:g} s (attempts, retries and waits)"
+            return HttpOutcome(None, b"", Failure.TIMEOUT, detail, 0, time.monotonic() - started)
 
     def result(self, body: dict[str, Any], outcome: HttpOutcome) -> ToolResult:
         """The accounted result of the call `body`, from its HTTP outcome."""
@@ -152,10 +169,16 @@ class ProxyClient:
     async def _send(proxy: Any, share: list[tuple[ToolCall, asyncio.Future[ToolResult]]]) -> None:
         try:
             results = await proxy.call_batch.remote([c for c, _ in share])
-        except Exception as e:  # the proxy is gone for good (restarts exhausted): each call says so
-            lost = f"the tool proxy actor is gone, its restarts used up ({type(e).__name__})"
-            results = [ToolResult(call_id, name, arguments, lost, ToolCallStatus.PROXY_LOST)
-                       for (name, arguments, call_id, _, _), _ in share]
+        except Exception as e:  # noqa: BLE001 - each call of the batch fails, fatally: its rollout ends as tool_failed
+            from ray.exceptions import RayActorError
+
+            if isinstance(e, RayActorError):  # the proxy is gone for good (restarts exhausted)
+                status, why = ToolCallStatus.PROXY_LOST, f"the tool proxy actor is gone, its restarts used up ({type(e).__name__})"
+            else:  # the proxy (or Ray, sending the batch) raised: never an engine's fault
+                cause = getattr(e, "cause", None)  # a RayTaskError wraps what the proxy raised
+                cause = cause if isinstance(cause, BaseException) else e
+                status, why = ToolCallStatus.INTERNAL_ERROR, clip(f"the tool proxy failed on this batch: {type(cause).__name__}: {cause}", 500)
+            results = [ToolResult(call_id, name, arguments, why, status) for (name, arguments, call_id, _, _), _ in share]
         for (_, future), result in zip(share, results):
             if not future.done():  # a caller may have been cancelled (rollout timeout)
                 future.set_result(result)

@@ -23,10 +23,10 @@ one `write_table` per step here.)
 | `weight_versions` | list<int32> | weight version that sampled each token (-1 where `loss_mask` is 0) |
 | `prompt_len` | int32 | number of leading prompt tokens in `token_ids` |
 | `output_text` | string | the final answer text the grader saw |
-| `tool_calls` | list<struct> | one entry per call, in order: `call_id`, `name`, `arguments` (JSON string), `output` (text shown to the model), `status` (`ok`, `client_error`, `server_error`, `connection_error`, `timeout`, `malformed`, `bad_response`, `proxy_lost`), `http_status` (int32, null without a response), `latency_s` (float64, all attempts), `attempts` (int32) |
+| `tool_calls` | list<struct> | one entry per call, in order: `call_id`, `name`, `arguments` (JSON string), `output` (text shown to the model), `status` (`ok`, `client_error`, `server_error`, `connection_error`, `timeout`, `malformed`, `bad_response`, `proxy_lost`, `internal_error`), `http_status` (int32, null without a response), `latency_s` (float64, all attempts), `attempts` (int32) |
 | `score` | float64, nullable | the grader's score; null when the rollout was not graded or the grader failed |
 | `reward` | float64, nullable | the reward trained on: `score` minus the tool-call and reasoning-token penalties |
-| `status` | string | `ok`, `budget_exhausted`, `tool_failed`, `grader_failed`, `engine_failed`, `timeout`, `worker_lost`, `stale`, `format_failed` |
+| `status` | string | `ok`, `budget_exhausted`, `tool_failed`, `grader_failed`, `engine_failed`, `timeout`, `worker_lost`, `stale`, `format_failed`, `internal_error` (an exception in our code while building, grading or storing this rollout: `error` names the stage; a record that could not be stored is kept as a stub without tokens or texts) |
 | `grader_error` | string, nullable | why the grader failed |
 | `num_turns` | int32 | generation turns (model calls) in the rollout |
 | `latency_s` | float64 | wall time of the rollout, generation and tools |
@@ -48,7 +48,8 @@ import pyarrow.parquet as pq
 
 from rft_cluster.redact import Redactor
 from rft_cluster.storage import RunStorage
-from rft_cluster.types import ToolResult, Trajectory
+from rft_cluster.types import RolloutStatus, ToolResult, Trajectory
+from rft_cluster.untrusted import replace_surrogates
 
 Kind = Literal["train", "eval"]
 KINDS: tuple[Kind, ...] = ("train", "eval")
@@ -161,12 +162,29 @@ class TrajectoryStore:
         if len(steps) != 1:
             raise ValueError(f"append needs trajectories of exactly one step, got steps {sorted(steps)}")
         rel = self.rel_for(steps.pop(), kind)
-        table = pa.Table.from_pylist([self._redact(_row(t)) for t in trajectories], schema=SCHEMA)
+        try:
+            table = pa.Table.from_pylist([self._redact(_row(t)) for t in trajectories], schema=SCHEMA)
+        except Exception:  # some record cannot be stored: find it, row by row (rare, so not the usual path)
+            table = pa.Table.from_pylist([self._row_or_stub(t) for t in trajectories], schema=SCHEMA)
         # Serialized in memory (one step is small) and stored in one atomic write.
         sink = pa.BufferOutputStream()
         pq.write_table(table, sink)
         self.storage.write_bytes(rel, sink.getvalue().to_pybytes())
         return rel
+
+    def _row_or_stub(self, t: Trajectory) -> dict[str, Any]:
+        """`t`'s row if it converts; else `t` becomes `internal_error`, saying why, and is stored
+        as a stub (its ids, no tokens or texts): one rollout's record never costs the step file."""
+        try:
+            row = self._redact(_row(t))
+            pa.Table.from_pylist([row], schema=SCHEMA)
+            return row
+        except Exception as e:
+            t.status = RolloutStatus.INTERNAL_ERROR
+            t.error = replace_surrogates(f"storing the rollout: {type(e).__name__}: {self._redact.clip(str(e), 500)}")
+            stub = Trajectory(t.trace_id, t.prompt_id, t.group_id, t.step, [], [], [], [], 0, "", status=t.status,
+                              score=t.score, reward=t.reward, error=t.error, node_id=t.node_id)
+            return self._redact(_row(stub))
 
     def files(self, kind: Kind | None = None) -> list[str]:
         """Step files in (kind, step) order; all kinds when `kind` is None."""

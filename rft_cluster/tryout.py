@@ -16,10 +16,11 @@ from rich.text import Text
 
 from rft_cluster.config import JobSpec
 from rft_cluster.dataset import load_rows, row_item
+from rft_cluster.formats import ParsedCall, _checked
 from rft_cluster.grader_actor import GraderActor
 from rft_cluster.redact import Redactor
 from rft_cluster.tool_proxy import ToolProxy, function_call_body
-from rft_cluster.types import GradeResult, ToolResult, grader_sample, new_trace_id
+from rft_cluster.types import GradeResult, ToolCallStatus, ToolResult, grader_sample, new_trace_id
 from rft_cluster.untrusted import visible
 
 
@@ -39,8 +40,8 @@ def _show(console: Console, redact: Redactor, title: str, obj: Any) -> None:
 
 def _item(job: JobSpec, row: int) -> dict[str, Any]:
     rows = load_rows(job.resolve_path(job.training_file))
-    if not 0 <= row < len(rows):
-        raise SystemExit(f"--row {row}: {job.training_file} has rows 0..{len(rows) - 1}")
+    if not 0 <= row < len(rows):  # the path may hold a `${VAR}`'s value
+        raise SystemExit(job.redactor.text(f"--row {row}: {job.training_file} has rows 0..{len(rows) - 1}"))
     return row_item(rows[row])
 
 
@@ -48,9 +49,11 @@ async def tool_run(job: JobSpec, name: str, arguments: str, row: int, console: C
     redact = job.redactor
     proxy = ToolProxy(job.rl.tools, job.rl.tool_settings, redact)
     try:
-        tool = proxy.tool(name)
+        tool, call = proxy.tool(name), _checked(ParsedCall("call_tryout", name, arguments))
         if tool is None:
             result = proxy.unknown_tool(name, arguments, "call_tryout")
+        elif call.error is not None:  # as a rollout marks the model's call: not sent
+            result = ToolResult(call.id, name, arguments, f"Error: {call.error}", ToolCallStatus.MALFORMED)
         else:
             body = function_call_body(name, arguments, "call_tryout", new_trace_id(), _item(job, row))
             _show(console, redact, f"request: POST {tool.server_url}", {"headers": tool.headers, "body": body})

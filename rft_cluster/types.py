@@ -7,6 +7,7 @@ column names documented in docs/outputs.md.
 from __future__ import annotations
 
 import json
+import math
 import uuid
 from dataclasses import dataclass, field
 from enum import Enum
@@ -27,6 +28,9 @@ class RolloutStatus(str, Enum):
     # The model's turn cannot be rendered back through its chat template (e.g. parallel calls
     # where the template takes one per turn): graded, so the policy learns to avoid it.
     FORMAT_FAILED = "format_failed"
+    # An exception in this project's code while building or storing the rollout's record (the
+    # rollout, not the run, ends; `error` names the stage and the exception).
+    INTERNAL_ERROR = "internal_error"
 
 
 class ToolCallStatus(str, Enum):
@@ -40,6 +44,7 @@ class ToolCallStatus(str, Enum):
     MALFORMED = "malformed"  # the model's call could not be parsed or names no tool
     BAD_RESPONSE = "bad_response"  # the endpoint answered 2xx with a body we cannot read
     PROXY_LOST = "proxy_lost"  # the tool proxy actor died with no restarts left: the rollout is discarded
+    INTERNAL_ERROR = "internal_error"  # the proxy's own code raised on this call (named in the output): the rollout is discarded
 
 
 @dataclass
@@ -76,6 +81,7 @@ class ToolResult:
             ToolCallStatus.CONNECTION_ERROR,
             ToolCallStatus.TIMEOUT,
             ToolCallStatus.PROXY_LOST,
+            ToolCallStatus.INTERNAL_ERROR,
         )
 
 
@@ -95,13 +101,74 @@ def new_trace_id() -> str:
     return f"trace_{uuid.uuid4().hex}"
 
 
+# Deeper JSON is not a usable answer, and would make every later encoder (Ray's pickle, json.dumps)
+# recurse as deep: past it an answer counts as not JSON.
+MAX_JSON_DEPTH = 100
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):  # 1e999
+        raise ValueError(f"{text[:20]} is not a finite number")
+    return value
+
+
+def _depth(value: Any) -> int:
+    """How deep lists and objects nest in `value` (iterative: the value may be deep)."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        node, depth = stack.pop()
+        children = node.values() if isinstance(node, dict) else node if isinstance(node, list) else None
+        if children is not None:
+            deepest = max(deepest, depth)
+            stack.extend((child, depth + 1) for child in children)
+    return deepest
+
+
+def strict_json_loads(text: str) -> Any:
+    """`text` parsed as strict JSON (RFC 8259: no NaN/Infinity, numbers that fit a float) nesting at
+    most MAX_JSON_DEPTH deep; raises ValueError for anything else, whatever the text."""
+    try:
+        value = json.loads(text, parse_constant=_reject_constant, parse_float=_finite_float)
+    except RecursionError:
+        raise ValueError("JSON nested too deeply") from None
+    except TypeError as e:  # not a str
+        raise ValueError(str(e)) from None
+    # ValueError already covers integers of more than sys.get_int_max_str_digits() digits.
+    if _depth(value) > MAX_JSON_DEPTH:
+        raise ValueError(f"JSON nested deeper than {MAX_JSON_DEPTH}")
+    return value
+
+
+def strict_json(value: Any) -> Any:
+    """`value` with every non-finite float (NaN, ±Infinity: not JSON) as None, so that
+    `json.dumps(strict_json(v), allow_nan=False)` cannot fail on them: what we send is strict JSON."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: strict_json(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [strict_json(v) for v in value]
+    return value
+
+
+def dumps_strict(value: Any) -> bytes:
+    """A request body: `value` as strict JSON bytes (see `strict_json`)."""
+    return json.dumps(strict_json(value), allow_nan=False).encode()
+
+
 def grader_sample(output_text: str, tool_calls: list[ToolResult]) -> dict[str, Any]:
-    """The `sample` a grader sees (OpenAI's shape): the final answer, its JSON parse when it is
-    JSON, and the rollout's tool calls in Chat Completions form."""
+    """The `sample` a grader sees (OpenAI's shape): the final answer, its parse when it is strict
+    JSON (`strict_json_loads`; else null, whatever the text), and the rollout's tool calls in Chat
+    Completions form."""
     calls = [{"id": r.call_id, "type": "function", "function": {"name": r.name, "arguments": r.arguments}} for r in tool_calls]
     try:
-        output_json = json.loads(output_text)
-    except (json.JSONDecodeError, TypeError):
+        output_json = strict_json_loads(output_text)
+    except ValueError:
         output_json = None
     return {
         "output_text": output_text,

@@ -70,11 +70,14 @@ def test_unset_environment_variable_is_named(tmp_path: Path, capsys: pytest.Capt
 
 
 @pytest.fixture
-def ledger_job(tmp_path: Path, ledger_data: Path, ledger_env, monkeypatch: pytest.MonkeyPatch) -> str:
-    """The shipped ledger job, pointed at this session's ledger servers and data."""
+def ledger_job(tmp_path: Path, ledger_data: Path, tiny_model_dir: Path, ledger_env, monkeypatch: pytest.MonkeyPatch) -> str:
+    """The shipped ledger job, pointed at this session's ledger servers, data and a model (its
+    check builds the tokenizer and renders a row, as `train` would; the tiny model has the warm
+    one's tokenizer and template)."""
     import shutil
 
     shutil.copytree(ledger_data, tmp_path / "data")
+    (tmp_path / "warm-model").symlink_to(tiny_model_dir)
     monkeypatch.setenv("RFT_DEMO_DIR", str(tmp_path))
     monkeypatch.setenv("RFT_DEMO_URL", ledger_env.base_url)
     monkeypatch.setenv("RFT_DEMO_TOKEN", ledger_env.token)

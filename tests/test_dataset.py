@@ -19,7 +19,7 @@ GOOD_ROWS = [
     {"messages": [{"role": "system", "content": "Be terse."}, USER], "answer": "12.5",
      "tools": [tool("search", description="BM25 search", parameters={"type": "object", "properties": {}}),
                tool("cat")]},
-    {"messages": [USER, {"role": "assistant", "content": "a"}, {"role": "tool", "content": "b"},
+    {"messages": [USER, {"role": "assistant", "content": "a"}, {"role": "tool", "tool_call_id": "c1", "content": "b"},
                   {"role": "developer", "content": "c"}, {"role": "user", "content": "line\u2028sep"}],
      "answer": "7"},  # every row has what the job's grader template reads
 ]

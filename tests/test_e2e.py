@@ -67,10 +67,9 @@ def test_two_step_train_runs_every_role_and_writes_every_output(ray_local, demo_
     # and each step's timer restarts: the steps together took less than the whole run.
     assert sum(steps[s]["timing.step.full_iteration"] for s in (1, 2)) < wall_s
     assert "valid_reward_mean" in steps[0] and "valid_reward_mean" in steps[2]
-    # The engines were warmed before the baseline: the warm-up's group (4 rollouts) reached the
-    # tool server under trace ids of their own and was stored nowhere (16 eval rows above).
-    warm_up = ledger_env.trace_ids() - seen_before - {r["trace_id"] for r in rows}
-    assert steps[0]["timing.warmup"] > 0 and 0 < len(warm_up) <= 4
+    # The engines were warmed before the baseline without calling the tool server: it saw the
+    # stored rollouts' trace ids only (16 eval rows above).
+    assert steps[0]["timing.warmup"] > 0 and ledger_env.trace_ids() - seen_before <= {r["trace_id"] for r in rows}
     [run_dir] = (out / "wandb").glob("offline-run-*")
     history = wandb_history(run_dir)
     assert history[2]["train_rollouts"] == 8 and "timing.step.weight_sync" in history[2]

@@ -87,10 +87,10 @@ def test_a_third_of_tool_requests_failing_transiently_loses_no_rollout(ray_local
             assert m[f"{prefix}_rollouts"] == by_status == len(stored) == scheduled[prefix]
     assert set(metrics) == {0, 1, 2}
 
-    # Every HTTP request the front saw for a stored rollout is an attempt recorded on one of its
-    # tool calls; the only other requests are the warm-up group's (4 rollouts, never stored).
+    # Every HTTP request the front saw is an attempt recorded on one of a stored rollout's
+    # tool calls; there are no others (the warm-up calls no tool).
     stored = {r["trace_id"] for r in rows}
-    assert 0 < len(set(front.requests) - stored) <= 4
+    assert set(front.requests) <= stored
     calls = [c for r in rows for c in r["tool_calls"] if c["status"] != "malformed"]
     assert sum(c["attempts"] for c in calls) == sum(front.requests[t] for t in stored)
     # Every injected fault shows on its call: as a retry, or as the failure that ended it once

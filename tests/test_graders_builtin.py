@@ -176,7 +176,8 @@ def multi(formula: str, **graders: dict[str, Any]) -> dict[str, Any]:
     [("0.5 * exact + 0.5 * half", 0.75), ("max(exact, half) - abs(-half) / 2", 0.75), ("min(exact, half) * 2 - 1", 0.0)],
 )
 async def test_multi_combines_sub_scores(formula: str, expected: float) -> None:
-    result = await grade(multi(formula, exact=EXACT, half=HALF))
+    # score_range [-1, 1]: what the last formula can give (validate samples it over the sub-scores).
+    result = await grade({**multi(formula, exact=EXACT, half=HALF), "score_range": [-1, 1]})
     assert (result.score, result.error) == (pytest.approx(expected), None)
     assert result.details == {"exact": 1.0, "half": 0.5}
 
@@ -192,22 +193,24 @@ async def test_multi_runs_sub_graders_concurrently() -> None:
 
 
 async def test_multi_nests() -> None:
-    inner = multi("2 * half", half=HALF)
-    result = await grade(multi("inner - exact", inner=inner, exact=EXACT))
+    inner = {**multi("2 * half", half=HALF), "score_range": [0, 2]}
+    result = await grade({**multi("inner - exact", inner=inner, exact=EXACT), "score_range": [-1, 2]})
     assert (result.score, result.details) == (0.0, {"inner": 1.0, "exact": 1.0})
 
 
 async def test_multi_fails_when_a_sub_grader_fails_naming_it() -> None:
     broken = {**EXACT, "reference": "{{item.missing}}"}
-    result = await grade(multi("ok + broken", ok=HALF, broken=broken))
+    result = await grade(multi("(ok + broken) / 2", ok=HALF, broken=broken))
     assert result.score is None
     assert result.error.startswith("grader 'combo': sub-grader 'broken' failed: ") and "'missing'" in result.error
     assert result.details == {"ok": 0.5}
 
 
 async def test_multi_formula_failing_at_run_time_is_a_failure() -> None:
-    result = await grade(multi("exact / (exact - 1)", exact=EXACT))
-    assert result.score is None and "ZeroDivisionError" in result.error and result.details == {"exact": 1.0}
+    """A score validate's samples of the sub-scores missed (0.3 exactly) divides by zero at run time."""
+    third = {"type": "python", "source": "def grade(sample, item):\n    return 0.3\n"}
+    result = await grade(multi("min(1, abs(0.1 / (third - 0.3)))", third=third))
+    assert result.score is None and "ZeroDivisionError" in result.error and result.details == {"third": 0.3}
 
 
 @pytest.mark.parametrize(
@@ -217,7 +220,12 @@ async def test_multi_formula_failing_at_run_time_is_a_failure() -> None:
         ("__import__('os').system('true')", "Attribute is not available"),
         ("a.__class__", "Attribute is not available"),
         ("open('/etc/passwd')", "'open' not defined"),
-        ("a ** 2", "does not exist"),
+        ("a ** 2", "`a ** 2`: the operator Pow is not available"),
+        ("min(a, 1) + (not a)", "`not a`: the operator Not is not available"),
+        ("max(a, 0.5 % a)", "`0.5 % a`: the operator Mod is not available"),
+        ("a / (a - 1)", "ZeroDivisionError: float division by zero when the sub-graders score a=1"),
+        ("2 * a", "gives 2 when the sub-graders score a=1, outside score_range [0, 1]"),
+        ("a + 1 - a", "gives 1 whatever the sub-graders score"),
         ("a if a else 1", "IfExp is not available"),
         ("'text' * 2", "only numbers"),
         ("a + c", "'c' is not defined"),
@@ -227,7 +235,7 @@ async def test_multi_formula_failing_at_run_time_is_a_failure() -> None:
 def test_multi_rejects_unsafe_or_unknown_formulas_at_load(formula: str, message: str) -> None:
     with pytest.raises(ValidationError, match="multi.calculate_output") as e:
         GRADER.validate_python(multi(formula, a=HALF))
-    assert message in str(e.value)
+    assert message in str(e.value) and "object at 0x" not in str(e.value)
 
 
 def test_multi_sub_grader_names_must_be_identifiers() -> None:
@@ -278,7 +286,7 @@ graders:
       - {type: message, role: system, content: "Score from 1 to 5."}
       - {type: message, role: user, content: "{{item.question}} / {{sample.output_text}}"}
     range: [1, 5]
-    pass_threshold: 3
+    pass_threshold: 0.5  # compared with the judge's score mapped onto [0, 1]
     sampling_params: {temperature: 0, seed: 1, max_completions_tokens: 64, reasoning_effort: low}
 calculate_output: "0.4 * exact + 0.2 * overlap + 0.1 * code + 0.3 * judge"
 """

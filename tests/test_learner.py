@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import random
 from pathlib import Path
+from typing import Literal
 
 import pytest
 import ray
@@ -13,10 +14,12 @@ import torch
 from rft_cluster.config import LearnerSpec
 from rft_cluster.grpo import group_advantages, policy_loss, token_logprobs
 from rft_cluster.learner import Learner
+from rft_cluster.staging import Mappings, Staging, pack
 from rft_cluster.storage import RunStorage
 from rft_cluster.types import TrainSample
-from rft_cluster.weight_sync import WeightBucket, pack_buckets, publish_from
+from rft_cluster.weight_transfer import Publish, publish_from
 from tests.conftest import RunLocation
+from tests.test_weight_transfer import RecordingWorker, read_bucket
 
 LR = 2e-5
 CLIP = 0.2
@@ -114,6 +117,33 @@ def test_kl_term_is_zero_at_the_reference_and_pulls_the_policy_back_to_it() -> N
     assert drifted.grad[0, 0] > 0 and drifted.grad[0, 1] < 0 and drifted.grad[0, 2] == 0
 
 
+def test_tis_weight_truncates_at_the_cap_and_multiplies_the_clipped_surrogate() -> None:
+    # Learner old logprobs 0; the engine's put the weight exp(old - engine) at 3 (truncated to
+    # the cap 2), 0.5 and 1; the masked fourth's -1000 would overflow exp() if it counted.
+    # Ratios 1.5 (clipped to 1.2 at A = 1), 1, 1.
+    logprobs = torch.tensor([[math.log(1.5), 0.0, 0.0, 0.0]], requires_grad=True)
+    old = torch.zeros(1, 4)
+    engine = torch.tensor([[-math.log(3), math.log(2), 0.0, -1000.0]])
+    mask = torch.tensor([[1, 1, 1, 0]])
+    loss, stats = policy_loss(logprobs, old, torch.tensor([[1.0]]), mask, 0.2, engine_logprobs=engine, tis_cap=2.0)
+    loss.backward()
+    assert loss.item() == pytest.approx(-(2 * 1.2 + 0.5 * 1 + 1 * 1) / 3)
+    # the weight is detached: the clipped token has no gradient, the others -w * r * A / 3
+    assert logprobs.grad.tolist()[0] == pytest.approx([0.0, -0.5 / 3, -1 / 3, 0.0])
+    assert stats["tis_truncated"] == pytest.approx(1 / 3)
+    assert stats["mismatch_mean"] == pytest.approx((math.log(3) + math.log(2)) / 3, rel=1e-6)
+    assert stats["mismatch_max"] == pytest.approx(math.log(3), rel=1e-6)
+    assert stats["ratio_dev_max"] == pytest.approx(0.5, rel=1e-6)
+
+    # Without a cap the mismatch is still measured, and nothing weighs the surrogate.
+    plain, _ = policy_loss(logprobs, old, torch.tensor([[1.0]]), mask, 0.2)
+    uncapped, stats = policy_loss(logprobs, old, torch.tensor([[1.0]]), mask, 0.2, engine_logprobs=engine)
+    assert uncapped.item() == plain.item() == pytest.approx(-(1.2 + 1 + 1) / 3)
+    assert "tis_truncated" not in stats and stats["mismatch_max"] == pytest.approx(math.log(3), rel=1e-6)
+    with pytest.raises(ValueError, match="tis_cap needs engine_logprobs"):
+        policy_loss(logprobs, old, torch.tensor([[1.0]]), mask, 0.2, tis_cap=2.0)
+
+
 def test_policy_loss_is_a_token_mean_over_the_whole_batch() -> None:
     # Two sequences with 1 and 3 sampled tokens, on-policy: loss = -(1*A0 + 3*A1) / 4.
     logprobs = torch.zeros(2, 3)
@@ -131,8 +161,12 @@ def model_dir(tiny_model_dir: Path) -> Path:
     return tiny_model_dir
 
 
-def make_learner(model_dir: Path, learning_rate: float = LR, warmup_steps: int = 0, kl_coef: float = 0.0, **spec: object) -> Learner:
-    return Learner(str(model_dir), LearnerSpec(**spec), learning_rate, CLIP, seed=0, warmup_steps=warmup_steps, kl_coef=kl_coef)
+def make_learner(
+    model_dir: Path, learning_rate: float = LR, warmup_steps: int = 0, kl_coef: float = 0.0,
+    old_logprobs: Literal["learner", "engine"] = "learner", tis_cap: float | None = 2.0, **spec: object,
+) -> Learner:
+    return Learner(str(model_dir), LearnerSpec(**spec), learning_rate, CLIP, seed=0, warmup_steps=warmup_steps, kl_coef=kl_coef,
+                   old_logprobs=old_logprobs, tis_cap=tis_cap)
 
 
 def make_batch(learner: Learner, advantages: list[float], seed: int, off_policy: float = 0.0) -> list[TrainSample]:
@@ -171,7 +205,9 @@ def masked_mean_logprob(learner: Learner, samples: list[TrainSample]) -> float:
 @pytest.mark.slow
 @pytest.mark.parametrize("stage", [2, 3])
 def test_train_steps_lower_the_loss_and_follow_the_advantages(model_dir: Path, stage: int) -> None:
-    learner = make_learner(model_dir, zero_stage=stage, micro_batch_size=2)
+    # The batch keeps the logprobs it was sampled with as the old policy, so repeated steps on
+    # it move the ratio away from 1 (recomputed learner logprobs would reset it every step).
+    learner = make_learner(model_dir, zero_stage=stage, micro_batch_size=2, old_logprobs="engine", tis_cap=None)
     adv = group_advantages([1.0, 0.0, 1.0, 0.0, 0.0, 1.0], ["a", "a", "a", "b", "b", "b"])
     batch = make_batch(learner, adv, seed=1)
     unusable = TrainSample([5, 6, 7], [1, 0, 0], [0.0, 0.0, 0.0], 1.0)  # only token 0, which has no prefix
@@ -205,9 +241,10 @@ def test_a_batch_with_nothing_to_train_changes_nothing(model_dir: Path) -> None:
         assert torch.equal(t, w0[name]), name
 
 
-def plain_torch_step(model_dir: Path, batch: list[TrainSample]) -> tuple[float, float]:
+def plain_torch_step(model_dir: Path, batch: list[TrainSample], tis_cap: float | None = None) -> tuple[float, float]:
     """Loss and gradient norm of the batch as ONE padded batch through plain transformers:
-    the reference the learner must match however it micro-batches."""
+    the reference the learner must match however it micro-batches. With `tis_cap`, as
+    old_logprobs "learner" computes it: the old policy is the model's own logprobs."""
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(model_dir)
@@ -219,33 +256,43 @@ def plain_torch_step(model_dir: Path, batch: list[TrainSample]) -> tuple[float, 
     ids = pad([s.token_ids for s in batch], 0)
     attn = pad([[1] * len(s.token_ids) for s in batch], 0)
     logprobs = token_logprobs(model(input_ids=ids, attention_mask=attn).logits, ids)
-    old = pad([s.rollout_logprobs for s in batch], 0.0)[:, 1:]
+    engine = pad([s.rollout_logprobs for s in batch], 0.0)[:, 1:]
     mask = pad([s.loss_mask for s in batch], 0)[:, 1:]
-    loss, _ = policy_loss(logprobs, old, torch.tensor([[s.advantage] for s in batch]), mask, CLIP)
+    adv = torch.tensor([[s.advantage] for s in batch])
+    if tis_cap is None:
+        loss, _ = policy_loss(logprobs, engine, adv, mask, CLIP)
+    else:
+        loss, _ = policy_loss(logprobs, logprobs.detach(), adv, mask, CLIP, engine_logprobs=engine, tis_cap=tis_cap)
     loss.backward()
     return loss.item(), math.sqrt(sum(p.grad.double().square().sum().item() for p in model.parameters()))
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(("stage", "checkpointing"), [(0, False), (1, False), (2, False), (3, True)])
-def test_micro_batching_does_not_change_the_step(model_dir: Path, stage: int, checkpointing: bool) -> None:
+@pytest.mark.parametrize(("stage", "checkpointing", "old_logprobs"), [
+    (0, False, "engine"), (1, False, "learner"), (2, False, "engine"), (3, True, "learner"),
+])
+def test_micro_batching_does_not_change_the_step(model_dir: Path, stage: int, checkpointing: bool, old_logprobs: str) -> None:
     # Five samples of different token counts, split 1+1+1+1+1 and 4+1: both must give the
     # loss and gradient of the whole batch's token mean (gradient checkpointing too).
-    # Off-policy logprobs make some tokens clip.
+    # Off-policy logprobs make some tokens clip (engine logprobs as the old policy) or some
+    # TIS weights truncate (the learner's recomputed, with a cap of 1.1).
     advantages = [1.5, -0.5, 0.7, -1.2, 0.3]
+    tis_cap = 1.1 if old_logprobs == "learner" else None
     runs = []
     for mbs in (1, 4):
-        learner = make_learner(model_dir, zero_stage=stage, micro_batch_size=mbs, gradient_checkpointing=checkpointing)
+        learner = make_learner(model_dir, zero_stage=stage, micro_batch_size=mbs, gradient_checkpointing=checkpointing,
+                               old_logprobs=old_logprobs, tis_cap=tis_cap)
         batch = make_batch(learner, advantages, seed=2, off_policy=0.3)
         before = weights(learner)
         runs.append((learner.train_step(batch), before, weights(learner)))
     (m1, before, w1), (m4, _, w4) = runs
-    ref_loss, ref_grad_norm = plain_torch_step(model_dir, batch)
-    assert m1["clip_fraction"] > 0
+    ref_loss, ref_grad_norm = plain_torch_step(model_dir, batch, tis_cap)
+    assert (m1["tis_truncated"] if tis_cap else m1["clip_fraction"]) > 0
     for m in (m1, m4):
         assert m["loss"] == pytest.approx(ref_loss, rel=1e-5)
         assert m["grad_norm"] == pytest.approx(ref_grad_norm, rel=1e-5)
-    for key in ("clip_fraction", "approx_kl", "logprob_gap", "tokens"):
+    stats = ("mismatch_mean", "mismatch_max", "tis_truncated") if tis_cap else ("clip_fraction", "approx_kl", "logprob_gap")
+    for key in (*stats, "ratio_dev_max", "tokens"):
         assert m1[key] == pytest.approx(m4[key], rel=1e-5, abs=1e-7), key
     # Adam's first step is about lr * sign(grad) whatever the gradient's scale, so weights are a
     # coarse check (the gradient norm above is the sharp one); every tensor must have moved.
@@ -254,18 +301,52 @@ def test_micro_batching_does_not_change_the_step(model_dir: Path, stage: int, ch
         torch.testing.assert_close(w1[name], w4[name], rtol=0, atol=LR / 10, msg=name)
 
 
+def mismatch_by_hand(learner: Learner, batch: list[TrainSample], cap: float) -> tuple[float, float, float]:
+    """Mean and max |learner - engine logprob| over the trained tokens, and the share whose
+    weight exp(learner - engine) exceeds `cap`, from the learner's logprobs before its step."""
+    gaps = [lp - s.rollout_logprobs[t + 1] for s, row in zip(batch, learner.compute_logprobs([s.token_ids for s in batch]))
+            for t, lp in enumerate(row) if s.loss_mask[t + 1]]
+    return sum(map(abs, gaps)) / len(gaps), max(map(abs, gaps)), sum(g > math.log(cap) for g in gaps) / len(gaps)
+
+
 @pytest.mark.slow
-def test_named_weights_round_trip_through_buckets(model_dir: Path) -> None:
+def test_recomputed_old_logprobs_put_the_ratio_at_one_and_measure_the_engine_gap(model_dir: Path) -> None:
+    # Engine logprobs off by up to 1 nat (a mismatch larger than bf16's, so that some weights
+    # pass the cap of 2); micro-batches of one sample, so the step's max must be the max over
+    # micro-batches, not their token-weighted mean.
+    learner = make_learner(model_dir, zero_stage=2, micro_batch_size=1)
+    batch = make_batch(learner, [1.0, -1.0, 0.5, -0.5], seed=9, off_policy=1.0)
+    mean, biggest, truncated = mismatch_by_hand(learner, batch, 2.0)
+    recomputed = learner.train_step(batch)
+    assert recomputed["ratio_mean"] == pytest.approx(1.0, abs=1e-6) and recomputed["ratio_dev_max"] < 1e-5
+    assert recomputed["clip_fraction"] == 0.0
+    assert recomputed["mismatch_mean"] == pytest.approx(mean, abs=1e-5)
+    assert recomputed["mismatch_max"] == pytest.approx(biggest, abs=1e-5) and biggest > 1.5 * mean
+    assert recomputed["tis_truncated"] == pytest.approx(truncated) and truncated > 0
+
+    engine = make_learner(model_dir, zero_stage=2, micro_batch_size=1, old_logprobs="engine", tis_cap=None).train_step(batch)
+    assert engine["ratio_dev_max"] > 0.5 and engine["clip_fraction"] > 0.1
+    assert not {"mismatch_mean", "mismatch_max", "tis_truncated", "recompute_seconds"} & engine.keys()
+    with pytest.raises(ValueError, match="tis_cap needs old_logprobs 'learner'"):
+        make_learner(model_dir, old_logprobs="engine")
+
+
+@pytest.mark.slow
+def test_the_weight_source_gathers_partitioned_weights_into_buckets_as_its_metadata_says(model_dir: Path) -> None:
     from transformers import AutoModelForCausalLM
 
-    learner = make_learner(model_dir, zero_stage=3)  # partitioned: named_weights must gather
-    buckets = list(pack_buckets(learner.named_weights(), 1 << 20))
-    unpacked = {name: t for b in buckets for name, t in b.tensors()}
+    learner = make_learner(model_dir, zero_stage=3)  # partitioned: the source must gather
+    source, mappings = learner.weight_source(), Mappings()
+    buckets, unpacked = 0, {}
+    for b in pack(source, [Staging()], 1 << 20):  # one area: each bucket read before the next
+        buckets += 1
+        unpacked |= read_bucket(b, mappings)
+    assert [(m.name, m.shape, m.dtype) for m in source.metadata()] == [(n, tuple(t.shape), t.dtype) for n, t in unpacked.items()]
 
     reference = AutoModelForCausalLM.from_pretrained(model_dir)
     assert reference.config.tie_word_embeddings
     expected = dict(reference.named_parameters())
-    assert len(buckets) > 1
+    assert buckets > 1
     assert "lm_head.weight" not in unpacked and "model.embed_tokens.weight" in unpacked
     assert unpacked.keys() == expected.keys()
     for name, t in unpacked.items():
@@ -344,34 +425,12 @@ def test_kl_coef_anchors_training_to_the_starting_weights(model_dir: Path) -> No
     assert "ref_kl" not in make_learner(model_dir, zero_stage=2).train_step(batch)  # no reference, no term
 
 
-@ray.remote(num_cpus=0)
-class RecordingWorker:
-    """Stands in for a rollout worker: records the publish protocol and the buckets."""
-
-    def __init__(self) -> None:
-        self.calls: list[str] = []
-        self.tensors: dict[str, torch.Tensor] = {}
-
-    async def begin_weight_sync(self) -> None:
-        self.calls.append("begin")
-
-    async def load_weight_bucket(self, bucket: WeightBucket) -> None:
-        self.calls.append("load")
-        self.tensors |= {name: t.clone() for name, t in bucket.tensors()}
-
-    async def finish_weight_sync(self, version: int) -> None:
-        self.calls.append(f"finish {version}")
-
-    def recorded(self) -> tuple[list[str], dict[str, torch.Tensor]]:
-        return self.calls, self.tensors
-
-
 @pytest.mark.slow
-def test_publish_sends_every_bucket_to_every_worker_between_begin_and_finish(model_dir: Path, ray_local: None) -> None:
+def test_publish_sends_every_bucket_to_every_worker_between_start_and_finish(model_dir: Path, ray_local: None) -> None:
     learner = make_learner(model_dir, zero_stage=2)
     workers = [RecordingWorker.remote() for _ in range(2)]
     try:
-        result = publish_from(learner, workers, version=7, bucket_bytes=1 << 20)
+        result = publish_from(learner, Publish(workers, 7, 1 << 20, "rft_shm", None))
         recorded = ray.get([w.recorded.remote() for w in workers])
     finally:
         for w in workers:
@@ -383,7 +442,7 @@ def test_publish_sends_every_bucket_to_every_worker_between_begin_and_finish(mod
     assert result.bytes == sum(t.numel() * t.element_size() for t in expected.values())
     assert result.lost == []
     for calls, tensors in recorded:
-        assert calls == ["begin"] + ["load"] * n + ["finish 7"]
+        assert calls == ["init", "start"] + ["update"] * n + ["finish 7"]
         assert tensors.keys() == expected.keys()
         for name, t in tensors.items():
             assert torch.equal(t, expected[name]), name

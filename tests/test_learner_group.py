@@ -8,6 +8,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Literal
 
 import pytest
 import ray
@@ -17,8 +18,9 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from rft_cluster.config import LearnerSpec
 from rft_cluster.learner_group import LearnerGroup, split_by_tokens
 from rft_cluster.types import TrainSample
-from rft_cluster.weight_sync import publish, publish_from
-from tests.test_learner import CLIP, LR, RecordingWorker, assert_same_weights, make_batch
+from rft_cluster.weight_transfer import NamedWeights, Publish, publish, publish_from
+from tests.test_learner import CLIP, LR, assert_same_weights, make_batch
+from tests.test_weight_transfer import RecordingWorker
 
 pytestmark = pytest.mark.slow
 
@@ -39,17 +41,19 @@ def test_several_ranks_need_a_zero_stage_that_reduces_gradients() -> None:
 
 
 def start_group(
-    model_dir: Path, ranks: int, learning_rate: float = LR, env: dict[str, str] | None = None, **spec: object
+    model_dir: Path, ranks: int, learning_rate: float = LR, env: dict[str, str] | None = None,
+    old_logprobs: Literal["learner", "engine"] = "learner", tis_cap: float | None = 2.0, **spec: object,
 ) -> LearnerGroup:
     """`env`: variables the ranks' processes get (the session's Ray started before the test set them)."""
     options = [{"num_cpus": 1, "runtime_env": {"env_vars": env}}] * ranks if env else None
-    return LearnerGroup(str(model_dir), LearnerSpec(ranks=ranks, **spec), learning_rate, CLIP, seed=0, actor_options=options)
+    return LearnerGroup(str(model_dir), LearnerSpec(ranks=ranks, **spec), learning_rate, CLIP, seed=0, actor_options=options,
+                        old_logprobs=old_logprobs, tis_cap=tis_cap)
 
 
 def group_weights(group: LearnerGroup) -> dict[str, torch.Tensor]:
     """The group's weights as a rollout worker receives them."""
     worker = RecordingWorker.remote()
-    publish_from(group, [worker], 0, 64 << 20)
+    publish_from(group, Publish([worker], 0, 64 << 20, "rft_shm", None))
     _, tensors = ray.get(worker.recorded.remote())
     ray.kill(worker)
     return tensors
@@ -69,13 +73,18 @@ def groups() -> Iterator[list[LearnerGroup]]:
         g.shutdown()
 
 
-@pytest.mark.parametrize("stage", [2, 3])
-def test_two_ranks_take_the_one_rank_step(tiny_model_dir: Path, ray_local: None, groups: list[LearnerGroup], stage: int) -> None:
+@pytest.mark.parametrize(("stage", "old_logprobs"), [(2, "engine"), (3, "learner")])
+def test_two_ranks_take_the_one_rank_step(
+    tiny_model_dir: Path, ray_local: None, groups: list[LearnerGroup], stage: int, old_logprobs: Literal["learner", "engine"]
+) -> None:
     # Five samples over two ranks: one rank has more micro-batches than the other (and runs an
-    # empty one so that the ZeRO reductions pair up). Off-policy logprobs make some tokens clip.
+    # empty one, in the recompute too, so that the ZeRO collectives pair up). Off-policy
+    # logprobs make some tokens clip (engine logprobs as the old policy) or some TIS weights
+    # truncate (the learner's recomputed, with a cap of 1.1); maxima must be maxed over ranks.
+    tis_cap = 1.1 if old_logprobs == "learner" else None
     runs = []
     for ranks in (1, 2):
-        group = start_group(tiny_model_dir, ranks, zero_stage=stage, micro_batch_size=1)
+        group = start_group(tiny_model_dir, ranks, zero_stage=stage, micro_batch_size=1, old_logprobs=old_logprobs, tis_cap=tis_cap)
         groups.append(group)
         assert [r.rank for r in group.ranks] == list(range(ranks))
         batch = group_batch(group, tiny_model_dir, [1.5, -0.5, 0.7, -1.2, 0.3], seed=2, off_policy=0.3)
@@ -84,8 +93,9 @@ def test_two_ranks_take_the_one_rank_step(tiny_model_dir: Path, ray_local: None,
         stats = group.train_step(batch)
         runs.append((stats, time.perf_counter() - t0, before, group_weights(group)))
     (m1, s1, before, w1), (m2, s2, _, w2) = runs
-    assert m1["clip_fraction"] > 0
-    for key in ("loss", "grad_norm", "clip_fraction", "approx_kl", "logprob_gap", "tokens", "samples"):
+    assert (m1["tis_truncated"] if tis_cap else m1["clip_fraction"]) > 0
+    stats = ("mismatch_mean", "mismatch_max", "tis_truncated") if tis_cap else ("clip_fraction", "approx_kl", "logprob_gap")
+    for key in ("loss", "grad_norm", *stats, "ratio_dev_max", "tokens", "samples"):
         assert m2[key] == pytest.approx(m1[key], rel=1e-5, abs=1e-7), key
     gaps = {name: (w2[name] - w1[name]).abs().max().item() for name in w1}
     for name in w1:
@@ -107,7 +117,7 @@ def restore_engine(rollout_worker, warm_model_dir: Path) -> Iterator[None]:
     seq = make_batch_ids(warm_model_dir)
     start = ray.get(rollout_worker.prompt_logprobs.remote(seq))
     yield
-    publish(fp32_weights(warm_model_dir).items(), [rollout_worker], version=0, bucket_bytes=64 << 20)
+    publish(NamedWeights.of(fp32_weights(warm_model_dir)), [rollout_worker], version=0, bucket_bytes=64 << 20)
     assert engine_gap(rollout_worker, seq, start) == 0.0
 
 
@@ -129,7 +139,7 @@ def test_engine_matches_a_two_rank_zero3_learner_after_its_publish(
     seq = batch[0].token_ids
     [want] = group.compute_logprobs([seq])
     assert engine_gap(rollout_worker, seq, want) > 1e-2, "the step should have changed the weights"
-    sync = publish_from(group, [rollout_worker], 1, 1 << 20)
+    sync = publish_from(group, Publish([rollout_worker], 1, 1 << 20, "rft_shm", None))
     gap = engine_gap(rollout_worker, seq, want)
     print(f"\n2-rank ZeRO-3 publish: {sync.bytes / 1e6:.2f} MB in {sync.buckets} "
           f"buckets, {sync.seconds:.2f} s; engine-vs-learner logprob gap {gap:.1e}")
@@ -154,7 +164,7 @@ def test_bf16_buckets_load_into_an_fp32_engine_exactly(
             p.copy_(rounded[n])  # bf16 -> fp32: exact
     want = reference_logprobs(model, seq)
     assert engine_gap(rollout_worker, seq, want) > 1e-2
-    sync = publish(rounded.items(), [rollout_worker], version=1, bucket_bytes=1 << 20)
+    sync = publish(NamedWeights.of(rounded), [rollout_worker], version=1, bucket_bytes=1 << 20)
     gap = engine_gap(rollout_worker, seq, want)
     print(f"\nbf16 publish: {sync.bytes / 1e6:.2f} MB ({sync.buckets} buckets, "
           f"{sync.seconds:.2f} s); engine vs bf16-rounded reference {gap:.1e}; rounding itself moved "
@@ -201,9 +211,9 @@ def test_bf16_engine_takes_bf16_buckets(ray_local: None, tiny_model_dir: Path, w
         want = reference_logprobs(warm.float(), seq)  # the bf16 values, computed in fp32
         before = max(abs(a - b) for a, b in zip(start, want))
 
-        sync = publish(rounded.items(), [worker], version=1, bucket_bytes=1 << 20)
+        sync = publish(NamedWeights.of(rounded), [worker], version=1, bucket_bytes=1 << 20)
         gap = engine_gap(worker, seq, want)
-        publish(((n, t.to(torch.bfloat16)) for n, t in fp32_weights(tiny_model_dir).items()), [worker], version=2, bucket_bytes=1 << 20)
+        publish(NamedWeights.of({n: t.to(torch.bfloat16) for n, t in fp32_weights(tiny_model_dir).items()}), [worker], version=2, bucket_bytes=1 << 20)
         back = engine_gap(worker, seq, start)
         print(f"\nbf16 engine: {sync.bytes / 1e6:.2f} MB; engine vs transformers {gap:.1e} "
               f"(before the publish {before:.1e}); republished start weights reproduce start logprobs to {back:.1e}")

@@ -49,6 +49,7 @@ def test_rollout_metrics_hand_computed() -> None:
         "train_shaped_reward_mean": 0.25,  # (1.0 - 0.3 + 0.0 - 0.2) / 2
         "train_reasoning_tokens_mean": 0.5,
         "train_grader_latency_mean_s": 2.0,  # (1 + 3 + 2) / 3: the tool-failed rollout was never graded
+        "train_grader_failed_frac": 1 / 3,  # of the same three
         "train_rollout_latency_mean_s": 5.25,
         "train_generated_tokens_mean": 2.5,
         "train_turns_mean": 2.0,
@@ -69,6 +70,7 @@ def test_rollout_metrics_hand_computed() -> None:
         "train_status/worker_lost": 0,
         "train_status/stale": 0,
         "train_status/format_failed": 0,
+        "train_status/internal_error": 0,
     })
 
 
@@ -208,7 +210,8 @@ def test_step_printer_plain_when_not_a_terminal() -> None:
     header, row1, row2 = text.splitlines()  # one line each despite the 40-column console
     assert header.split() == ["step", "reward", "calls/roll", "unparsed", "no", "signal", "status", "sampling", "grading", "training",
                               "weight_sync", "total", "(seconds)"]
-    assert row1.split() == ["1", "0.500", "1.50", "2", "-", "ok", "2", "tool", "1", "grader", "1",
+    # The grader failed on 1 of the 3 rollouts it ran on: over GRADER_FAILED_WARN_FRAC, so shouted.
+    assert row1.split() == ["1", "0.500", "1.50", "2", "-", "ok", "2", "tool", "1", "GRADER", "1", "(33%)",
                             "12.3", "1.0", "3.2", "-", "17.0"]
     assert row2.split() == ["2", "-", "-", "-", "-", "-", "-", "-", "-", "-"]
     assert len(row1) == len(row2) == header.index("  (seconds)")  # columns line up under the header

@@ -12,18 +12,21 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from aiohttp import web
 
+from rft_cluster import trajectory_store
 from rft_cluster.config import load_job
+from rft_cluster.driver import failed_rollout
 from rft_cluster.metrics import RunLogger
 from rft_cluster.redact import Redactor, redact_logs
 from rft_cluster.serving import ThreadedServer
 from rft_cluster.trajectory_store import TrajectoryStore
-from rft_cluster.types import RolloutStatus, ToolCallStatus, ToolResult, Trajectory
+from rft_cluster.types import RolloutRequest, RolloutStatus, ToolCallStatus, ToolResult, Trajectory
 
 PLANTED = "planted-Secret/9f+x 7"  # with characters a URL quotes, so its encoded forms matter
 PLANTED_FORMS = [PLANTED, "planted-Secret/9f+x%207", "planted-Secret%2F9f%2Bx%207", "planted-Secret%2F9f%2Bx+7"]
@@ -70,6 +73,51 @@ def test_redactor_copies_structures_hiding_header_values_and_travels_by_pickle()
     assert out["grader"]["headers"] == "<redacted>" and out["ids"] == [1, 2, 3]
     assert config["headers"]["Authorization"] == "Bearer top"  # the input is not modified
     assert PLANTED not in repr(r)
+
+
+def test_clip_never_shows_part_of_a_secret_however_the_text_shrinks_or_runs_on() -> None:
+    long = "S" * 30 + "x" * 970  # replaced by 4 characters: a text of copies shrinks 250-fold
+    r = Redactor({"T": long})
+    for copies in (3, 50, 5000):
+        for shift in (0, 7, 499):
+            out = r.clip("e" * shift + long * copies, 500)
+            assert "SSSS" not in out and len(out) <= 501, (copies, shift)
+    assert r.clip(long * 50, 500) == "${T}" * 50  # all of it fits once redacted: nothing is cut
+    # A URL whose userinfo reaches past the part first looked at.
+    out = Redactor().clip("https://u:" + "p" * 9000 + "@host/ " + "z" * 10_000, 500)
+    assert out.startswith("https://***@host/ zz") and "pppp" not in out and len(out) == 501
+
+
+def test_redacting_is_linear_in_the_text() -> None:
+    # `a.a.a.…` once made the URL-userinfo pattern backtrack at each `.`: 80 KB took 15 s.
+    started = time.process_time()
+    out = Redactor({"KEY": PLANTED}).text("a." * 500_000 + f" https://bob:{USERINFO_PASS}@h/")
+    assert time.process_time() - started < 5  # ~0.1 s alone
+    assert out.endswith(" https://***@h/")
+
+
+def test_a_failed_rollout_and_a_record_that_cannot_be_stored_redact_their_error_before_the_cut(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Both cut the exception's text at 500 characters; the planted value starts 10 before."""
+    redactor = Redactor({"RFT_T_KEY": PLANTED})
+    request = RolloutRequest("trace_1", "p", "g", 1, [{"role": "user", "content": "hi"}], [], {})
+    failed = failed_rollout(request, "returning the rollout", RuntimeError("e" * 490 + PLANTED), redactor)
+    assert failed.error == "returning the rollout: RuntimeError: " + "e" * 490 + "${RFT_T_KE…"
+
+    real_row = trajectory_store._row
+
+    def unstorable(t: Trajectory) -> dict:  # the record cannot be converted; its stub (no tokens) can
+        if t.token_ids:
+            raise ValueError("e" * 490 + PLANTED)
+        return real_row(t)
+
+    monkeypatch.setattr(trajectory_store, "_row", unstorable)
+    store = TrajectoryStore(tmp_path / "run", redactor)
+    store.append([trajectory("out", "err")])
+    [row] = store.read().to_pylist()
+    assert row["status"] == "internal_error"
+    assert row["error"] == "storing the rollout: ValueError: " + "e" * 490 + "${RFT_T_KE…"
 
 
 def test_load_job_records_every_expanded_variable(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -312,12 +360,13 @@ def test_a_training_run_writes_and_prints_no_planted_secret(ray_local, demo_job,
 
 
 def test_submit_leaves_the_expanded_storage_out_of_the_job_list(tmp_path: Path, ledger_data: Path) -> None:
-    """A job's `storage` may hold a credential (`?secret_key=${VAR}`, set where submit runs): the
-    entrypoint, which anyone who can read the cluster's job list sees, does not carry it."""
+    """A job's `storage` may hold a credential (`s3://key:${VAR}@...`, set where submit runs): the
+    entrypoint, which anyone who can read the cluster's job list sees, does not carry it. (RFT_T_PASS:
+    a URI carries RFT_T_KEY's `/` only percent-encoded, else validate refuses the storage.)"""
     from tests.ray_cluster import RayCluster
     from tests.test_submit import ledger_job
 
-    job = ledger_job(tmp_path / "job.yaml", ledger_data, storage="s3://rft-test/run?secret_key=${RFT_T_KEY}")
+    job = ledger_job(tmp_path / "job.yaml", ledger_data, storage="s3://rft:${RFT_T_PASS}@rft-test/run")
     with RayCluster(env={}, head_cpus=1) as cluster:
         run = cli("submit", str(job), "--address", cluster.dashboard, env={**cluster.client_env(), **SECRET_ENV})
         assert run.returncode == 0, run.stderr

@@ -16,7 +16,7 @@ from rft_cluster.driver import Trainer
 from rft_cluster.learner_group import LearnerGroup
 from rft_cluster.rollout_worker import RolloutWorker, SamplingSettings
 from rft_cluster.types import RolloutRequest, RolloutStatus, ToolCallStatus, Trajectory
-from rft_cluster.weight_sync import publish, publish_from
+from rft_cluster.weight_transfer import NamedWeights, Publish, publish, publish_from
 
 pytestmark = pytest.mark.slow
 
@@ -40,7 +40,7 @@ def requests_for(rows_path: Path, n: int, step: int = 0) -> list[RolloutRequest]
 def publish_model(worker, model_dir: Path, version: int) -> None:
     """Loads a model directory's weights into the engine as `version` (the learner's protocol)."""
     weights = AutoModelForCausalLM.from_pretrained(model_dir).named_parameters()
-    publish(((n, p.detach()) for n, p in weights), [worker], version=version, bucket_bytes=64 << 20)
+    publish(NamedWeights.of({n: p.detach() for n, p in weights}), [worker], version=version, bucket_bytes=64 << 20)
 
 
 def rollouts(worker, reqs: list[RolloutRequest], settings: SamplingSettings) -> list[Trajectory]:
@@ -181,7 +181,7 @@ def test_a_publish_reaches_two_workers_at_once_and_nothing_they_cached_survives_
         before = ray.get(rollout_worker.prompt_logprobs.remote(seq))
         assert max(abs(a - b) for a, b in zip(before, want)) > 1e-2, "the step should have changed the weights"
 
-        sync = publish_from(group, workers, 1, 64 << 20)
+        sync = publish_from(group, Publish(workers, 1, 64 << 20, "rft_shm", None))
         assert sync.lost == []
         n_params = sum(p.numel() for p in AutoModelForCausalLM.from_pretrained(warm_model_dir).parameters())
         assert sync.bytes == 4 * n_params  # every parameter once, tied ones once, for both workers

@@ -20,6 +20,7 @@ from aiohttp.test_utils import TestServer
 
 from rft_cluster.config import ToolSettings, ToolSpec
 from rft_cluster.envs.ledger import LedgerServers
+from rft_cluster.redact import Redactor, redact_logs
 from rft_cluster.tool_proxy import ProxyClient, ToolProxy
 from rft_cluster.types import ToolCallStatus
 from tests.recording_server import RecordingServer
@@ -292,3 +293,52 @@ def test_proxy_client_sends_one_tick_of_calls_as_one_batch_per_proxy(ray_local: 
 async def test_proxy_client_without_proxies_names_the_tool() -> None:
     with pytest.raises(RuntimeError, match="'lookup'.*no tool proxy"):
         await ProxyClient([]).call("lookup", "{}", "c", "t", {})
+
+
+PLANTED = "tok-" + "7" * 20
+
+
+class FaultyProxy(ToolProxy):
+    """A proxy whose own code raises: in `post` for the tool `broken`, with a secret straddling
+    the 500-character cut of its error; in `call_batch` for a batch holding the tool `explode`."""
+
+    async def post(self, tool: ToolSpec, body: dict[str, Any]) -> Any:
+        if tool.name == "broken":
+            raise ValueError("x" * 440 + PLANTED)
+        return await super().post(tool, body)
+
+    async def call_batch(self, calls: list[Any]) -> list[Any]:
+        if any(name == "explode" for name, *_ in calls):
+            raise RuntimeError("injected batch fault")
+        return await super().call_batch(calls)
+
+
+async def test_a_call_the_proxy_raises_on_fails_alone_and_fatally(server: ToolServer) -> None:
+    """Fatal: its rollout ends as tool_failed (never engine_failed); the batch's other calls go on."""
+    tools = [ToolSpec(name="search", server_url=server.url("/echo")), ToolSpec(name="broken", server_url=server.url("/echo"))]
+    proxy = FaultyProxy(tools, FAST, Redactor({"TOKEN": PLANTED}))
+    try:
+        ok, broken = await proxy.call_batch([("search", "{}", "c1", "t", {}), ("broken", "{}", "c2", "t", {})])
+    finally:
+        await proxy.close()
+        redact_logs(Redactor())  # the process's log redactor, set by the proxy: back to the default
+    assert ok.status is ToolCallStatus.OK and not ok.fatal
+    assert (broken.call_id, broken.status, broken.fatal) == ("c2", ToolCallStatus.INTERNAL_ERROR, True)
+    assert broken.output.startswith("the tool proxy failed on this call: ValueError: xxx")
+    assert "${TOKEN}" in broken.output and "7777" not in broken.output  # redacted whole, then cut
+
+
+def test_a_batch_the_proxy_raises_on_fails_each_call_fatally_naming_the_fault(ray_local: None) -> None:
+    with LedgerServers(seed=5) as env:
+        proxy = ray.remote(FaultyProxy).remote(env.tool_specs(), ToolSettings(timeout_s=5.0))
+
+        async def calls() -> list[Any]:
+            client = ProxyClient([proxy])
+            return await asyncio.gather(client.call("explode", "{}", "call_1", "t", {}), client.call("lookup", "{}", "call_2", "t", {}))
+
+        results = asyncio.run(calls())
+        ray.get(proxy.close.remote())
+        ray.kill(proxy)
+    assert [(r.call_id, r.status, r.fatal) for r in results] == [("call_1", ToolCallStatus.INTERNAL_ERROR, True),
+                                                                  ("call_2", ToolCallStatus.INTERNAL_ERROR, True)]
+    assert all(r.output == "the tool proxy failed on this batch: RuntimeError: injected batch fault" for r in results)

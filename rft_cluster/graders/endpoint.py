@@ -1,4 +1,5 @@
-"""The user's grader endpoint: POST {"sample", "item", "trace_id"}, read {"score": float}."""
+"""The user's grader endpoint: POST {"sample", "item", "trace_id"} (strict JSON, `JsonPoster`: a
+non-finite number in the item is sent as null), read {"score": float}."""
 
 from __future__ import annotations
 

@@ -11,6 +11,7 @@ use the network into a clear error instead of "Network is unreachable".
 
 import importlib.util
 import json
+import numbers
 import os
 import resource
 import socket
@@ -77,9 +78,22 @@ def run(request: dict) -> dict:
     except BaseException as e:  # SystemExit too: any way out of grade() but a return is a failure
         text = "".join(traceback.format_exception(type(e), e, e.__traceback__.tb_next))
         return {"error": "grade() raised: " + (text[-ERROR_CHARS:] if len(text) > ERROR_CHARS else text)}
-    if isinstance(score, bool) or not isinstance(score, (int, float)):
-        return {"error": f"grade() returned {type(score).__name__} {repr(score)[:100]}, not a number"}
-    return {"score": score}
+    # numbers.Real: numpy's scalars too (float32 is no float), but not bool (numpy's bool_ is no Real).
+    if isinstance(score, bool) or not isinstance(score, numbers.Real):
+        return {"error": f"grade() returned {type(score).__name__} {_safe_repr(score)}, not a number"}
+    try:
+        return {"score": float(score)}  # a float: JSON can carry it (a 5,000-digit int it cannot)
+    except Exception:  # noqa: BLE001 - OverflowError for 10**5000; whatever a Real's own __float__ raises
+        return {"error": f"grade() returned {type(score).__name__} {_safe_repr(score)} beyond a float's range, not a finite number"}
+
+
+def _safe_repr(value: object) -> str:
+    """The start of `value`'s repr, or a stand-in when it cannot be had: the repr of a list holding
+    10**5000 raises, and the result must still reach the parent."""
+    try:
+        return repr(value)[:100]
+    except Exception:  # noqa: BLE001 - the user's __repr__ may raise anything
+        return "(no repr)"
 
 
 def main() -> None:

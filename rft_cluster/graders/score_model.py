@@ -6,16 +6,22 @@ Chat Completions name `max_completion_tokens`). The score is read from the reply
 `choices[0].message.content`, first match wins:
 
 1. the whole reply is a number, or a JSON object with a numeric `"score"` or `"result"`;
-2. the last JSON object in the text with such a key (`... so {"score": 0.8}`);
+2. the last JSON object in the text with such a key (`... so {"score": 0.8}`), among those starting
+   at the last JSON_CANDIDATES `{` of the reply;
 3. the last number in the text (`Score: 4`) — so a judge told to use a scale should end its
    reply with the score, or answer in JSON.
 
 The score must lie within `range` (inclusive) and is then mapped linearly onto [0, 1]. A score
 out of range or a reply without one is a failure naming what the judge said; it is never clamped.
+
+The reply is hostile text (up to `max_response_bytes`): parsing it takes time linear in its length
+(a bounded number of JSON candidates, each decoded from its own slice so that an error costs no
+scan of the text before it), in a thread, off the grader's event loop.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 from typing import Any
@@ -28,6 +34,7 @@ from rft_cluster.types import GradeResult
 
 _NUMBER = re.compile(r"[-+]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][-+]?\d+)?")
 _SCORE_KEYS = ("score", "result")
+JSON_CANDIDATES = 32
 
 
 def _from_json(value: Any) -> float | None:
@@ -40,15 +47,20 @@ def parse_score(reply: str) -> float | None:
     """The judge's score in `reply` (see the module docstring for the rules), or None."""
     try:
         score = _from_json(json.loads(reply))
-    except ValueError:
+    except (ValueError, RecursionError):
         score = None
     if score is not None:
         return score
     decoder = json.JSONDecoder()
-    for start in reversed([i for i, char in enumerate(reply) if char == "{"]):
+    start = len(reply)
+    for _ in range(JSON_CANDIDATES):
+        start = reply.rfind("{", 0, start)
+        if start < 0:
+            break
         try:
-            score = _from_json(decoder.raw_decode(reply, start)[0])
-        except ValueError:
+            # A slice: raw_decode's error would count the lines of everything before `start`.
+            score = _from_json(decoder.raw_decode(reply[start:])[0])
+        except (ValueError, RecursionError):
             continue
         if score is not None:
             return score
@@ -76,7 +88,7 @@ class ScoreModel(BaseGrader):
         reply = outcome.field("choices", 0, "message", "content")
         if not isinstance(reply, str):
             return self.fail(f"judge: {outcome.missing('choices[0].message.content text')}")
-        score = parse_score(reply)
+        score = await asyncio.to_thread(parse_score, reply)
         if score is None:
             return self.fail(f"no score in the judge's reply: {clip(reply)!r}")
         low, high = self._spec.range

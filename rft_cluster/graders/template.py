@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-import json
 import re
 from typing import Any
+
+from rft_cluster.types import dumps_strict
 
 _PLACEHOLDER = re.compile(r"\{\{\s*([^{}]*?)\s*\}\}")
 
@@ -36,11 +37,11 @@ def lookup(path: str, roots: dict[str, Any]) -> Any:
 
 def render_template(template: str, sample: dict[str, Any], item: dict[str, Any]) -> str:
     """Replaces each `{{item.a.b}}` / `{{sample.output_text}}` (list indices as `.0`) with its
-    value: strings as they are, anything else as JSON."""
+    value: strings as they are, anything else as strict JSON (a non-finite number as null)."""
     roots = {"item": item, "sample": sample}
 
     def replace(match: re.Match[str]) -> str:
         value = lookup(match.group(1), roots)
-        return value if isinstance(value, str) else json.dumps(value)
+        return value if isinstance(value, str) else dumps_strict(value).decode()
 
     return _PLACEHOLDER.sub(replace, template)
