@@ -4,6 +4,7 @@ that look like a call the chosen parser did not read."""
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -179,7 +180,7 @@ def test_validate_refuses_an_unknown_parser_naming_the_known_ones(tmp_path: Path
     assert "llama3_json" in problem and "qwen3_coder" in problem
 
 
-def test_validate_says_when_auto_cannot_tell_a_local_models_call_format(tmp_path: Path) -> None:
+def test_validate_says_when_auto_cannot_tell_a_local_models_call_format(tmp_path: Path, tiny_model_dir: Path) -> None:
     from rft_cluster.dataset import check_job_and_data
 
     (tmp_path / "train.jsonl").write_text(json.dumps({"messages": QUESTION, "answer": "1"}) + "\n")
@@ -189,8 +190,8 @@ def test_validate_says_when_auto_cannot_tell_a_local_models_call_format(tmp_path
         "    grader: {type: string_check, name: g, input: '{{sample.output_text}}', reference: '{{item.answer}}', operation: eq}\n"
         "    hyperparameters: {batch_size: 1}\n"
     )
-    model = tmp_path / "model"
-    model.mkdir()
+    model = tmp_path / "model"  # a model validate can load (config, tokenizer), its template replaced
+    shutil.copytree(tiny_model_dir, model, ignore=shutil.ignore_patterns("*.safetensors"))
     (model / "chat_template.jinja").write_text("{% for m in messages %}{{ m.content }}{% endfor %}")
     [problem] = check_job_and_data(job)[0]
     assert problem.startswith(f"{job}:") and "cluster.engine.tool_call_parser: cannot tell the tool-call format" in problem

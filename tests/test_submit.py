@@ -185,15 +185,17 @@ def test_literal_header_values_are_refused(tmp_path: Path, ledger_data: Path) ->
         submit(job, "http://127.0.0.1:1", "s3://bucket/run")
 
 
-def test_staging_keeps_variables_unexpanded_and_limits_sizes(tmp_path: Path, ledger_data: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_staging_keeps_variables_unexpanded_and_limits_sizes(
+    tmp_path: Path, ledger_data: Path, tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from rft_cluster.config import load_job
     from rft_cluster.submit import STAGED_JOB, stage
 
     monkeypatch.setenv("RFT_DEMO_TOKEN", "planted-secret")  # set here too: it must still not be staged
-    model_dir = tmp_path / "model-dir"  # staging copies a directory; what is in it does not matter
-    model_dir.mkdir()
-    (model_dir / "config.json").write_text("{}")
-    (model_dir / "model.safetensors").write_bytes(bytes(700_000))
+    # Staging copies a directory: a model validate can load (config, tokenizer), weights of a set size.
+    model_dir = tmp_path / "model-dir"
+    shutil.copytree(tiny_model_dir, model_dir, ignore=shutil.ignore_patterns("*.safetensors"))
+    (model_dir / "model.safetensors").write_bytes(bytes(700_000 - sum(f.stat().st_size for f in model_dir.iterdir())))
     job_file = ledger_job(tmp_path / "job.yaml", ledger_data, model=str(model_dir))
     job = load_job(job_file, unset_env_ok=True)
     dest = tmp_path / "staged"
