@@ -84,7 +84,7 @@ def unflatten(names: list[str], shapes: list[list[int]], dtypes: list[str], buff
     """(name, view) pairs over a packed bucket, without copying it."""
     offset = 0
     for name, shape, dtype in zip(names, shapes, dtypes):
-        n = math.prod(shape) * torch.empty((), dtype=getattr(torch, dtype)).element_size()
+        n = math.prod(shape) * getattr(torch, dtype).itemsize
         yield name, typed_view(buffer[offset : offset + n], dtype).view(shape)
         offset += n
 

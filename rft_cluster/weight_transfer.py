@@ -21,6 +21,8 @@ where only torch is installed (benchmarks/gpu_check.py).
 
 from __future__ import annotations
 
+import functools
+import math
 import socket
 import time
 from collections.abc import Callable, Iterator, Mapping
@@ -75,14 +77,7 @@ class NamedWeights:
         return self._produce()
 
     def nbytes(self) -> int:
-        return sum(m.dtype.itemsize * _numel(m.shape) for m in self._meta)
-
-
-def _numel(shape: tuple[int, ...]) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n
+        return sum(m.dtype.itemsize * math.prod(m.shape) for m in self._meta)
 
 
 @dataclass(frozen=True)
@@ -147,30 +142,25 @@ class FleetClient:
         self._call("start_weight_update")
 
     def update_weights(self, update_info: dict[str, Any] | list[dict[str, Any]]) -> None:
-        remote = self._remote_copy(update_info)
-        self._call("update_weights", lambda i: (update_info if self.nodes.get(i) == _node_id() else remote(),))
+        here = _node_id()
+        elsewhere = functools.cache(lambda: _through_object_store(update_info))  # put once, on first need
+        self._call("update_weights", lambda i: (update_info if self.nodes.get(i) == here else elsewhere(),))
 
     def finish_weight_update(self, weight_version: str | None = None) -> None:
         self._call("finish_weight_update", lambda i: (self.version,))
 
-    def _remote_copy(self, update_info: Any) -> Callable[[], Any]:
-        """A staged bucket lies in this node's shared memory: a worker on another node gets its
-        bytes through Ray's object store instead (put once, on first need)."""
-        put: list[Any] = []
 
-        def get() -> Any:
-            if not (isinstance(update_info, dict) and "path" in update_info):
-                return update_info
-            if not put:
-                import numpy as np
-                import ray
+def _through_object_store(update_info: Any) -> Any:
+    """A staged bucket lies in this node's shared memory: a worker on another node gets its bytes
+    through Ray's object store instead. Anything else (nccl, ipc) goes as it is."""
+    if not (isinstance(update_info, dict) and "path" in update_info):
+        return update_info
+    import numpy as np
+    import ray
 
-                with open(update_info["path"], "rb") as f:
-                    data = np.fromfile(f, dtype=np.uint8, count=update_info["nbytes"])
-                put.append({**update_info, "bucket": ray.put(data)})
-            return put[0]
-
-        return get
+    with open(update_info["path"], "rb") as f:
+        data = np.fromfile(f, dtype=np.uint8, count=update_info["nbytes"])
+    return {**update_info, "bucket": ray.put(data)}
 
 
 def _node_id() -> str | None:
